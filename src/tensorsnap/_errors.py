@@ -1,0 +1,47 @@
+"""The one exception family that tensorsnap raises."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class TensorSnapError(Exception):
+    """Base class of every error tensorsnap raises on purpose.
+
+    Messages name the key or the path inside the structure, say what was expected and what
+    arrived, and how to fix it.
+    """
+
+
+class SelectionError(TensorSnapError, KeyError):
+    """An ``include`` pattern matched nothing, or a key is not in a snapshot."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+def format_path(root: str, parts: Sequence[object]) -> str:
+    """Render a path inside a structure the way Python would index it: ``out["a"][1].x``."""
+    text = root
+    for part in parts:
+        if isinstance(part, _Attr):
+            text += f".{part.name}"
+        else:
+            text += f"[{part!r}]"
+    return text
+
+
+class _Attr:
+    """A path component that is an attribute, not an item."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f".{self.name}"
+
+
+def attr(name: str) -> _Attr:
+    return _Attr(name)
