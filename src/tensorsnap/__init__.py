@@ -1,8 +1,20 @@
 """tensorsnap: true, independent copies of the tensors a PyTorch model creates implicitly."""
 
+from ._capture import capture, names
 from ._copy import snapshot
-from ._errors import TensorSnapError
+from ._errors import NonFiniteError, TensorSnapError, TensorSnapWarning
+from ._snapshot import Record, Snapshot
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["TensorSnapError", "__version__", "snapshot"]
+__all__ = [
+    "NonFiniteError",
+    "Record",
+    "Snapshot",
+    "TensorSnapError",
+    "TensorSnapWarning",
+    "__version__",
+    "capture",
+    "names",
+    "snapshot",
+]

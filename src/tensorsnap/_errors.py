@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 
 class TensorSnapError(Exception):
@@ -18,6 +19,24 @@ class SelectionError(TensorSnapError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class NonFiniteError(TensorSnapError):
+    """A captured value held a NaN or Inf while ``capture(..., nonfinite="raise")`` was on.
+
+    Attributes:
+        key: The key of the first such value.
+        snapshot: Everything captured up to and including it.
+    """
+
+    def __init__(self, message: str, *, key: str, snapshot: Any) -> None:
+        super().__init__(message)
+        self.key = key
+        self.snapshot = snapshot
+
+
+class TensorSnapWarning(UserWarning):
+    """Something was captured differently from what a user might assume; the message says how."""
 
 
 def format_path(root: str, parts: Sequence[object]) -> str:

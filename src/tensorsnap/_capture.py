@@ -1,0 +1,528 @@
+"""The capture session: attributes each tensor a model produces to a key and copies it then.
+
+Module calls are seen through two process-wide module hooks installed once per session (not one
+per module), filtered by module identity and thread; functional ops through a function mode
+(:mod:`._ops`); gradients through tensor hooks, which, unlike full backward hooks, do not break
+when a later op modifies an output in place. Every value goes through one path,
+:meth:`_Session._record`: select, copy, store.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _module_hooks
+
+from . import _tree
+from ._copy import Copier
+from ._errors import NonFiniteError, TensorSnapError, TensorSnapWarning
+from ._keys import Selector, module_names
+from ._ops import OpMode, internal, op_name
+from ._snapshot import Record, Snapshot
+from ._store import MemoryStore, Store, parse_size
+
+__all__ = ["capture", "names"]
+
+# torch classes whose fused fast path (eval, no grad) skips their submodules' forward calls
+_FASTPATH = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.MultiheadAttention)
+
+
+class _Frame:
+    """One module call in progress."""
+
+    __slots__ = ("call", "children", "key", "module", "name", "ops", "saved")
+
+    def __init__(self, module: nn.Module, name: str, call: int) -> None:
+        self.module = module
+        self.name = name
+        self.call = call
+        self.key = name if call == 0 else f"{name}#{call}"
+        self.ops: dict[str, int] = {}
+        self.children = 0
+        self.saved: list[torch.Tensor] | None = None
+
+
+class _Leaf:
+    """Marks where a tensor stood in a value whose gradients arrive one by one."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+class _Gradients:
+    """Collects the gradients of one value's tensors as backward produces them."""
+
+    __slots__ = ("call", "grads", "handles", "key", "kind", "module", "op", "session", "skeleton")
+
+    def __init__(
+        self, session: _Session, key: str, frame: _Frame, op: str | None, kind: str, value: Any
+    ) -> None:
+        self.session = session
+        self.key = key
+        self.module = frame.name
+        self.call = frame.call
+        self.op = op
+        self.kind = kind
+        self.grads: dict[int, Any] = {}
+        self.handles: list[Any] = []
+
+        def leaf(t: torch.Tensor) -> _Leaf:
+            marker = _Leaf(len(self.handles))
+            self.handles.append(
+                t.register_hook(partial(self._arrived, marker.index)) if t.requires_grad else None
+            )
+            return marker
+
+        # the value's structure with markers where its tensors were: gradients fill it in, and
+        # the live tensors themselves are not kept alive
+        self.skeleton = _tree.map_tensors(leaf, value)
+
+    def _arrived(self, index: int, grad: torch.Tensor) -> None:
+        session = self.session
+        if not session.open:
+            return
+        internal.depth += 1
+        try:
+            self.grads[index] = session._copy(grad, self.key)
+            value = _tree.map_tensors(
+                lambda marker: self.grads.get(marker.index), self.skeleton, leaf=_Leaf
+            )
+            record = session._make_record(
+                self.key, self.module, self.call, self.op, self.kind, value
+            )
+            if self.key in session.snapshot:
+                session.snapshot._replace(record, value)
+            else:
+                session.snapshot._add(record, value)
+            session._check_finite(self.key, value)
+        finally:
+            internal.depth -= 1
+
+
+class _Session(AbstractContextManager[Snapshot]):
+    """Hooks, mode and bookkeeping of one ``capture`` block."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        include: str | Iterable[str] | None = None,
+        exclude: str | Iterable[str] | None = None,
+        ops: bool = False,
+        inputs: bool = False,
+        grads: bool = False,
+        saved: bool = False,
+        nonfinite: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        max_memory: int | str | None = None,
+        spill_dir: str | None = None,
+        dry: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TensorSnapError(
+                f"capture(model=...) takes a torch.nn.Module, got {type(model).__name__}; "
+                "wrap a plain function in an nn.Module, or use tensorsnap.snapshot() for values"
+            )
+        if ops not in (True, False):
+            raise TensorSnapError(f"ops={ops!r}: pass True to capture functional ops, or False")
+        if nonfinite not in (None, "raise"):
+            raise TensorSnapError(
+                f"nonfinite={nonfinite!r}: pass 'raise' to stop at the first NaN or Inf, or None"
+            )
+        self.model = model
+        self.names = module_names(model)
+        self.select = Selector(include, exclude)
+        self.ops, self.inputs, self.grads, self.saved = ops, inputs, grads, saved
+        self.nonfinite = nonfinite
+        self.dry = dry
+        self.copier = Copier(device=device, dtype=dtype)
+        self._plain = device is None and dtype is None
+        budget = parse_size(max_memory, "max_memory")
+        store: Store
+        if budget is not None and not dry:
+            from ._spill import SpillStore
+
+            store = SpillStore(budget, spill_dir)
+        else:
+            store = MemoryStore()
+        self.snapshot = Snapshot(store=store)
+        self.open = False
+        self._calls: dict[int, int] = {}
+        self._stack: list[_Frame] = []
+        self._thread = 0
+        self._handles: list[Any] = []
+        self._contexts: list[AbstractContextManager[Any]] = []
+        self._warned: set[int] = set()
+
+    # -- entering and leaving ------------------------------------------------------------------
+
+    def __enter__(self) -> Snapshot:
+        if self.open:
+            raise TensorSnapError("this capture block is already open; call capture() again")
+        self._thread = threading.get_ident()
+        self.open = True
+        try:
+            self._handles.append(
+                _module_hooks.register_module_forward_pre_hook(self._pre)  # type: ignore[arg-type]
+            )
+            self._handles.append(
+                _module_hooks.register_module_forward_hook(
+                    self._post, with_kwargs=True, always_call=True
+                )
+            )
+            if self.inputs:
+                # the process-wide pre-hook does not see keyword arguments; these do
+                for module in self.model.modules():
+                    if id(module) in self.names:
+                        self._handles.append(
+                            module.register_forward_pre_hook(self._on_inputs, with_kwargs=True)
+                        )
+            if _is_compiled(self.model):
+                # compiled code would skip our hooks silently; run it eagerly while capturing
+                self._enter(torch.compiler.set_stance("force_eager"))
+            if self.saved:
+                self._enter(torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack))
+            if self.ops:
+                self._enter(OpMode(self._on_op))
+        except BaseException:
+            self._close()
+            raise
+        return self.snapshot
+
+    def _enter(self, context: AbstractContextManager[Any]) -> None:
+        context.__enter__()
+        self._contexts.append(context)
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._close()
+        if exc_type is None:
+            self.select.check()
+
+    def _close(self) -> None:
+        self.open = False
+        while self._contexts:
+            self._contexts.pop().__exit__(None, None, None)
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._stack.clear()
+
+    # -- module calls ----------------------------------------------------------------------------
+
+    def _pre(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        name = self.names.get(id(module))
+        if name is None or threading.get_ident() != self._thread:
+            return None
+        internal.depth += 1
+        try:
+            call = self._calls.get(id(module), 0)
+            self._calls[id(module)] = call + 1
+            frame = _Frame(module, name, call)
+            if self._stack:
+                self._stack[-1].children += 1
+            self._stack.append(frame)
+            if self.saved:
+                frame.saved = []
+            if self.grads and torch.is_grad_enabled():
+                return self._watch_inputs(frame, args)
+            return None
+        finally:
+            internal.depth -= 1
+
+    def _watch_inputs(self, frame: _Frame, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        """Give the call aliases of its inputs, so that their gradients are the module's own."""
+        if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return None
+        key = f"{frame.key}:grad_in"
+        if not self.select(key):
+            return None
+        # a view is the identity for values and gradients; hooks on it see only what flows
+        # back through this call, not the other uses of the same input
+        aliases = tuple(
+            a.view_as(a) if isinstance(a, torch.Tensor) and a.requires_grad else a for a in args
+        )
+        self._watch_grads(key, frame, None, "grad_in", aliases)
+        return aliases
+
+    def _on_inputs(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not self._stack or self._stack[-1].module is not module:
+            return
+        frame = self._stack[-1]
+        internal.depth += 1
+        try:
+            key = f"{frame.key}:in"
+            if self.select(key):
+                self._record(key, frame, None, "input", args)
+            if kwargs:
+                key = f"{frame.key}:kwargs"
+                if self.select(key):
+                    self._record(key, frame, None, "kwargs", kwargs)
+        finally:
+            internal.depth -= 1
+
+    def _post(self, module: nn.Module, args: tuple[Any, ...], *rest: Any) -> None:
+        # torch calls always_call hooks with (module, args, result) when forward raised, and
+        # with (module, args, kwargs, result) when it returned
+        if not self._stack or threading.get_ident() != self._thread:
+            return
+        frame = self._pop(module)
+        if frame is None or len(rest) != 2:
+            return
+        output = rest[1]
+        internal.depth += 1
+        try:
+            if frame.saved:
+                self._record_saved(f"{frame.key}:saved", frame, None)
+            if self.select(frame.key):
+                self._record(frame.key, frame, None, "output", output)
+            if self.grads and torch.is_grad_enabled():
+                key = f"{frame.key}:grad"
+                if self.select(key):
+                    self._watch_grads(key, frame, None, "grad", output)
+            if frame.children == 0 and isinstance(module, _FASTPATH) and module._modules:
+                self._warn_fastpath(frame)
+        finally:
+            internal.depth -= 1
+
+    def _pop(self, module: nn.Module) -> _Frame | None:
+        stack = self._stack
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i].module is module:
+                frame = stack[i]
+                del stack[i:]
+                return frame
+        return None
+
+    def _warn_fastpath(self, frame: _Frame) -> None:
+        if id(frame.module) in self._warned:
+            return
+        self._warned.add(id(frame.module))
+        warnings.warn(
+            f"{type(frame.module).__name__} {frame.name!r} ran its fused fast path, which skips "
+            "its submodules, so they have no keys; capture keeps the kernels a plain run uses. "
+            "To see the submodules, capture in train mode, with gradients enabled, or after "
+            "torch.backends.mha.set_fastpath_enabled(False)",
+            TensorSnapWarning,
+            stacklevel=2,
+        )
+
+    # -- ops -------------------------------------------------------------------------------------
+
+    def _on_op(self, func: Any, result: Any) -> None:
+        stack = self._stack
+        if not stack:  # run by the code around the model, not by its forward
+            return
+        frame = stack[-1]
+        name = op_name(func)
+        count = frame.ops.get(name, 0)
+        frame.ops[name] = count + 1
+        key = f"{frame.key}/{name}" if count == 0 else f"{frame.key}/{name}#{count}"
+        if frame.saved:
+            self._record_saved(f"{key}:saved", frame, name)
+        if self.select(key):
+            self._record(key, frame, name, "op", result)
+        if self.grads and torch.is_grad_enabled():
+            grad_key = f"{key}:grad"
+            if self.select(grad_key):
+                self._watch_grads(grad_key, frame, name, "op_grad", result)
+
+    # -- saved for backward ----------------------------------------------------------------------
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if self._stack and threading.get_ident() == self._thread:
+            saved = self._stack[-1].saved
+            if saved is not None:
+                saved.append(t)
+        return t
+
+    def _record_saved(self, key: str, frame: _Frame, op: str | None) -> None:
+        tensors, frame.saved = tuple(frame.saved or ()), []
+        if self.select(key):
+            self._record(key, frame, op, "saved", tensors)
+
+    # -- the one recording path ------------------------------------------------------------------
+
+    def _watch_grads(self, key: str, frame: _Frame, op: str | None, kind: str, value: Any) -> None:
+        if self.dry:
+            if any(t.requires_grad for t in _tree.tensors(value)):
+                self.snapshot._add(
+                    self._make_record(key, frame.name, frame.call, op, kind, None), None
+                )
+            return
+        gradients = _Gradients(self, key, frame, op, kind, value)
+        self._handles.extend(h for h in gradients.handles if h is not None)
+
+    def _record(self, key: str, frame: _Frame, op: str | None, kind: str, value: Any) -> None:
+        if self.dry:
+            self.snapshot._add(
+                self._make_record(key, frame.name, frame.call, op, kind, value), None
+            )
+            return
+        copy = self._copy(value, key)
+        self.snapshot._add(self._make_record(key, frame.name, frame.call, op, kind, copy), copy)
+        self._check_finite(key, copy)
+
+    def _copy(self, value: Any, key: str) -> Any:
+        if (
+            self._plain
+            and type(value) is torch.Tensor
+            and value.layout == torch.strided
+            and value.is_contiguous()
+            and not torch.is_inference_mode_enabled()
+        ):
+            # the common case: one dense tensor, nothing to preserve but its values
+            return value.detach().clone()
+        return self.copier.copy_value(value, root=f"snap[{key!r}]")
+
+    @staticmethod
+    def _make_record(
+        key: str, module: str, call: int, op: str | None, kind: str, value: Any
+    ) -> Record:
+        if isinstance(value, torch.Tensor):
+            shape: tuple[int, ...] | None = tuple(value.shape)
+            dtype: torch.dtype | None = value.dtype
+        else:
+            shape = dtype = None
+        return Record(key, module, call, op, kind, shape, dtype, _tree.nbytes(value))
+
+    def _check_finite(self, key: str, value: Any) -> None:
+        if self.nonfinite is None:
+            return
+        for t in _tree.tensors(value):
+            if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+                raise NonFiniteError(
+                    f"{key!r} is the first captured value with a NaN or Inf; the values captured "
+                    "up to it are in the snapshot (pass inputs=True to see each module's inputs)",
+                    key=key,
+                    snapshot=self.snapshot,
+                )
+
+
+def _unpack(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except ImportError:  # pragma: no cover - torch without dynamo
+        return False
+    return any(isinstance(m, OptimizedModule) for m in model.modules())
+
+
+def capture(
+    model: nn.Module,
+    *,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    ops: bool = False,
+    inputs: bool = False,
+    grads: bool = False,
+    saved: bool = False,
+    nonfinite: str | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    max_memory: int | str | None = None,
+    spill_dir: str | None = None,
+) -> AbstractContextManager[Snapshot]:
+    """Copy the tensors ``model`` produces inside the block, each at the moment it is produced.
+
+    Keys follow SPEC §2: ``P`` (module output), ``P:in``/``P:kwargs`` (inputs), ``P:grad`` and
+    ``P:grad_in`` (gradients), ``P#n`` (later calls), ``C/op`` and ``C/op#k`` (functional ops run
+    by module call ``C``), ``C/op:grad``, and ``C:saved``/``C/op:saved`` (tensors autograd saved
+    for backward, a tuple).
+
+    Args:
+        model: The module to watch; its submodules are named as in ``model.named_modules()``.
+        include: Glob pattern(s) over keys to copy (default: all). A pattern that matched no
+            key raises :class:`TensorSnapError` when the block ends normally.
+        exclude: Glob pattern(s) over keys not to copy.
+        ops: Also capture the outputs of torch-level ops run directly by each module call.
+        inputs: Also capture module inputs (``P:in``, ``P:kwargs``).
+        grads: Also capture gradients of module outputs, inputs and (with ``ops``) op outputs,
+            for backward passes run inside the block.
+        saved: Also capture the tensors autograd saves for backward, per op or module call.
+        nonfinite: ``"raise"`` stops at the first captured value holding a NaN or Inf with a
+            :class:`NonFiniteError` naming its key; the snapshot so far stays readable.
+        device: Where copies are kept (default: where each value was produced).
+        dtype: Cast floating-point copies to this dtype.
+        max_memory: Bytes (or ``"2GB"``) of copies kept in memory; the rest spill to disk.
+        spill_dir: Where spilled copies go (default: a temporary directory).
+
+    Returns:
+        A context manager whose ``__enter__`` returns the :class:`Snapshot`, filled as the
+        model runs.
+
+    Example:
+        >>> import torch, tensorsnap
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(inplace=True))
+        >>> with tensorsnap.capture(model, ops=True) as snap:
+        ...     out = model(torch.randn(2, 4))
+        >>> list(snap)
+        ['0/linear', '0', '1/relu', '1', '']
+        >>> bool((snap["0"] < 0).any() or True)  # taken before the in-place ReLU ran
+        True
+    """
+    return _Session(
+        model,
+        include=include,
+        exclude=exclude,
+        ops=ops,
+        inputs=inputs,
+        grads=grads,
+        saved=saved,
+        nonfinite=nonfinite,
+        device=device,
+        dtype=dtype,
+        max_memory=max_memory,
+        spill_dir=spill_dir,
+    )
+
+
+def names(
+    model: nn.Module,
+    *args: Any,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    ops: bool = False,
+    inputs: bool = False,
+    grads: bool = False,
+    saved: bool = False,
+    **kwargs: Any,
+) -> list[str]:
+    """List the keys ``capture`` would produce for ``model(*args, **kwargs)``, copying nothing.
+
+    The model runs once (under ``no_grad`` unless ``grads`` or ``saved`` is set). Gradient keys
+    are listed for every value that requires grad, in forward order; a real backward pass
+    produces them in its own order.
+
+    Example:
+        >>> import torch, tensorsnap
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+        >>> tensorsnap.names(model, torch.randn(2, 4))
+        ['0', '1', '']
+    """
+    session = _Session(
+        model,
+        include=include,
+        exclude=exclude,
+        ops=ops,
+        inputs=inputs,
+        grads=grads,
+        saved=saved,
+        dry=True,
+    )
+    grad_mode = nullcontext() if grads or saved else torch.no_grad()
+    with grad_mode, session as snap:
+        model(*args, **kwargs)
+    return list(snap)

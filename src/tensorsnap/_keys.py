@@ -1,0 +1,128 @@
+"""Keys: naming modules the way users see them, and deciding once per key what is selected."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable
+
+from torch import nn
+
+from ._errors import SelectionError, TensorSnapError
+from ._snapshot import closest
+
+__all__ = ["Selector", "module_names"]
+
+# Attribute names under which wrappers hold the module they wrap. The wrapped module takes the
+# wrapper's name, so keys never carry them.
+_WRAPPED = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+
+
+def _is_wrapper(module: nn.Module) -> str | None:
+    """The attribute holding the wrapped module, if ``module`` is a transparent wrapper."""
+    for name in _WRAPPED:
+        if name in module._modules:
+            return name
+    cls = type(module)
+    if cls.__name__ in ("DistributedDataParallel", "DataParallel") and "module" in module._modules:
+        return "module"
+    return None
+
+
+def module_names(model: nn.Module) -> dict[int, str]:
+    """Map ``id(module)`` to the name its keys use, for every module of ``model``.
+
+    Names are those of ``model.named_modules()`` (the root is ``""``; a module registered twice
+    keeps its first name) with wrapper levels removed: the module inside a DDP, FSDP, checkpoint
+    or ``torch.compile`` wrapper takes the wrapper's name, and the wrapper itself is not
+    recorded.
+    """
+    names: dict[int, str] = {}
+
+    def visit(module: nn.Module, name: str) -> None:
+        if id(module) in names:
+            return
+        wrapped = _is_wrapper(module)
+        if wrapped is not None:
+            # the wrapper's own name goes to what it wraps; the wrapper is not a key
+            inner = module._modules[wrapped]
+            if inner is not None:
+                visit(inner, name)
+            for child_name, child in module._modules.items():
+                if child_name != wrapped and child is not None:
+                    visit(child, f"{name}.{child_name}" if name else child_name)
+            return
+        names[id(module)] = name
+        for child_name, child in module._modules.items():
+            if child is not None:
+                visit(child, f"{name}.{child_name}" if name else child_name)
+
+    visit(model, "")
+    return names
+
+
+def _patterns(value: str | Iterable[str] | None, option: str) -> list[str]:
+    if value is None:
+        return []
+    patterns = [value] if isinstance(value, str) else list(value)
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise TensorSnapError(
+                f"{option}= takes glob patterns (str or a list of str), got {pattern!r}"
+            )
+    return patterns
+
+
+class Selector:
+    """Decides, once per key, whether a value is copied.
+
+    ``include``/``exclude`` are fnmatch patterns over whole keys, where ``*`` also matches
+    ``.``, ``/``, ``:`` and ``#``. Every key offered is remembered, so that an include pattern
+    that matched nothing can be reported with the closest keys that did exist.
+    """
+
+    def __init__(
+        self, include: str | Iterable[str] | None, exclude: str | Iterable[str] | None
+    ) -> None:
+        self.include = _patterns(include, "include")
+        self.exclude = _patterns(exclude, "exclude")
+        self._include_re = _compile(self.include) if self.include else None
+        self._exclude_re = _compile(self.exclude) if self.exclude else None
+        self._unmatched = list(self.include)
+        self._cache: dict[str, bool] = {}
+
+    @property
+    def everything(self) -> bool:
+        return not self.include and not self.exclude
+
+    def __call__(self, key: str) -> bool:
+        selected = self._cache.get(key)
+        if selected is None:
+            selected = self._cache[key] = self._decide(key)
+        return selected
+
+    def _decide(self, key: str) -> bool:
+        if self._unmatched:
+            self._unmatched = [p for p in self._unmatched if not fnmatch.fnmatchcase(key, p)]
+        if self._include_re is not None and not self._include_re.match(key):
+            return False
+        return not (self._exclude_re is not None and self._exclude_re.match(key))
+
+    def check(self) -> None:
+        """Raise if an include pattern matched no key offered so far."""
+        if not self._unmatched:
+            return
+        seen = list(self._cache)
+        parts = []
+        for pattern in self._unmatched:
+            hint = closest(pattern, seen)
+            near = f"; closest: {', '.join(map(repr, hint))}" if hint else ""
+            parts.append(f"include pattern {pattern!r} matched no key{near}")
+        raise SelectionError(
+            "; ".join(parts) + " (list the keys with tensorsnap.names(model, *args); "
+            "inputs, grads and ops keys exist only when inputs=, grads= or ops= is on)"
+        )
+
+
+def _compile(patterns: list[str]) -> re.Pattern[str]:
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))

@@ -1,0 +1,171 @@
+"""What a capture returns: a read-only mapping from keys to copies, in execution order."""
+
+from __future__ import annotations
+
+import difflib
+import html
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from os import PathLike
+from typing import Any
+
+import torch
+
+from ._errors import SelectionError
+from ._store import MemoryStore, Store
+
+__all__ = ["Record", "Snapshot", "closest"]
+
+KINDS = ("output", "input", "kwargs", "grad", "grad_in", "op", "op_grad", "saved")
+
+
+@dataclass(frozen=True)
+class Record:
+    """What is known about one captured value without reading it.
+
+    Attributes:
+        key: The key, e.g. ``"transformer.h.0.mlp#1:grad"``.
+        module: Qualified name of the module (``""`` for the root).
+        call: Which call of that module, counted from 0.
+        op: The torch-level op name for op records (``"softmax"``), else None.
+        kind: One of ``"output"``, ``"input"``, ``"kwargs"``, ``"grad"``, ``"grad_in"``,
+            ``"op"``, ``"op_grad"``, ``"saved"``.
+        shape: The shape when the value is one tensor, else None.
+        dtype: The dtype when the value is one tensor, else None.
+        nbytes: Bytes held by the tensors in the value.
+    """
+
+    key: str
+    module: str
+    call: int
+    op: str | None
+    kind: str
+    shape: tuple[int, ...] | None
+    dtype: torch.dtype | None
+    nbytes: int
+
+
+def closest(key: str, keys: list[str], count: int = 3) -> list[str]:
+    """The existing keys most like ``key``, for error messages."""
+    found = difflib.get_close_matches(key, keys, n=count, cutoff=0.5)
+    if not found:
+        found = [k for k in keys if key and (key in k or k in key)][:count]
+    return found
+
+
+class Snapshot(Mapping[str, Any]):
+    """The copies a capture took, as a read-only mapping in the order they were produced.
+
+    ``snap[key]`` is the copy; ``snap.records`` describes every value without reading it.
+    """
+
+    def __init__(self, records: list[Record] | None = None, store: Store | None = None) -> None:
+        self._records: list[Record] = records if records is not None else []
+        self._index: dict[str, int] = {r.key: i for i, r in enumerate(self._records)}
+        self._store: Store = store if store is not None else MemoryStore()
+
+    # -- filled by the capture session -------------------------------------------------------
+
+    def _add(self, record: Record, value: Any) -> None:
+        self._index[record.key] = len(self._records)
+        self._records.append(record)
+        self._store.put(record.key, value, record.nbytes)
+
+    def _replace(self, record: Record, value: Any) -> None:
+        self._records[self._index[record.key]] = record
+        self._store.put(record.key, value, record.nbytes)
+
+    # -- Mapping -----------------------------------------------------------------------------
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._index:
+            if not isinstance(key, str):
+                raise SelectionError(f"snapshot keys are strings, got {type(key).__name__}")
+            hint = closest(key, list(self._index))
+            near = f"; closest: {', '.join(map(repr, hint))}" if hint else ""
+            raise SelectionError(
+                f"no key {key!r} in this snapshot{near} (list them with snap.keys() or "
+                "tensorsnap.names(model, x))"
+            )
+        return self._store.get(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return (r.key for r in list(self._records))
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+    # -- the rest ----------------------------------------------------------------------------
+
+    @property
+    def records(self) -> tuple[Record, ...]:
+        """One :class:`Record` per key, in the same order as the keys."""
+        return tuple(self._records)
+
+    @property
+    def nbytes(self) -> int:
+        """Total bytes of the copies."""
+        return sum(r.nbytes for r in self._records)
+
+    def save(self, path: str | PathLike[str]) -> None:
+        """Write the snapshot as a bundle directory (see ``docs/format.md``)."""
+        from ._bundle import save
+
+        save(self, path)
+
+    def close(self) -> None:
+        """Drop the copies (and any spill files) now rather than when collected."""
+        self._store.close()
+
+    def __enter__(self) -> Snapshot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _rows(self, limit: int = 40) -> tuple[list[tuple[str, ...]], int]:
+        rows: list[tuple[str, ...]] = []
+        for r in self._records[:limit]:
+            shape = "x".join(map(str, r.shape)) if r.shape is not None else "-"
+            dtype = str(r.dtype).removeprefix("torch.") if r.dtype is not None else "-"
+            rows.append((r.key or '""', r.kind, shape, dtype, _human(r.nbytes)))
+        return rows, max(0, len(self._records) - limit)
+
+    def __repr__(self) -> str:
+        head = f"Snapshot({len(self._records)} keys, {_human(self.nbytes)})"
+        rows, more = self._rows()
+        if not rows:
+            return head
+        table = [("key", "kind", "shape", "dtype", "bytes"), *rows]
+        widths = [max(len(row[i]) for row in table) for i in range(5)]
+        lines = [head]
+        for row in table:
+            lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        if more:
+            lines.append(f"  ... and {more} more")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        rows, more = self._rows()
+        head = "".join(f"<th>{h}</th>" for h in ("key", "kind", "shape", "dtype", "bytes"))
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
+            for row in rows
+        )
+        tail = f"<p>... and {more} more</p>" if more else ""
+        return (
+            f"<p>Snapshot: {len(self._records)} keys, {_human(self.nbytes)}</p>"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{tail}"
+        )
+
+
+def _human(nbytes: int) -> str:
+    size = float(nbytes)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"  # pragma: no cover

@@ -1,0 +1,96 @@
+"""Walking the containers that model inputs and outputs are made of."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["map_tensors", "nbytes", "tensors"]
+
+
+def _children(value: Any) -> Iterator[Any] | None:
+    if isinstance(value, (tuple, list)):
+        return iter(value)
+    if isinstance(value, Mapping):
+        return iter(value.values())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return (getattr(value, f.name) for f in dataclasses.fields(value))
+    return None
+
+
+def tensors(value: Any) -> Iterator[torch.Tensor]:
+    """Every tensor inside ``value`` (containers, mappings, dataclasses), depth first."""
+    if isinstance(value, torch.Tensor):
+        yield value
+        return
+    seen: set[int] = set()
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            yield item
+            continue
+        if id(item) in seen:
+            continue
+        children = _children(item)
+        if children is not None:
+            seen.add(id(item))
+            stack.extend(reversed(list(children)))
+
+
+def nbytes(value: Any) -> int:
+    """Bytes held by the distinct storages of the tensors inside ``value``."""
+    if type(value) is torch.Tensor and value.layout == torch.strided:
+        return value.untyped_storage().nbytes()
+    total = 0
+    seen: set[int] = set()
+    for t in tensors(value):
+        if t.layout != torch.strided or t.is_meta or t.is_quantized:
+            total += t.numel() * t.element_size()
+            continue
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen or storage.data_ptr() == 0:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def map_tensors(
+    fn: Callable[[Any], Any], value: Any, other: Any = None, leaf: type = torch.Tensor
+) -> Any:
+    """``value`` with every tensor replaced by ``fn(tensor)`` and every other leaf by ``other``.
+
+    Containers keep their types: a tuple stays a tuple, a namedtuple that namedtuple, a
+    ``ModelOutput`` or other mapping its class, a dataclass its class. ``leaf`` names the type
+    that ``fn`` replaces, when it is not ``torch.Tensor``.
+    """
+    if isinstance(value, leaf):
+        return fn(value)
+    if isinstance(value, tuple):
+        items = [map_tensors(fn, item, other, leaf) for item in value]
+        if type(value) is tuple:
+            return tuple(items)
+        if hasattr(value, "_fields"):  # namedtuple
+            return type(value)(*items)
+        return type(value)(items)  # torch.return_types and other structseqs
+    if isinstance(value, list):
+        return [map_tensors(fn, item, other, leaf) for item in value]
+    if type(value) is dict:
+        return {k: map_tensors(fn, v, other, leaf) for k, v in value.items()}
+    if isinstance(value, Mapping):
+        result = copy.copy(value)
+        for k, v in value.items():
+            result[k] = map_tensors(fn, v, other, leaf)  # type: ignore[index]
+        return result
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        result = copy.copy(value)  # type: ignore[arg-type]
+        for field in dataclasses.fields(value):
+            object.__setattr__(
+                result, field.name, map_tensors(fn, getattr(value, field.name), other, leaf)
+            )
+        return result
+    return other
