@@ -286,11 +286,7 @@ class Copier:
         cast: bool,
     ) -> torch.Tensor:
         """Copy the union of ``[lo, hi)`` and every span it overlaps; re-point their members."""
-        overlapping = [s for s in spans if s.lo < hi and lo < s.hi]
-        new_lo = min([lo, *(s.lo for s in overlapping)])
-        new_hi = max([hi, *(s.hi for s in overlapping)])
-        if not cast:
-            new_lo -= new_lo % _SPAN_ALIGN
+        new_lo, new_hi, overlapping = _absorb(spans, lo, hi, cast)
         span = _Span(new_lo, new_hi, self._copy_bytes(t, storage, new_lo, new_hi, cast), [])
         for old in overlapping:
             spans.remove(old)
@@ -343,6 +339,24 @@ class Copier:
                         return
 
 
+def _absorb(spans: list[_Span], lo: int, hi: int, cast: bool) -> tuple[int, int, list[_Span]]:
+    """The range a new span over ``[lo, hi)`` must cover, and the spans it swallows.
+
+    Spans must stay disjoint: if aligning the start down made the new span reach into a span
+    it did not overlap before, two views of the same source bytes could end up in two copies.
+    So widen, align and collect until nothing changes.
+    """
+    while True:
+        if not cast:
+            lo -= lo % _SPAN_ALIGN
+        overlapping = [s for s in spans if s.lo < hi and lo < s.hi]
+        new_lo = min([lo, *(s.lo for s in overlapping)])
+        new_hi = max([hi, *(s.hi for s in overlapping)])
+        if (new_lo, new_hi) == (lo, hi):
+            return lo, hi, overlapping
+        lo, hi = new_lo, new_hi
+
+
 def _staged_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
     """Copy a large CUDA tensor into pageable CPU memory through two pinned staging buffers.
 
@@ -372,6 +386,10 @@ def _staged_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 
 # -- containers ----------------------------------------------------------------------------
+
+
+def _copy_atomic(c: Copier, x: Any) -> Any:
+    return x
 
 
 def _copy_list(c: Copier, x: list[Any]) -> list[Any]:
@@ -566,6 +584,8 @@ _HANDLERS: dict[type, Callable[[Copier, Any], Any]] = {
 def _handler_for(cls: type) -> Callable[[Copier, Any], Any]:
     if issubclass(cls, torch.Tensor):
         return _copy_tensor
+    if issubclass(cls, type):  # classes with a metaclass (ABCMeta, EnumMeta) are atomic too
+        return _copy_atomic
     base = _copy_custom if hasattr(cls, "__deepcopy__") else _copy_reduce
     if issubclass(cls, nn.Module):
         return _copy_module(base)
