@@ -117,7 +117,10 @@ class Copier:
         self.pin_memory = _check_pin(pin_memory, self.device)
         self.memo: dict[int, Any] = {}
         self._keep_alive: list[Any] = []
-        self._spans: dict[tuple[Any, ...], list[_Span]] = {}
+        # per source storage: its spans, or (copy, byte offset) while one tensor uses it
+        self._spans: dict[tuple[Any, ...], list[_Span] | tuple[torch.Tensor, int]] = {}
+        # a Parameter's plain copy, and the Parameter that wraps it inside modules
+        self._parameters: dict[int, tuple[torch.Tensor, nn.Parameter | None]] = {}
         self._module_depth = 0
         self._sync_devices: set[torch.device] = set()
 
@@ -151,6 +154,7 @@ class Copier:
         self.memo.clear()
         self._keep_alive.clear()
         self._spans.clear()
+        self._parameters.clear()
 
     # -- the walk ---------------------------------------------------------------------------
 
@@ -174,30 +178,24 @@ class Copier:
     # -- tensors ----------------------------------------------------------------------------
 
     def copy_tensor(self, t: torch.Tensor) -> torch.Tensor:
-        cls = type(t)
+        """A detached copy of ``t`` with fresh storage, aliased with earlier copies as ``t`` is.
+
+        The caller records it in the memo (a Parameter's copy depends on where it was found).
+        """
         if (
-            (cls is not torch.Tensor and cls is not nn.Parameter)
-            or t.layout != torch.strided
+            t.layout != torch.strided
             or t.is_quantized
             or t.is_meta
             or t.is_nested
             or t.is_conj()
             or t.is_neg()
         ):
-            result = self._copy_opaque(t)
-        elif t.numel() == 0:
-            result = torch.empty_strided(
+            return self._copy_opaque(t)
+        if t.numel() == 0:
+            return torch.empty_strided(
                 t.shape, t.stride(), dtype=self._target_dtype(t), device=self._target_device(t)
             )
-        else:
-            result = self._copy_strided(t)
-        if cls is nn.Parameter and self._module_depth > 0:
-            param = nn.Parameter(result, requires_grad=t.requires_grad)
-            self._replace_member(result, param)
-            result = param
-        self.memo[id(t)] = result
-        self._keep_alive.append(t)
-        return result
+        return self._copy_strided(t)
 
     def _target_dtype(self, t: torch.Tensor) -> torch.dtype:
         if self.dtype is not None and t.is_floating_point():
@@ -224,34 +222,56 @@ class Copier:
         return result
 
     def _copy_strided(self, t: torch.Tensor) -> torch.Tensor:
+        """Copy ``t`` alone, or as a view of the span of its storage that holds it."""
         itemsize = t.element_size()
-        lo = t.storage_offset() * itemsize
-        cast = self.dtype is not None and t.is_floating_point() and t.dtype != self.dtype
-        storage = t.untyped_storage()
-        # a cast storage holds elements of one source dtype only; raw bytes can hold any mix
-        key = (t.device, storage.data_ptr(), t.dtype if cast else None)
-        spans = self._spans.get(key)
-        if spans is None and t.is_contiguous() and not cast and self.device is None:
-            # the common case, a tensor alone in its storage: one clone, no span arithmetic
-            result = t.clone()
-            self._spans[key] = [
-                _Span(lo, lo + t.nbytes, result.untyped_storage(), [(result, lo, itemsize)])
-            ]
-            return result
+        offset = int(t.storage_offset())
+        lo = offset * itemsize
+        cast = self.dtype is not None and t.dtype != self.dtype and t.is_floating_point()
+        # the storage's address identifies it (cheaper than t.untyped_storage()); a cast copy
+        # holds elements of one source dtype only, raw bytes can hold any mix
+        base = t.data_ptr() - lo
+        key = (t.device, base, t.dtype) if cast else (t.device, base)
+        record = self._spans.get(key)
+        if record is None:
+            if not cast and self.device is None and t.is_contiguous():
+                # the common case, a tensor alone in its storage: one clone, and a span only
+                # if another tensor of this storage turns up
+                result = t.clone()
+                self._spans[key] = (result, lo)
+                return result
+            return self._copy_first(t, key, lo, cast)
+        spans = record if isinstance(record, list) else self._promote(key, record)
         hi = lo + _extent(t) * itemsize
-        if spans is None:
-            self._spans[key] = spans = []
-            if hi - lo == t.nbytes:
-                dense = self._copy_dense(t)
-                if dense is not None:
-                    spans.append(_Span(lo, hi, dense.untyped_storage(), [(dense, lo, itemsize)]))
-                    return dense
         for span in spans:
             if span.lo <= lo and hi <= span.hi and (lo - span.lo) % itemsize == 0:
                 result = self._view(t, span, lo, itemsize)
                 span.members.append((result, lo, itemsize))
                 return result
-        return self._merge(t, storage, spans, lo, hi, itemsize, cast)
+        return self._merge(t, spans, lo, hi, itemsize, cast)
+
+    def _copy_first(
+        self, t: torch.Tensor, key: tuple[Any, ...], lo: int, cast: bool
+    ) -> torch.Tensor:
+        """The first tensor of its storage: copy it densely if it can be, else its span."""
+        itemsize = t.element_size()
+        hi = lo + _extent(t) * itemsize
+        spans: list[_Span] = []
+        self._spans[key] = spans
+        if hi - lo == t.nbytes:
+            dense = self._copy_dense(t)
+            if dense is not None:
+                spans.append(_Span(lo, hi, dense.untyped_storage(), [(dense, lo, itemsize)]))
+                return dense
+        return self._merge(t, spans, lo, hi, itemsize, cast)
+
+    def _promote(self, key: tuple[Any, ...], record: tuple[torch.Tensor, int]) -> list[_Span]:
+        """A second tensor of a storage turned up: give the lone first copy a span."""
+        result, lo = record
+        span = _Span(
+            lo, lo + result.nbytes, result.untyped_storage(), [(result, lo, result.element_size())]
+        )
+        spans = self._spans[key] = [span]
+        return spans
 
     def _copy_dense(self, t: torch.Tensor) -> torch.Tensor | None:
         """Copy a non-overlapping, dense tensor in one call; None if its layout did not survive."""
@@ -278,7 +298,6 @@ class Copier:
     def _merge(
         self,
         t: torch.Tensor,
-        storage: torch.UntypedStorage,
         spans: list[_Span],
         lo: int,
         hi: int,
@@ -287,7 +306,7 @@ class Copier:
     ) -> torch.Tensor:
         """Copy the union of ``[lo, hi)`` and every span it overlaps; re-point their members."""
         new_lo, new_hi, overlapping = _absorb(spans, lo, hi, cast)
-        span = _Span(new_lo, new_hi, self._copy_bytes(t, storage, new_lo, new_hi, cast), [])
+        span = _Span(new_lo, new_hi, self._copy_bytes(t, new_lo, new_hi, cast), [])
         for old in overlapping:
             spans.remove(old)
             for member, member_lo, member_itemsize in old.members:
@@ -303,11 +322,10 @@ class Copier:
         span.members.append((result, lo, itemsize))
         return result
 
-    def _copy_bytes(
-        self, t: torch.Tensor, storage: torch.UntypedStorage, lo: int, hi: int, cast: bool
-    ) -> torch.UntypedStorage:
+    def _copy_bytes(self, t: torch.Tensor, lo: int, hi: int, cast: bool) -> torch.UntypedStorage:
         """A fresh storage holding source bytes ``[lo, hi)`` (as elements of the target dtype)."""
         device = self._target_device(t)
+        storage = t.untyped_storage()
         if cast:
             itemsize = t.element_size()
             count = (hi - lo) // itemsize
@@ -329,14 +347,39 @@ class Copier:
             dst.copy_(src)
         return dst.untyped_storage()
 
-    def _replace_member(self, old: torch.Tensor, new: torch.Tensor) -> None:
-        """Track ``new`` instead of ``old`` so that a later merge re-points the object users see."""
-        for spans in self._spans.values():
+    def copy_parameter(self, p: nn.Parameter) -> torch.Tensor:
+        """Inside an ``nn.Module`` a Parameter stays a Parameter; elsewhere it is a plain tensor.
+
+        Both share one copy, so a Parameter reached from a module and from a dict is copied once.
+        """
+        plain, wrapped = self._parameters.get(id(p), (None, None))
+        if plain is None:
+            plain = self.copy_tensor(p)
+            self._keep_alive.append(p)
+        if self._module_depth == 0:
+            self._parameters[id(p)] = (plain, wrapped)
+            return plain
+        if wrapped is None:
+            wrapped = nn.Parameter(plain, requires_grad=p.requires_grad)
+            self._add_member(p, plain, wrapped)
+        self._parameters[id(p)] = (plain, wrapped)
+        return wrapped
+
+    def _add_member(self, source: torch.Tensor, plain: torch.Tensor, new: torch.Tensor) -> None:
+        """Track ``new`` beside ``plain`` so that a later merge re-points it too."""
+        if source.layout != torch.strided or source.is_meta or plain.numel() == 0:
+            return  # not in any span: nothing will re-point it
+        offset = int(source.storage_offset())
+        itemsize = source.element_size()
+        base = source.data_ptr() - offset * itemsize
+        for key, record in list(self._spans.items()):
+            if key[:2] != (source.device, base):
+                continue
+            spans = record if isinstance(record, list) else self._promote(key, record)
             for span in spans:
-                for i, (member, lo, itemsize) in enumerate(span.members):
-                    if member is old:
-                        span.members[i] = (new, lo, itemsize)
-                        return
+                if any(member is plain for member, _, _ in span.members):
+                    span.members.append((new, offset * itemsize, itemsize))
+                    return
 
 
 def _absorb(spans: list[_Span], lo: int, hi: int, cast: bool) -> tuple[int, int, list[_Span]]:
@@ -416,7 +459,7 @@ def _copy_tuple(c: Copier, x: tuple[Any, ...]) -> tuple[Any, ...]:
     # a cycle through this tuple may already have copied it
     found = c.memo.get(id(x), _MISSING)
     if found is not _MISSING:
-        return found  # type: ignore[no-any-return]
+        return found
     result = x if all(a is b for a, b in zip(items, x)) else tuple(items)
     c._remember(x, result)
     return result
@@ -464,10 +507,7 @@ def _copy_reduce(c: Copier, x: Any) -> Any:
     cls = type(x)
     reductor = copyreg.dispatch_table.get(cls)
     try:
-        if reductor is not None:
-            reduced = reductor(x)
-        else:
-            reduced = x.__reduce_ex__(4)
+        reduced = reductor(x) if reductor is not None else x.__reduce_ex__(4)
     except Exception as err:
         raise _PathError(
             f"cannot copy a {cls.__qualname__} object ({err}); remove it from the structure, "
@@ -513,9 +553,11 @@ def _reconstruct(
                 for name, value in slots.items():
                     setattr(result, name, value)
     if listiter is not None:
+        index = 0
         try:
-            for index, item in enumerate(listiter):
+            for item in listiter:
                 result.append(c.copy(item))
+                index += 1
         except _PathError as err:
             err.parts.append(index)
             raise
@@ -553,7 +595,7 @@ def _copy_module(base: Callable[[Copier, Any], Any]) -> Callable[[Copier, Any], 
     def copy_module(c: Copier, x: nn.Module) -> nn.Module:
         c._module_depth += 1
         try:
-            return base(c, x)  # type: ignore[no-any-return]
+            return base(c, x)
         finally:
             c._module_depth -= 1
 
@@ -562,11 +604,37 @@ def _copy_module(base: Callable[[Copier, Any], Any]) -> Callable[[Copier, Any], 
 
 def _copy_tensor(c: Copier, x: torch.Tensor) -> torch.Tensor:
     try:
-        return c.copy_tensor(x)
+        result = c.copy_tensor(x)
     except _PathError:
         raise
     except Exception as err:
         raise _PathError(f"cannot copy a {_describe(x)}: {err}") from err
+    c.memo[id(x)] = result
+    c._keep_alive.append(x)
+    return result
+
+
+def _copy_parameter(c: Copier, x: nn.Parameter) -> torch.Tensor:
+    # not in the memo: the copy depends on whether a module holds it
+    try:
+        return c.copy_parameter(x)
+    except _PathError:
+        raise
+    except Exception as err:
+        raise _PathError(f"cannot copy a {_describe(x)}: {err}") from err
+
+
+def _copy_tensor_subclass(c: Copier, x: torch.Tensor) -> torch.Tensor:
+    """Tensor subclasses keep their type: they are cloned as a whole."""
+    try:
+        result = c._copy_opaque(x)
+    except _PathError:
+        raise
+    except Exception as err:
+        raise _PathError(f"cannot copy a {_describe(x)}: {err}") from err
+    c.memo[id(x)] = result
+    c._keep_alive.append(x)
+    return result
 
 
 _HANDLERS: dict[type, Callable[[Copier, Any], Any]] = {
@@ -577,13 +645,13 @@ _HANDLERS: dict[type, Callable[[Copier, Any], Any]] = {
     frozenset: _copy_set,
     types.MethodType: _copy_method,
     torch.Tensor: _copy_tensor,
-    nn.Parameter: _copy_tensor,
+    nn.Parameter: _copy_parameter,
 }
 
 
 def _handler_for(cls: type) -> Callable[[Copier, Any], Any]:
     if issubclass(cls, torch.Tensor):
-        return _copy_tensor
+        return _copy_tensor_subclass
     if issubclass(cls, type):  # classes with a metaclass (ABCMeta, EnumMeta) are atomic too
         return _copy_atomic
     base = _copy_custom if hasattr(cls, "__deepcopy__") else _copy_reduce
