@@ -338,17 +338,31 @@ class _Session(AbstractContextManager[Snapshot]):
 
     # -- saved for backward ----------------------------------------------------------------------
 
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+    def _pack(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
         if self._stack and threading.get_ident() == self._thread:
-            saved = self._stack[-1].saved
+            frame = self._stack[-1]
+            saved = frame.saved
             if saved is not None:
-                saved.append(t)
-        return t
+                if self.ops or self.dry or not self.select(f"{frame.key}:saved"):
+                    saved.append(t)
+                else:
+                    # recorded only when the call ends: copy now, before later in-place ops
+                    saved.append(self._copy(t, f"{frame.key}:saved"))
+        # with pack hooks autograd no longer checks saved tensors' versions: _unpack does
+        return t, t._version
 
     def _record_saved(self, key: str, frame: _Frame, op: str | None) -> None:
         tensors, frame.saved = tuple(frame.saved or ()), []
-        if self.select(key):
+        if not self.select(key):
+            return
+        if self.ops or self.dry:
             self._record(key, frame, op, "saved", tensors)
+            return
+        # _pack already copied them
+        self.snapshot._add(
+            self._make_record(key, frame.name, frame.call, op, "saved", tensors), tensors
+        )
+        self._check_finite(key, tensors)
 
     # -- the one recording path ------------------------------------------------------------------
 
@@ -408,7 +422,15 @@ class _Session(AbstractContextManager[Snapshot]):
                 )
 
 
-def _unpack(t: torch.Tensor) -> torch.Tensor:
+def _unpack(packed: tuple[torch.Tensor, int]) -> torch.Tensor:
+    t, version = packed
+    if t._version != version:
+        # the error autograd raises without hooks: capturing must not hide an in-place bug
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an "
+            f"inplace operation: [{t.type()} {list(t.shape)}] is at version {t._version}; "
+            f"expected version {version} instead (tensorsnap.capture(saved=True) checked it)"
+        )
     return t
 
 
