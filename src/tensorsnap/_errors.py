@@ -64,3 +64,18 @@ class _Attr:
 
 def attr(name: str) -> _Attr:
     return _Attr(name)
+
+
+class BundleError(TensorSnapError):
+    """A bundle cannot be written, or a bundle on disk is incomplete, damaged or edited.
+
+    The message names the file and, where one is involved, the key.
+    """
+
+
+class BundleWarning(UserWarning):
+    """A value read from a bundle came back as a documented plain fallback type.
+
+    Raised when a saved class (dataclass, namedtuple, Mapping subclass) is not imported in
+    the loading process or no longer has the saved fields; see ``docs/format.md``.
+    """
