@@ -42,9 +42,7 @@ def _reference_saved(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return [t for _, t in _reference_saved_by_module(model, x)]
 
 
-def _reference_saved_by_module(
-    model: nn.Module, x: torch.Tensor
-) -> list[tuple[str, torch.Tensor]]:
+def _reference_saved_by_module(model: nn.Module, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     """(innermost module running, clone) for every tensor autograd packs during ``model(x)``."""
     stack: list[str] = []
     packed: list[tuple[str, torch.Tensor]] = []
