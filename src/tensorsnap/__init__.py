@@ -1,5 +1,6 @@
 """tensorsnap: true, independent copies of the tensors a PyTorch model creates implicitly."""
 
+from ._bundle import load
 from ._capture import capture, names
 from ._copy import snapshot
 from ._errors import NonFiniteError, TensorSnapError, TensorSnapWarning
@@ -15,6 +16,7 @@ __all__ = [
     "TensorSnapWarning",
     "__version__",
     "capture",
+    "load",
     "names",
     "snapshot",
 ]

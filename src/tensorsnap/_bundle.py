@@ -340,7 +340,7 @@ class _Encoder:
         self.strict = strict
         self.tensors: list[torch.Tensor] = []
         self._index: dict[int, int] = {}
-        self._keep: list[torch.Tensor] = []
+        self.sources: list[torch.Tensor] = []
         self._active: set[int] = set()
 
     def fail(self, parts: list[object], message: str) -> BundleError:
@@ -450,33 +450,39 @@ class _Encoder:
         found = self._index.get(id(t))
         if found is not None:
             return found
-        source = t
-        if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+        plain = type(t) is torch.Tensor or type(t) is torch.nn.Parameter
+        dense = t.layout == torch.strided and not t.is_quantized and not t.is_nested
+        if not self.strict and not (plain and dense):
+            return -1
+        if not plain:
             raise self.fail(
                 parts, f"cannot store a {type(t).__name__}; convert it to a plain tensor"
             )
-        if t.layout != torch.strided or t.is_quantized or t.is_nested:
+        if not dense:
             raise self.fail(
                 parts,
                 f"cannot store a {t.layout} {'quantized ' if t.is_quantized else ''}tensor; "
                 "convert it first, for example with .to_dense() or .dequantize()",
             )
+        self._index[id(t)] = len(self.tensors)
+        self.sources.append(t)  # also keeps its id from being reused while we index by it
         if t.is_conj() or t.is_neg():
             t = t.resolve_conj().resolve_neg()
-        self._index[id(source)] = len(self.tensors)
-        self._keep.append(source)  # so that its id is not reused while we index by it
-        self.tensors.append(t.detach())
+        self.tensors.append(t)
         return len(self.tensors) - 1
 
 
 def tensors_in(value: Any) -> list[torch.Tensor]:
-    """Every distinct tensor inside ``value`` (for spill stores; unknown objects are skipped)."""
+    """The distinct plain strided tensors inside ``value``, as they are (for spill stores).
+
+    Objects and tensors that a bundle cannot describe are skipped, not refused.
+    """
     encoder = _Encoder("value", strict=False)
     try:
         encoder.node(value, [])
-    except BundleError:
-        return []
-    return encoder.tensors
+    except BundleError:  # a reference cycle: spill what was found before it
+        pass
+    return [t for t in encoder.sources if not (t.is_conj() or t.is_neg())]
 
 
 # -- save ------------------------------------------------------------------------------------

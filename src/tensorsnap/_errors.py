@@ -73,7 +73,7 @@ class BundleError(TensorSnapError):
     """
 
 
-class BundleWarning(UserWarning):
+class BundleWarning(TensorSnapWarning):
     """A value read from a bundle came back as a documented plain fallback type.
 
     Raised when a saved class (dataclass, namedtuple, Mapping subclass) is not imported in
