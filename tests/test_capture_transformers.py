@@ -203,12 +203,6 @@ def test_llama_grads_and_inputs_keep_the_computation() -> None:
     assert grads_order.index("lm_head:grad") < grads_order.index("model.norm:grad")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="P:grad_in gives each module call an alias of its inputs; gradients of an input "
-    "used three or more times (LlamaRMSNorm uses its input twice, the residual once more) are "
-    "then summed in another order, so parameter gradients differ in the last bits",
-)
 def test_llama_grad_in_keeps_parameter_gradients_bitwise() -> None:
     _, plain_grads, _ = _llama_parameter_grads()
     _, grads, snap = _llama_parameter_grads(grads=True, include="*input_layernorm:grad_in")

@@ -9,6 +9,7 @@ when a later op modifies an output in place. Every value goes through one path,
 
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 from collections.abc import Iterable
@@ -24,11 +25,15 @@ from . import _tree
 from ._copy import Copier
 from ._errors import NonFiniteError, TensorSnapError, TensorSnapWarning
 from ._keys import Selector, module_names
-from ._ops import OpMode, internal, op_name
+from ._ops import OpMode, op_name
 from ._snapshot import Record, Snapshot
 from ._store import MemoryStore, Store, parse_size
 
 __all__ = ["capture", "names"]
+
+# Our own torch calls inside hooks must not reach any function mode (ours or another
+# session's): they are not the model's ops, and dispatching them through Python costs ~1 us each.
+_quiet = torch._C.DisableTorchFunction
 
 # torch classes whose fused fast path (eval, no grad) skips their submodules' forward calls
 _FASTPATH = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.MultiheadAttention)
@@ -37,7 +42,7 @@ _FASTPATH = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.Multihea
 class _Frame:
     """One module call in progress."""
 
-    __slots__ = ("call", "children", "key", "module", "name", "ops", "saved")
+    __slots__ = ("call", "children", "grad_in", "key", "module", "name", "ops", "saved")
 
     def __init__(self, module: nn.Module, name: str, call: int) -> None:
         self.module = module
@@ -47,6 +52,7 @@ class _Frame:
         self.ops: dict[str, int] = {}
         self.children = 0
         self.saved: list[torch.Tensor] | None = None
+        self.grad_in: _InputGradients | None = None
 
 
 class _Leaf:
@@ -90,8 +96,7 @@ class _Gradients:
         session = self.session
         if not session.open:
             return
-        internal.depth += 1
-        try:
+        with _quiet():
             self.grads[index] = session._copy(grad, self.key)
             value = _tree.map_tensors(
                 lambda marker: self.grads.get(marker.index), self.skeleton, leaf=_Leaf
@@ -104,8 +109,111 @@ class _Gradients:
             else:
                 session.snapshot._add(record, value)
             session._check_finite(self.key, value)
-        finally:
-            internal.depth -= 1
+
+
+# A leaf whose views tell the autograd sequence number of "now" (a thread-local counter that
+# numbers graph nodes in creation order), so that a module call's own nodes can be recognised.
+_PROBE = torch.zeros(1, requires_grad=True)
+
+
+def _now() -> int:
+    node = _PROBE.view(1).grad_fn
+    return node._sequence_nr() if node is not None else -1  # type: ignore[no-any-return]
+
+
+class _InputGradients:
+    """Gradients w.r.t. one module call's positional inputs, through that call only.
+
+    Nothing is put into the model's graph (an identity node per input would change the order in
+    which autograd sums an input's gradient over its uses, and so its last bits). Instead, after
+    the call, the graph nodes it created are found by sequence number, walking back from its
+    outputs; hooks on the nodes that consume an input observe each contribution, and the
+    contributions are summed in the copy.
+    """
+
+    __slots__ = (
+        "call",
+        "grads",
+        "key",
+        "module",
+        "nodes",
+        "session",
+        "start",
+        "structure",
+        "targets",
+    )
+
+    def __init__(self, session: _Session, key: str, frame: _Frame, args: tuple[Any, ...]) -> None:
+        self.session = session
+        self.key = key
+        self.module = frame.name
+        self.call = frame.call
+        self.start = _now()
+        self.targets: dict[tuple[int, int], int] = {}
+        # held until the call ends: a leaf's AccumulateGrad node lives only while referenced,
+        # and a new one (with a new id) would replace it
+        self.nodes: list[Any] = []
+        self.structure = tuple(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+        for index, arg in enumerate(args):
+            if self.structure[index]:
+                node = arg.grad_fn
+                if node is None:  # a leaf: its AccumulateGrad node, reached through a view
+                    node = arg.view_as(arg).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
+                    self.targets[(id(node), 0)] = index
+                else:
+                    self.targets[(id(node), arg.output_nr)] = index
+                self.nodes.append(node)
+        self.grads: dict[int, torch.Tensor] = {}
+
+    def watch(self, output: Any) -> list[Any]:
+        """Hook the nodes, created by this call, that consume one of its inputs."""
+        end = _now()
+        handles = []
+        stack = [t.grad_fn for t in _tree.tensors(output) if t.grad_fn is not None]
+        seen: set[int] = set()
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if not self.start < node._sequence_nr() < end:
+                continue  # made before or outside this call: not this call's computation
+            edges = []
+            for position, (parent, output_nr) in enumerate(node.next_functions):
+                if parent is None:
+                    continue
+                index = self.targets.get((id(parent), output_nr))
+                if index is not None:
+                    edges.append((position, index))
+                else:
+                    stack.append(parent)
+            if edges:
+                handles.append(node.register_hook(partial(self._arrived, edges)))
+        self.nodes.clear()
+        return handles
+
+    def _arrived(
+        self, edges: list[tuple[int, int]], grad_inputs: tuple[Any, ...], grad_outputs: Any
+    ) -> None:
+        session = self.session
+        if not session.open:
+            return
+        with _quiet():
+            for position, index in edges:
+                grad = grad_inputs[position]
+                if grad is None:
+                    continue
+                if index in self.grads:
+                    self.grads[index] = self.grads[index] + grad
+                else:
+                    self.grads[index] = session._copy(grad, self.key)
+            value = tuple(self.grads.get(i) for i in range(len(self.structure)))
+            record = session._make_record(self.key, self.module, self.call, None, "grad_in", value)
+            if self.key in session.snapshot:
+                session.snapshot._replace(record, value)
+            else:
+                session.snapshot._add(record, value)
+            session._check_finite(self.key, value)
 
 
 class _Session(AbstractContextManager[Snapshot]):
@@ -175,10 +283,14 @@ class _Session(AbstractContextManager[Snapshot]):
             self._handles.append(
                 _module_hooks.register_module_forward_pre_hook(self._pre)  # type: ignore[arg-type]
             )
+            post = _module_hooks.register_module_forward_hook(
+                self._post, with_kwargs=True, always_call=True
+            )
+            self._handles.append(post)
+            # torch's handle forgets the with_kwargs entry of a global hook (2.13): left there,
+            # it would make torch.compile'd modules warn about global hooks forever after
             self._handles.append(
-                _module_hooks.register_module_forward_hook(
-                    self._post, with_kwargs=True, always_call=True
-                )
+                _DictEntry(_module_hooks, "_global_forward_hooks_with_kwargs", post.id)
             )
             if self.inputs:
                 # the process-wide pre-hook does not see keyword arguments; these do
@@ -187,8 +299,10 @@ class _Session(AbstractContextManager[Snapshot]):
                         self._handles.append(
                             module.register_forward_pre_hook(self._on_inputs, with_kwargs=True)
                         )
-            if _is_compiled(self.model):
-                # compiled code would skip our hooks silently; run it eagerly while capturing
+            if _compiling_possible():
+                # compiled code would skip our hooks silently, and a compiled wrapper around the
+                # model (or a `model.compile()` call) need not be inside `model`: run all
+                # compiled code eagerly while capturing
                 self._enter(torch.compiler.set_stance("force_eager"))
             if self.saved:
                 self._enter(torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack))
@@ -223,43 +337,33 @@ class _Session(AbstractContextManager[Snapshot]):
         name = self.names.get(id(module))
         if name is None or threading.get_ident() != self._thread:
             return None
-        internal.depth += 1
-        try:
-            call = self._calls.get(id(module), 0)
-            self._calls[id(module)] = call + 1
-            frame = _Frame(module, name, call)
-            if self._stack:
-                self._stack[-1].children += 1
-            self._stack.append(frame)
-            if self.saved:
-                frame.saved = []
-            if self.grads and torch.is_grad_enabled():
-                return self._watch_inputs(frame, args)
-            return None
-        finally:
-            internal.depth -= 1
+        call = self._calls.get(id(module), 0)
+        self._calls[id(module)] = call + 1
+        frame = _Frame(module, name, call)
+        stack = self._stack
+        if stack:
+            stack[-1].children += 1
+        stack.append(frame)
+        if self.saved:
+            frame.saved = []
+        if self.grads and torch.is_grad_enabled():
+            with _quiet():
+                self._watch_inputs(frame, args)
+        return None
 
-    def _watch_inputs(self, frame: _Frame, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        """Give the call aliases of its inputs, so that their gradients are the module's own."""
+    def _watch_inputs(self, frame: _Frame, args: tuple[Any, ...]) -> None:
+        """Note where this call's inputs sit in the graph; their gradients are read at _post."""
         if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-            return None
+            return
         key = f"{frame.key}:grad_in"
-        if not self.select(key):
-            return None
-        # a view is the identity for values and gradients; hooks on it see only what flows
-        # back through this call, not the other uses of the same input
-        aliases = tuple(
-            a.view_as(a) if isinstance(a, torch.Tensor) and a.requires_grad else a for a in args
-        )
-        self._watch_grads(key, frame, None, "grad_in", aliases)
-        return aliases
+        if self.select(key):
+            frame.grad_in = _InputGradients(self, key, frame, args)
 
     def _on_inputs(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not self._stack or self._stack[-1].module is not module:
             return
         frame = self._stack[-1]
-        internal.depth += 1
-        try:
+        with _quiet():
             key = f"{frame.key}:in"
             if self.select(key):
                 self._record(key, frame, None, "input", args)
@@ -267,8 +371,6 @@ class _Session(AbstractContextManager[Snapshot]):
                 key = f"{frame.key}:kwargs"
                 if self.select(key):
                     self._record(key, frame, None, "kwargs", kwargs)
-        finally:
-            internal.depth -= 1
 
     def _post(self, module: nn.Module, args: tuple[Any, ...], *rest: Any) -> None:
         # torch calls always_call hooks with (module, args, result) when forward raised, and
@@ -279,8 +381,7 @@ class _Session(AbstractContextManager[Snapshot]):
         if frame is None or len(rest) != 2:
             return
         output = rest[1]
-        internal.depth += 1
-        try:
+        with _quiet():
             if frame.saved:
                 self._record_saved(f"{frame.key}:saved", frame, None)
             if self.select(frame.key):
@@ -289,10 +390,10 @@ class _Session(AbstractContextManager[Snapshot]):
                 key = f"{frame.key}:grad"
                 if self.select(key):
                     self._watch_grads(key, frame, None, "grad", output)
+                if frame.grad_in is not None:
+                    self._handles.extend(frame.grad_in.watch(output))
             if frame.children == 0 and isinstance(module, _FASTPATH) and module._modules:
                 self._warn_fastpath(frame)
-        finally:
-            internal.depth -= 1
 
     def _pop(self, module: nn.Module) -> _Frame | None:
         stack = self._stack
@@ -378,25 +479,40 @@ class _Session(AbstractContextManager[Snapshot]):
 
     def _record(self, key: str, frame: _Frame, op: str | None, kind: str, value: Any) -> None:
         if self.dry:
-            self.snapshot._add(
-                self._make_record(key, frame.name, frame.call, op, kind, value), None
-            )
+            record = self._make_record(key, frame.name, frame.call, op, kind, value)
+            self.snapshot._add(record, None)
             return
-        copy = self._copy(value, key)
-        self.snapshot._add(self._make_record(key, frame.name, frame.call, op, kind, copy), copy)
-        self._check_finite(key, copy)
+        copy = self._clone(value)
+        if copy is not None:
+            record = Record(
+                key, frame.name, frame.call, op, kind, tuple(copy.shape), copy.dtype, copy.nbytes
+            )
+        else:
+            copy = self.copier.copy_value(value, root=f"snap[{key!r}]")
+            record = self._make_record(key, frame.name, frame.call, op, kind, copy)
+        self.snapshot._add(record, copy)
+        if self.nonfinite is not None:
+            self._check_finite(key, copy)
 
     def _copy(self, value: Any, key: str) -> Any:
+        copy = self._clone(value)
+        if copy is None:
+            copy = self.copier.copy_value(value, root=f"snap[{key!r}]")
+        return copy
+
+    def _clone(self, value: Any) -> torch.Tensor | None:
+        """The fast path for one dense tensor: a clone keeps its strides. None otherwise."""
         if (
             self._plain
             and type(value) is torch.Tensor
             and value.layout == torch.strided
-            and value.is_contiguous()
             and not torch.is_inference_mode_enabled()
         ):
-            # the common case: one dense tensor, nothing to preserve but its values
-            return value.detach().clone()
-        return self.copier.copy_value(value, root=f"snap[{key!r}]")
+            copy = value.detach().clone()  # preserve_format: a dense layout keeps its strides
+            if copy.stride() == value.stride():
+                return copy
+        # views that do not cover their span, expanded tensors, structures, casts, devices
+        return None
 
     @staticmethod
     def _make_record(
@@ -422,6 +538,18 @@ class _Session(AbstractContextManager[Snapshot]):
                 )
 
 
+class _DictEntry:
+    """A removable handle for one entry of a module-level dict of torch's, if it exists."""
+
+    def __init__(self, owner: Any, name: str, key: Any) -> None:
+        self.owner, self.name, self.key = owner, name, key
+
+    def remove(self) -> None:
+        table = getattr(self.owner, self.name, None)
+        if table is not None:
+            table.pop(self.key, None)
+
+
 def _unpack(packed: tuple[torch.Tensor, int]) -> torch.Tensor:
     t, version = packed
     if t._version != version:
@@ -434,12 +562,10 @@ def _unpack(packed: tuple[torch.Tensor, int]) -> torch.Tensor:
     return t
 
 
-def _is_compiled(model: nn.Module) -> bool:
-    try:
-        from torch._dynamo.eval_frame import OptimizedModule
-    except ImportError:  # pragma: no cover - torch without dynamo
-        return False
-    return any(isinstance(m, OptimizedModule) for m in model.modules())
+def _compiling_possible() -> bool:
+    # torch.compile imports dynamo; when nothing has, nothing is compiled, and importing it
+    # here would cost a second on the first capture
+    return "torch._dynamo" in sys.modules
 
 
 def capture(

@@ -5,9 +5,8 @@ from __future__ import annotations
 import difflib
 import html
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from os import PathLike
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -19,9 +18,8 @@ __all__ = ["Record", "Snapshot", "closest"]
 KINDS = ("output", "input", "kwargs", "grad", "grad_in", "op", "op_grad", "saved")
 
 
-@dataclass(frozen=True)
-class Record:
-    """What is known about one captured value without reading it.
+class Record(NamedTuple):
+    """What is known about one captured value without reading it (an immutable named tuple).
 
     Attributes:
         key: The key, e.g. ``"transformer.h.0.mlp#1:grad"``.
