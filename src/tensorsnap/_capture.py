@@ -118,7 +118,7 @@ _PROBE = torch.zeros(1, requires_grad=True)
 
 def _now() -> int:
     node = _PROBE.view(1).grad_fn
-    return node._sequence_nr() if node is not None else -1  # type: ignore[no-any-return]
+    return node._sequence_nr() if node is not None else -1
 
 
 class _InputGradients:
@@ -158,7 +158,7 @@ class _InputGradients:
             if self.structure[index]:
                 node = arg.grad_fn
                 if node is None:  # a leaf: its AccumulateGrad node, reached through a view
-                    node = arg.view_as(arg).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
+                    node = arg.view_as(arg).grad_fn.next_functions[0][0]
                     self.targets[(id(node), 0)] = index
                 else:
                     self.targets[(id(node), arg.output_nr)] = index
