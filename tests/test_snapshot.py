@@ -512,3 +512,41 @@ def test_view_spanning_two_earlier_disjoint_views_shares_with_both() -> None:
     result[2][1] = 2
     assert (result[0].item(), result[1].item()) == (1, 2)
     assert raw.tolist() == [172, 47, 9]
+
+
+# -- CUDA (skipped on CPU-only machines) ----------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_cuda_to_cpu_keeps_values_layouts_and_aliasing() -> None:
+    base = torch.randn(64, 32, device="cuda")
+    image = torch.randn(2, 3, 4, 5, device="cuda").contiguous(memory_format=torch.channels_last)
+    source = {"base": base, "t": base.t(), "rows": base[3:9], "image": image}
+    result = tensorsnap.snapshot(source, device="cpu")
+    for key, src in source.items():
+        assert result[key].device.type == "cpu", key
+        assert result[key].stride() == src.stride(), key
+        assert torch.equal(result[key], src.cpu()), key
+    ptr = result["base"].untyped_storage().data_ptr()
+    assert result["t"].untyped_storage().data_ptr() == ptr
+    assert result["rows"].untyped_storage().data_ptr() == ptr
+
+
+@needs_cuda
+def test_pin_memory_gives_pinned_cpu_copies() -> None:
+    x = torch.randn(1000, device="cuda")
+    result = tensorsnap.snapshot([x, x[10:20]], device="cpu", pin_memory=True)
+    assert result[0].is_pinned() and result[1].is_pinned()
+    assert torch.equal(result[0], x.cpu()) and torch.equal(result[1], x[10:20].cpu())
+
+
+@needs_cuda
+def test_large_dense_cuda_tensor_is_staged_with_its_layout() -> None:
+    # 48 MiB, dense but not contiguous: more than one staging chunk
+    x = torch.randn(3, 4096, 1024, device="cuda").transpose(0, 1)
+    result = tensorsnap.snapshot(x, device="cpu")
+    assert result.stride() == x.stride() and torch.equal(result, x.cpu())
+    half = tensorsnap.snapshot(x, device="cpu", dtype=torch.float16)
+    assert half.dtype == torch.float16 and torch.equal(half, x.half().cpu())

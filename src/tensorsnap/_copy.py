@@ -400,16 +400,32 @@ def _absorb(spans: list[_Span], lo: int, hi: int, cast: bool) -> tuple[int, int,
         lo, hi = new_lo, new_hi
 
 
+def _is_dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill a block of memory exactly once, in some dimension order."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda pair: pair[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _staged_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
     """Copy a large CUDA tensor into pageable CPU memory through two pinned staging buffers.
 
     The device-to-pinned copy of chunk k+1 runs while the CPU copies chunk k out of the other
-    buffer; each buffer is reused only after the CPU has finished reading it.
+    buffer; each buffer is reused only after the CPU has finished reading it. Both tensors must
+    be dense (``_copy_dense`` checks extent == numel; strides decide the rest).
     """
-    src_flat, dst_flat = src.reshape(-1), dst.view(-1)
-    if not (src.is_contiguous() and dst.is_contiguous()):  # staging works on flat memory
-        dst.copy_(src)
+    if src.stride() != dst.stride() or not _is_dense(src):
+        dst.copy_(src)  # staging works on flat memory laid out alike on both sides
         return
+    # dense with equal strides (contiguous, channels_last, transposed): element i of the flat
+    # memory is the same element on both sides, so copy the memory, not the logical order
+    src_flat = src.as_strided((src.numel(),), (1,))
+    dst_flat = dst.as_strided((dst.numel(),), (1,))
     chunk = max(1, _STAGING_CHUNK // src.element_size())
     buffers = [torch.empty(chunk, dtype=src.dtype, pin_memory=True) for _ in range(2)]
     pending: tuple[Any, torch.Tensor, torch.Tensor] | None = None
