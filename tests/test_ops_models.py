@@ -160,6 +160,7 @@ def _resnet() -> _ResNetStem:
     model = _ResNetStem()
     for module in model.modules():  # non-trivial running statistics and affine parameters
         if isinstance(module, nn.BatchNorm2d):
+            assert module.running_mean is not None and module.running_var is not None
             nn.init.normal_(module.running_mean)
             nn.init.uniform_(module.running_var, 0.5, 2.0)
             nn.init.normal_(module.weight)
@@ -171,6 +172,7 @@ def test_resnet_block_residual_add_is_taken_before_the_inplace_relu() -> None:
     model = _resnet()
     x = torch.randn(2, 3, 6, 6)
     block = model.layer1[0]
+    assert isinstance(block, _BasicBlock)
     clones: dict[str, torch.Tensor] = {}
     handles = [
         block.register_forward_pre_hook(

@@ -85,11 +85,13 @@ def test_linear_relu_saves_input_weight_and_relu_output(ops: bool) -> None:
     with tensorsnap.capture(model, ops=ops, saved=True) as snap:
         out = model(x)
     lin, relu = ("0/linear:saved", "1/relu:saved") if ops else ("0:saved", "1:saved")
-    weight = model[0].weight.detach()
+    linear = model[0]
+    assert isinstance(linear, nn.Linear)
+    weight, bias = linear.weight.detach(), linear.bias.detach()
     # addmm saves the input and the transposed weight; relu saves its result
     _assert_same(snap[lin], (x.detach(), weight.t()))
     _assert_same(snap[relu], (out.detach(),))
-    assert torch.equal(snap[relu][0], torch.clamp(x.detach() @ weight.t() + model[0].bias, min=0))
+    assert torch.equal(snap[relu][0], torch.clamp(x.detach() @ weight.t() + bias, min=0))
     record = snap.records[list(snap).index(relu)]
     assert record.kind == "saved" and record.module == "1"
     assert record.op == ("relu" if ops else None)
@@ -182,7 +184,7 @@ def test_legal_inplace_ops_keep_working_with_the_same_gradients() -> None:
             return w.exp() + z[1:]
 
     x = torch.randn(6)
-    grads = []
+    grads: list[torch.Tensor] = []
     for under_capture in (False, True):
         leaf = x.clone().requires_grad_()
         model = Fine()
@@ -192,6 +194,7 @@ def test_legal_inplace_ops_keep_working_with_the_same_gradients() -> None:
             assert "/relu_:saved" in snap and "/sigmoid_:saved" in snap
         else:
             model(leaf).sum().backward()
+        assert leaf.grad is not None
         grads.append(leaf.grad)
     assert torch.equal(grads[0], grads[1])
 
@@ -204,7 +207,7 @@ def test_legal_inplace_ops_keep_working_with_the_same_gradients() -> None:
 
 
 @pytest.mark.parametrize("options", [{"ops": True}, {"ops": False}, {"ops": True, "grads": True}])
-def test_saved_does_not_change_outputs_or_gradients(options: dict[str, bool]) -> None:
+def test_saved_does_not_change_outputs_or_gradients(options: dict[str, Any]) -> None:
     torch.manual_seed(2)
     model = _Mixed()
     x = torch.randn(4, 6)
