@@ -340,11 +340,6 @@ def test_op_outside_any_module_call_but_inside_the_block_is_not_captured() -> No
     assert list(snap) == ["/linear", ""]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: ops run by a user's module hooks are attributed to the module (pre-hooks) "
-    "or to its parent (forward hooks), and shift the #k counters of the forward's own ops",
-)
 def test_ops_run_by_user_module_hooks_are_not_the_modules_ops() -> None:
     model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
     norms: list[float] = []

@@ -42,7 +42,7 @@ _FASTPATH = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.Multihea
 class _Frame:
     """One module call in progress."""
 
-    __slots__ = ("call", "children", "grad_in", "key", "module", "name", "ops", "saved")
+    __slots__ = ("call", "children", "grad_in", "key", "module", "name", "ops", "quiet", "saved")
 
     def __init__(self, module: nn.Module, name: str, call: int) -> None:
         self.module = module
@@ -53,6 +53,7 @@ class _Frame:
         self.children = 0
         self.saved: list[torch.Tensor] | None = None
         self.grad_in: _InputGradients | None = None
+        self.quiet = False  # True while the module's own pre-hooks run: their ops are not its
 
 
 class _Leaf:
@@ -271,6 +272,8 @@ class _Session(AbstractContextManager[Snapshot]):
         self._handles: list[Any] = []
         self._contexts: list[AbstractContextManager[Any]] = []
         self._warned: set[int] = set()
+        self._hooked: set[int] = set()  # modules with forward hooks of their own
+        self._hooks_of: nn.Module | None = None  # whose forward hooks are running now
 
     # -- entering and leaving ------------------------------------------------------------------
 
@@ -292,6 +295,8 @@ class _Session(AbstractContextManager[Snapshot]):
             self._handles.append(
                 _DictEntry(_module_hooks, "_global_forward_hooks_with_kwargs", post.id)
             )
+            if self.ops:
+                self._guard_user_hooks()
             if self.inputs:
                 # the process-wide pre-hook does not see keyword arguments; these do
                 for module in self.model.modules():
@@ -313,6 +318,30 @@ class _Session(AbstractContextManager[Snapshot]):
             raise
         return self.snapshot
 
+    def _guard_user_hooks(self) -> None:
+        """Keep the ops of other forward hooks on the model's modules out of the snapshot.
+
+        Our process-wide hooks run before a module's own hooks, so its pre-hooks would look like
+        part of its forward and its forward hooks like part of its caller's. Modules that have
+        hooks get two more of ours, registered last, that mark where their forward starts and
+        where their forward hooks end.
+        """
+        for module in self.model.modules():
+            if id(module) in self.names and (module._forward_pre_hooks or module._forward_hooks):
+                self._hooked.add(id(module))
+                self._handles.append(module.register_forward_pre_hook(self._forward_starts))
+                self._handles.append(
+                    module.register_forward_hook(self._hooks_done, always_call=True)
+                )
+
+    def _forward_starts(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self._stack and self._stack[-1].module is module:
+            self._stack[-1].quiet = False
+
+    def _hooks_done(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self._hooks_of is module:
+            self._hooks_of = None
+
     def _enter(self, context: AbstractContextManager[Any]) -> None:
         context.__enter__()
         self._contexts.append(context)
@@ -330,6 +359,8 @@ class _Session(AbstractContextManager[Snapshot]):
             handle.remove()
         self._handles.clear()
         self._stack.clear()
+        self._hooked.clear()
+        self._hooks_of = None
 
     # -- module calls ----------------------------------------------------------------------------
 
@@ -340,6 +371,8 @@ class _Session(AbstractContextManager[Snapshot]):
         call = self._calls.get(id(module), 0)
         self._calls[id(module)] = call + 1
         frame = _Frame(module, name, call)
+        if self._hooked and id(module) in self._hooked:
+            frame.quiet = True
         stack = self._stack
         if stack:
             stack[-1].children += 1
@@ -380,6 +413,8 @@ class _Session(AbstractContextManager[Snapshot]):
         frame = self._pop(module)
         if frame is None or len(rest) != 2:
             return
+        if self._hooked and id(module) in self._hooked:
+            self._hooks_of = module
         output = rest[1]
         with _quiet():
             if frame.saved:
@@ -421,8 +456,8 @@ class _Session(AbstractContextManager[Snapshot]):
 
     def _on_op(self, func: Any, result: Any) -> None:
         stack = self._stack
-        if not stack:  # run by the code around the model, not by its forward
-            return
+        if not stack or stack[-1].quiet or self._hooks_of is not None:
+            return  # run by the code around the model or by hooks, not by a forward
         frame = stack[-1]
         name = op_name(func)
         count = frame.ops.get(name, 0)
