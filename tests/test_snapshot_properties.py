@@ -320,3 +320,39 @@ def test_a_lone_view_copies_no_more_than_it_can_reach(pool: list[torch.Tensor]) 
         assert result.untyped_storage().nbytes() <= reach + 15
         assert result.stride() == t.stride()
         assert torch.equal(bits(result), bits(t))
+
+
+def element_addresses(t: torch.Tensor) -> np.ndarray:
+    """The address of the first byte of every element, in element order."""
+    return byte_addresses(t)[:: t.element_size()] if t.numel() else np.zeros(0, np.int64)
+
+
+@given(structures())
+@SETTINGS
+def test_dtype_casts_floating_tensors_and_keeps_their_aliasing(case: Any) -> None:
+    obj, pool = case
+    # every floating dtype widens to float64 exactly, so the reference is torch's own cast
+    expected = {
+        id(t): t.to(torch.float64) if t.is_floating_point() else bits(t).clone() for t in pool
+    }
+    result = tensorsnap.snapshot(obj, dtype=torch.float64)
+    pairs = paired_tensors(obj, result)
+    groups: dict[tuple[int, torch.dtype], list[tuple[np.ndarray, np.ndarray]]] = {}
+    for a, b in pairs:
+        assert (b.shape, b.stride()) == (a.shape, a.stride())
+        if a.is_floating_point():
+            assert b.dtype == torch.float64
+            want = expected[id(a)]
+            assert torch.equal(b.isnan(), want.isnan())
+            assert torch.equal(bits(b)[~b.isnan()], bits(want)[~want.isnan()])
+        else:
+            assert b.dtype == a.dtype
+            assert torch.equal(bits(b), expected[id(a)])
+        key = (a.untyped_storage().data_ptr(), a.dtype)
+        groups.setdefault(key, []).append((element_addresses(a), element_addresses(b)))
+    # among tensors of one source dtype and storage, shared elements stay shared, no others
+    for members in groups.values():
+        src = np.concatenate([s for s, _ in members])
+        res = np.concatenate([r for _, r in members])
+        together = np.unique(np.stack([src, res], axis=1), axis=0) if len(src) else src
+        assert len(together) == len(np.unique(src)) == len(np.unique(res))

@@ -160,3 +160,21 @@ def test_bert_output_with_hidden_states_tuple() -> None:
             hidden.add_(3)
     for got, want in zip(result.hidden_states, expected):
         assert torch.equal(got, want) and not got.requires_grad
+
+
+def test_gpt2_model_copy_keeps_tied_weights_and_computes_the_same() -> None:
+    model = gpt2()
+    ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(5))
+    reference = copy.deepcopy(model)  # works: the model holds no non-leaf tensors
+    result = tensorsnap.snapshot(model)
+    assert type(result) is type(model)
+    # lm_head.weight is wte.weight in GPT-2: one Parameter, in the copy as in deepcopy's
+    assert reference.lm_head.weight is reference.transformer.wte.weight
+    assert result.lm_head.weight is result.transformer.wte.weight
+    assert result.lm_head.weight is not model.lm_head.weight
+    ref_params = dict(reference.named_parameters())
+    for name, param in result.named_parameters():
+        assert type(param) is torch.nn.Parameter and param.requires_grad, name
+        assert torch.equal(param, ref_params[name]), name
+    with torch.no_grad():
+        assert torch.equal(result(ids).logits, model(ids).logits)
