@@ -306,14 +306,18 @@ def _swap(s: _State, item: _Item, swap: _Swap) -> None:
     if any(t._version != version for t, version, *_ in swap):
         item.state = "pinned"  # changed in place while it was written: keep it as it is now
         return
+    swapped = []
     with torch.no_grad():
         for t, _, storage, offset, ref, blob_offset in swap:
             try:
                 t.set_(storage, offset, t.shape, t.stride())
             except RuntimeError:  # e.g. a tensor autograd forbids changing: it stays in memory
                 continue
-            s.located[id(t)] = (t, t._version, ref, blob_offset)
-            item.located.append(id(t))
+            swapped.append((t, ref, blob_offset))
+    # views share one version counter, which every set_ bumps: read it after the last one
+    for t, ref, blob_offset in swapped:
+        s.located[id(t)] = (t, t._version, ref, blob_offset)
+        item.located.append(id(t))
     item.state = "disk"
     s.ram -= item.nbytes
 
