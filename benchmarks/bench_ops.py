@@ -1,0 +1,309 @@
+"""What op-level capture costs: ``capture(model, ops=True)`` against a plain forward.
+
+Run: ``python benchmarks/bench_ops.py`` (``--repeats N``, ``--models mlp,gpt2``,
+``--profile`` for a cProfile summary of the capture, ``--torchlens`` to time
+``torchlens.trace`` on the same models in a separate process, when torchlens is installed).
+
+Every figure is a ratio to the plain forward under ``no_grad`` measured in the same run,
+interleaved (one call of each variant per round) and reduced to the median. One thread.
+
+Columns:
+  capture   ``with capture(model, ops=True): model(x)``, everything selected
+  floor     the plain forward plus cloning, into fresh memory, as many bytes in as many
+            storages as that capture copies (the least any copying recorder must do)
+  /floor    capture / floor: the recorder's own overhead
+  +nonfin   ``nonfinite="raise"`` on top of the capture, as a ratio to the capture
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import io
+import json
+import os
+import pstats
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+import tensorsnap
+from tensorsnap import _tree
+
+# -- the models -------------------------------------------------------------------------------
+
+
+def _mlp() -> tuple[nn.Module, tuple[Any, ...]]:
+    layers: list[nn.Module] = [nn.Linear(256, 512), nn.ReLU()]
+    for _ in range(4):
+        layers += [nn.Linear(512, 512), nn.ReLU()]
+    layers.append(nn.Linear(512, 10))
+    return nn.Sequential(*layers), (torch.randn(32, 256),)
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class _ResNet18(nn.Module):
+    """torchvision's resnet18, written out (torchvision does not import everywhere)."""
+
+    def __init__(self, classes: int = 1000) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        widths = [(64, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2)]
+        for i, (cin, cout, stride) in enumerate(widths, 1):
+            setattr(self, f"layer{i}", nn.Sequential(_BasicBlock(cin, cout, stride),
+                                                     _BasicBlock(cout, cout, 1)))  # fmt: skip
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def _resnet18() -> tuple[nn.Module, tuple[Any, ...]]:
+    try:
+        import torchvision
+
+        model: nn.Module = torchvision.models.resnet18()
+    except Exception:  # torchvision missing or broken: the same network, hand-built
+        model = _ResNet18()
+    return model, (torch.randn(1, 3, 224, 224),)
+
+
+def _gpt2() -> tuple[nn.Module, tuple[Any, ...]]:
+    import transformers
+
+    config = transformers.GPT2Config(
+        n_layer=2,
+        n_embd=128,
+        n_head=4,
+        vocab_size=1000,
+        n_positions=64,
+        bos_token_id=None,
+        eos_token_id=None,
+        attn_implementation="eager",
+    )
+    return transformers.GPT2LMHeadModel(config), (torch.randint(0, 1000, (1, 32)),)
+
+
+def _encoder() -> tuple[nn.Module, tuple[Any, ...]]:
+    layer = nn.TransformerEncoderLayer(256, 8, 1024, batch_first=True)
+    model = nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)
+    return model, (torch.randn(8, 128, 256),)
+
+
+MODELS: dict[str, Callable[[], tuple[nn.Module, tuple[Any, ...]]]] = {
+    "mlp": _mlp,
+    "resnet18": _resnet18,
+    "gpt2-tiny": _gpt2,
+    "encoder": _encoder,
+}
+
+
+def build(name: str) -> tuple[nn.Module, tuple[Any, ...]]:
+    torch.manual_seed(0)
+    model, args = MODELS[name]()
+    return model.eval(), args
+
+
+# -- timing -----------------------------------------------------------------------------------
+
+
+def _floor_sources(model: nn.Module, args: tuple[Any, ...]) -> tuple[list[torch.Tensor], int]:
+    """One uint8 tensor per distinct storage that a full op capture copies, and its key count."""
+    with torch.no_grad(), tensorsnap.capture(model, ops=True) as snap:
+        model(*args)
+    sizes: dict[int, int] = {}
+    for key in snap:
+        for t in _tree.tensors(snap[key]):
+            storage = t.untyped_storage()
+            sizes[storage.data_ptr()] = storage.nbytes()
+    return [torch.ones(n, dtype=torch.uint8) for n in sizes.values()], len(snap)
+
+
+def _variants(model: nn.Module, args: tuple[Any, ...]) -> dict[str, Callable[[], Any]]:
+    sources, _ = _floor_sources(model, args)
+
+    def plain() -> Any:
+        return model(*args)
+
+    def floor() -> Any:
+        out = model(*args)
+        return out, [s.clone() for s in sources]
+
+    def capture() -> Any:
+        with tensorsnap.capture(model, ops=True) as snap:
+            model(*args)
+        return snap
+
+    def nonfinite() -> Any:
+        with tensorsnap.capture(model, ops=True, nonfinite="raise") as snap:
+            model(*args)
+        return snap
+
+    return {"plain": plain, "floor": floor, "capture": capture, "nonfinite": nonfinite}
+
+
+def _inner_count(fn: Callable[[], Any], target_s: float = 0.02) -> int:
+    start = time.perf_counter()
+    fn()
+    once = time.perf_counter() - start
+    return max(1, min(200, int(target_s / max(once, 1e-6))))
+
+
+def measure(name: str, repeats: int) -> dict[str, float]:
+    model, args = build(name)
+    with torch.no_grad():
+        variants = _variants(model, args)
+        for fn in variants.values():  # warm up
+            fn()
+            fn()
+        inner = _inner_count(variants["plain"])
+        times: dict[str, list[float]] = {v: [] for v in variants}
+        for _ in range(repeats):
+            for label, fn in variants.items():
+                gc.collect()
+                start = time.perf_counter()
+                for _ in range(inner):
+                    fn()
+                times[label].append((time.perf_counter() - start) / inner)
+    med = {label: statistics.median(ts) for label, ts in times.items()}
+    return {
+        "plain_ms": med["plain"] * 1e3,
+        "capture": med["capture"] / med["plain"],
+        "floor": med["floor"] / med["plain"],
+        "vs_floor": med["capture"] / med["floor"],
+        "nonfinite": med["nonfinite"] / med["capture"],
+        "keys": float(_floor_sources(model, args)[1]),
+    }
+
+
+def profile(name: str, lines: int = 14) -> str:
+    model, args = build(name)
+    with torch.no_grad():
+        for _ in range(3):
+            with tensorsnap.capture(model, ops=True):
+                model(*args)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(20):
+            with tensorsnap.capture(model, ops=True):
+                model(*args)
+        profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(lines)
+    return out.getvalue()
+
+
+# -- torchlens, in its own process (it wraps torch functions for the rest of the process) -----
+
+
+def _torchlens_child(name: str, repeats: int) -> None:
+    import torchlens as tl
+
+    model, args = build(name)
+    with torch.no_grad():
+        plain = lambda: model(*args)  # noqa: E731
+        traced = lambda: tl.trace(model, args[0])  # noqa: E731
+        traced()
+        plain()
+        times: dict[str, list[float]] = {"plain": [], "trace": []}
+        for _ in range(repeats):
+            for label, fn in (("plain", plain), ("trace", traced)):
+                gc.collect()
+                start = time.perf_counter()
+                fn()
+                times[label].append(time.perf_counter() - start)
+    ratio = statistics.median(times["trace"]) / statistics.median(times["plain"])
+    print(json.dumps({"model": name, "torchlens": ratio}))
+
+
+def torchlens_ratio(name: str, repeats: int) -> float | None:
+    try:
+        done = subprocess.run(
+            [sys.executable, __file__, "--torchlens-child", name, "--repeats", str(repeats)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=os.environ.copy(),
+        )
+    except subprocess.TimeoutExpired:
+        return None
+    for line in done.stdout.splitlines():
+        if line.startswith("{"):
+            return float(json.loads(line)["torchlens"])
+    sys.stderr.write(f"torchlens on {name} failed:\n{done.stderr[-2000:]}\n")
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--torchlens", action="store_true")
+    parser.add_argument("--torchlens-child", default=None, help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    torch.set_num_threads(1)
+    if options.torchlens_child:
+        _torchlens_child(options.torchlens_child, options.repeats)
+        return
+
+    goals = {"mlp": 1.5, "resnet18": 1.1, "gpt2-tiny": 1.5, "encoder": 1.1}
+    header = f"{'model':<10} {'plain ms':>9} {'keys':>5} {'capture':>8} {'floor':>6} "
+    header += f"{'/floor':>7} {'goal':>5} {'+nonfin':>8}"
+    if options.torchlens:
+        header += f" {'torchlens':>10}"
+    print(f"torch {torch.__version__}, 1 thread, {options.repeats} interleaved repeats, medians")
+    print(header)
+    for name in options.models.split(","):
+        r = measure(name, options.repeats)
+        row = (
+            f"{name:<10} {r['plain_ms']:>9.2f} {int(r['keys']):>5} {r['capture']:>7.2f}x "
+            f"{r['floor']:>5.2f}x {r['vs_floor']:>6.2f}x {goals[name]:>4.1f}x "
+            f"{r['nonfinite']:>7.2f}x"
+        )
+        if options.torchlens:
+            tl = torchlens_ratio(name, max(3, options.repeats // 3))
+            row += f" {tl:>9.1f}x" if tl is not None else f" {'-':>10}"
+        print(row, flush=True)
+    if options.profile:
+        for name in options.models.split(","):
+            print(f"\n== cProfile: capture(ops=True) on {name}, 20 calls, by own time ==")
+            print(profile(name))
+
+
+if __name__ == "__main__":
+    main()
