@@ -367,6 +367,33 @@ def test_parameter_reached_from_a_dict_and_a_module() -> None:
     assert torch.equal(result["weight"], module.weight)
 
 
+def test_module_parameter_stays_aliased_with_views_copied_around_it() -> None:
+    base = torch.arange(32.0)
+    weight = nn.Parameter(base[8:24].view(4, 4))  # a Parameter over part of a storage
+    assert weight.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+    module = nn.Module()
+    module.weight = weight
+    # a row before the module and the whole storage after it: the copy's storage is widened
+    # twice, and the module's Parameter must follow both times
+    source = {"row": base[12:16], "module": module, "all": base}
+    result = tensorsnap.snapshot(source, dtype=torch.float64)
+    got = result["module"].weight
+    assert type(got) is nn.Parameter and got.requires_grad and got.dtype == torch.float64
+    assert got.tolist() == weight.tolist()
+    result["all"][13] = -1.0  # row 1, column 1 of the weight
+    assert got[1, 1] == -1.0 and result["row"][1] == -1.0
+    assert weight[1, 1] == 13.0
+
+
+def test_tied_parameters_stay_one_parameter() -> None:
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 5, bias=False))
+    model[1].weight = model[0].weight
+    result = tensorsnap.snapshot(model)
+    assert result[1].weight is result[0].weight
+    assert type(result[0].weight) is nn.Parameter
+    assert len(list(result.parameters())) == 1
+
+
 # -- tensor kinds ---------------------------------------------------------------------------
 
 

@@ -369,16 +369,18 @@ class Copier:
         """Track ``new`` beside ``plain`` so that a later merge re-points it too."""
         if source.layout != torch.strided or source.is_meta or plain.numel() == 0:
             return  # not in any span: nothing will re-point it
-        offset = int(source.storage_offset())
         itemsize = source.element_size()
-        base = source.data_ptr() - offset * itemsize
-        for key, record in list(self._spans.items()):
-            if key[:2] != (source.device, base):
+        lo = int(source.storage_offset()) * itemsize
+        base = source.data_ptr() - lo
+        # the keys _copy_strided files a tensor of this storage under, uncast and cast
+        for key in ((source.device, base), (source.device, base, source.dtype)):
+            record = self._spans.get(key)
+            if record is None:
                 continue
             spans = record if isinstance(record, list) else self._promote(key, record)
             for span in spans:
                 if any(member is plain for member, _, _ in span.members):
-                    span.members.append((new, offset * itemsize, itemsize))
+                    span.members.append((new, lo, itemsize))
                     return
 
 
