@@ -80,9 +80,11 @@ class _ResNet18(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         widths = [(64, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2)]
-        for i, (cin, cout, stride) in enumerate(widths, 1):
-            setattr(self, f"layer{i}", nn.Sequential(_BasicBlock(cin, cout, stride),
-                                                     _BasicBlock(cout, cout, 1)))  # fmt: skip
+        blocks = [
+            nn.Sequential(_BasicBlock(cin, cout, stride), _BasicBlock(cout, cout, 1))
+            for cin, cout, stride in widths
+        ]
+        self.layer1, self.layer2, self.layer3, self.layer4 = blocks
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(512, classes)
 
@@ -105,6 +107,7 @@ def _resnet18() -> tuple[nn.Module, tuple[Any, ...]]:
 def _gpt2() -> tuple[nn.Module, tuple[Any, ...]]:
     import transformers
 
+    options: dict[str, Any] = {"attn_implementation": "eager"}  # softmax visible as an op
     config = transformers.GPT2Config(
         n_layer=2,
         n_embd=128,
@@ -113,7 +116,7 @@ def _gpt2() -> tuple[nn.Module, tuple[Any, ...]]:
         n_positions=64,
         bos_token_id=None,
         eos_token_id=None,
-        attn_implementation="eager",
+        **options,
     )
     return transformers.GPT2LMHeadModel(config), (torch.randint(0, 1000, (1, 32)),)
 
