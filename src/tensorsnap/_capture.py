@@ -25,18 +25,19 @@ from . import _tree
 from ._copy import Copier
 from ._errors import NonFiniteError, TensorSnapError, TensorSnapWarning
 from ._keys import Selector, module_names
-from ._ops import OpMode, op_name
+from ._ops import AtenMode, OpMode, aten_name, op_name, quiet
 from ._snapshot import Record, Snapshot
 from ._store import MemoryStore, Store, parse_size
 
 __all__ = ["capture", "names"]
 
-# Our own torch calls inside hooks must not reach any function mode (ours or another
-# session's): they are not the model's ops, and dispatching them through Python costs ~1 us each.
-_quiet = torch._C.DisableTorchFunction
+# Our own torch calls inside hooks must not reach any mode (ours or another session's): they are
+# not the model's ops, and dispatching them through Python costs ~1 us each.
+_quiet = quiet
 
 # torch classes whose fused fast path (eval, no grad) skips their submodules' forward calls
-_FASTPATH = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.MultiheadAttention)
+# (not MultiheadAttention: it never calls its out_proj submodule, fast path or not)
+_FASTPATH = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
 class _Frame:
@@ -95,7 +96,9 @@ class _Gradients:
 
     def _arrived(self, index: int, grad: torch.Tensor) -> None:
         session = self.session
-        if not session.open:
+        if not session.open or index in self.grads:
+            # a tensor that outlives one backward pass (a parameter or input returned as is)
+            # keeps its hook: a later pass's gradient belongs to a later call, not to this one
             return
         with _quiet():
             self.grads[index] = session._copy(grad, self.key)
@@ -226,7 +229,7 @@ class _Session(AbstractContextManager[Snapshot]):
         *,
         include: str | Iterable[str] | None = None,
         exclude: str | Iterable[str] | None = None,
-        ops: bool = False,
+        ops: bool | str = False,
         inputs: bool = False,
         grads: bool = False,
         saved: bool = False,
@@ -242,8 +245,11 @@ class _Session(AbstractContextManager[Snapshot]):
                 f"capture(model=...) takes a torch.nn.Module, got {type(model).__name__}; "
                 "wrap a plain function in an nn.Module, or use tensorsnap.snapshot() for values"
             )
-        if ops not in (True, False):
-            raise TensorSnapError(f"ops={ops!r}: pass True to capture functional ops, or False")
+        if ops not in (True, False, "aten"):
+            raise TensorSnapError(
+                f"ops={ops!r}: pass True to capture torch-level ops (relu, add, linear), "
+                "'aten' for the ATen ops beneath them, or False"
+            )
         if nonfinite not in (None, "raise"):
             raise TensorSnapError(
                 f"nonfinite={nonfinite!r}: pass 'raise' to stop at the first NaN or Inf, or None"
@@ -272,6 +278,7 @@ class _Session(AbstractContextManager[Snapshot]):
         self._handles: list[Any] = []
         self._contexts: list[AbstractContextManager[Any]] = []
         self._warned: set[int] = set()
+        self._op_name = op_name
         self._hooked: set[int] = set()  # modules with forward hooks of their own
         self._hooks_of: nn.Module | None = None  # whose forward hooks are running now
 
@@ -311,7 +318,10 @@ class _Session(AbstractContextManager[Snapshot]):
                 self._enter(torch.compiler.set_stance("force_eager"))
             if self.saved:
                 self._enter(torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack))
-            if self.ops:
+            if self.ops == "aten":
+                self._op_name = aten_name
+                self._enter(AtenMode(self._on_op))
+            elif self.ops:
                 self._enter(OpMode(self._on_op))
         except BaseException:
             self._close()
@@ -390,6 +400,10 @@ class _Session(AbstractContextManager[Snapshot]):
             return
         key = f"{frame.key}:grad_in"
         if self.select(key):
+            if self.dry:
+                record = self._make_record(key, frame.name, frame.call, None, "grad_in", None)
+                self.snapshot._add(record, None)
+                return
             frame.grad_in = _InputGradients(self, key, frame, args)
 
     def _on_inputs(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -459,7 +473,7 @@ class _Session(AbstractContextManager[Snapshot]):
         if not stack or stack[-1].quiet or self._hooks_of is not None:
             return  # run by the code around the model or by hooks, not by a forward
         frame = stack[-1]
-        name = op_name(func)
+        name = self._op_name(func)
         count = frame.ops.get(name, 0)
         frame.ops[name] = count + 1
         key = f"{frame.key}/{name}" if count == 0 else f"{frame.key}/{name}#{count}"
@@ -608,7 +622,7 @@ def capture(
     *,
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
-    ops: bool = False,
+    ops: bool | str = False,
     inputs: bool = False,
     grads: bool = False,
     saved: bool = False,
@@ -630,7 +644,9 @@ def capture(
         include: Glob pattern(s) over keys to copy (default: all). A pattern that matched no
             key raises :class:`TensorSnapError` when the block ends normally.
         exclude: Glob pattern(s) over keys not to copy.
-        ops: Also capture the outputs of torch-level ops run directly by each module call.
+        ops: Also capture the outputs of torch-level ops run directly by each module call
+            (``True``), or of the ATen ops beneath them (``"aten"``: keys ``C/aten.addmm``;
+            sees inside fused Python functions, and makes compiled code run eagerly).
         inputs: Also capture module inputs (``P:in``, ``P:kwargs``).
         grads: Also capture gradients of module outputs, inputs and (with ``ops``) op outputs,
             for backward passes run inside the block.
@@ -677,7 +693,7 @@ def names(
     *args: Any,
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
-    ops: bool = False,
+    ops: bool | str = False,
     inputs: bool = False,
     grads: bool = False,
     saved: bool = False,
