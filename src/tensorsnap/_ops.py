@@ -1,4 +1,8 @@
-"""Seeing torch-level ops: the function mode that reports each call that returns tensors."""
+"""Seeing ops: the modes that report each call that returns tensors.
+
+``OpMode`` (a function mode) sees torch-level calls as the user wrote them; ``AtenMode`` (a
+dispatch mode) sees the ATen ops underneath, inside fused Python functions too.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +12,46 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["OpMode", "internal", "op_name"]
-
-_NAMES: dict[Any, str] = {}
+__all__ = ["AtenMode", "OpMode", "aten_name", "op_name", "quiet"]
 
 
 class _Internal(threading.local):
-    """Per thread: how deep we are inside tensorsnap's own code (hooks, copies)."""
+    depth = 0  # > 0 while tensorsnap's own code runs (hooks, copies) in this thread
+    aten_sessions = 0  # dispatch modes cannot be switched off as cheaply as function modes
 
-    depth = 0
+
+_internal = _Internal()
 
 
-internal = _Internal()
+class _QuietAten:
+    """Hides our own calls from dispatch modes (and from function modes)."""
+
+    __slots__ = ("_off",)
+
+    def __enter__(self) -> None:
+        _internal.depth += 1
+        self._off = torch._C.DisableTorchFunction()
+        self._off.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._off.__exit__(*exc)
+        _internal.depth -= 1
+
+
+def quiet() -> Any:
+    """A context in which tensorsnap's own torch calls are not reported as the model's ops.
+
+    Function modes are switched off in C (~0.1 us); only while an ATen-level capture is open in
+    this thread do we pay for the counter that dispatch modes check.
+    """
+    if _internal.aten_sessions:
+        return _QuietAten()
+    return torch._C.DisableTorchFunction()
+
+
+_NAMES: dict[Any, str] = {}
 
 
 def op_name(func: Any) -> str:
@@ -78,17 +109,68 @@ class OpMode(TorchFunctionMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        if internal.depth:  # a copy or hook of ours, maybe another session's: not the model's
-            return func(*args, **(kwargs or {}))
         if self.on_start is not None:
             self.on_start(func)
         result = func(*args, **(kwargs or {}))
         if isinstance(result, torch.Tensor) or (
             isinstance(result, (tuple, list)) and has_tensor(result)
         ):
-            internal.depth += 1
-            try:
+            # copies made while recording are not ops, for this mode or any mode below it
+            with torch._C.DisableTorchFunction():
                 self.on_op(func, result)
-            finally:
-                internal.depth -= 1
+        return result
+
+
+def aten_name(func: Any) -> str:
+    """``aten.addmm`` for ``torch.ops.aten.addmm.default``: the namespace, a dot, the op."""
+    name = _NAMES.get(func)
+    if name is None:
+        schema = getattr(func, "_schema", None)
+        name = schema.name.replace("::", ".") if schema is not None else str(func)
+        _NAMES[func] = name
+    return name
+
+
+class AtenMode(TorchDispatchMode):
+    """Calls ``on_op(func, result)`` after every ATen op that returned tensors.
+
+    ATen ops are what torch-level calls decompose into (``F.layer_norm`` is
+    ``aten.native_layer_norm``, ``linear`` is ``aten.t`` + ``aten.addmm``), so this sees inside
+    fused Python functions. A dispatch mode also makes ``torch.compile``'d code run eagerly.
+    Results here sit below autograd, so op gradients cannot be hooked at this level.
+    """
+
+    def __init__(self, on_op: Callable[[Any, Any], None]) -> None:
+        super().__init__()
+        self.on_op = on_op
+
+    def __enter__(self) -> AtenMode:
+        _internal.aten_sessions += 1
+        try:
+            return super().__enter__()
+        except BaseException:
+            _internal.aten_sessions -= 1
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            _internal.aten_sessions -= 1
+
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        result = func(*args, **(kwargs or {}))
+        if _internal.depth:
+            return result
+        if isinstance(result, torch.Tensor) or (
+            isinstance(result, (tuple, list)) and has_tensor(result)
+        ):
+            with _QuietAten():
+                self.on_op(func, result)
         return result
