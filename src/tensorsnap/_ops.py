@@ -35,7 +35,7 @@ class _QuietAten:
         self._off = torch._C.DisableTorchFunction()
         self._off.__enter__()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self._off.__exit__(*exc)
         _internal.depth -= 1
 
