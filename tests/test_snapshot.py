@@ -7,8 +7,10 @@ where it works (leaf tensors), and torch's own operations on the source.
 from __future__ import annotations
 
 import collections
+import collections.abc
 import copy
 import dataclasses
+import enum
 import warnings
 from typing import Any, NamedTuple
 
@@ -238,6 +240,17 @@ def test_containers_keep_their_exact_types() -> None:
         assert torch.equal(got, t) and disjoint(got, t)
     with pytest.raises(dataclasses.FrozenInstanceError):
         result["frozen"].name = "changed"  # type: ignore[misc]
+
+
+def test_classes_functions_and_enums_are_kept_as_they_are() -> None:
+    class Color(enum.Enum):
+        RED = 1
+
+    source = {"abc": collections.abc.Mapping, "enum": Color, "member": Color.RED, "f": len}
+    reference = copy.deepcopy(source)  # deepcopy returns these objects themselves
+    result = tensorsnap.snapshot(source)
+    for key in source:
+        assert result[key] is reference[key] is source[key], key
 
 
 def test_defaultdict_keeps_its_factory() -> None:
