@@ -7,6 +7,7 @@ Cases (SPEC section 1, "Fast"):
 * one 256 MB float32 tensor, against ``torch.empty_like(t).copy_(t)``: a copy into fresh
   memory, which is what any independent copy must do (goal: within 1.1x);
 * a dict of 10,000 tensors of 16 floats, against ``copy.deepcopy`` (goal: at most 0.3x);
+* an ``nn.Module`` of 1,500 small Linear layers, against ``copy.deepcopy(module)``;
 * a GPT-2 output (tiny config, ``use_cache=True``, hidden states and attentions, under
   ``no_grad`` so that deepcopy works), against the recursive ``detach().clone()`` copier people
   write by hand (which loses types) and against ``copy.deepcopy``.
@@ -86,6 +87,22 @@ def small_tensors_case(quick: bool, repeats: int) -> list[tuple[str, str, float,
     return [(what, "copy.deepcopy", medians["snapshot"], medians["deepcopy"], "<= 0.3")]
 
 
+def module_case(quick: bool, repeats: int) -> list[tuple[str, str, float, float, str]]:
+    from torch import nn
+
+    layers = 150 if quick else 1_500
+    module = nn.Sequential(*[nn.Linear(8, 8) for _ in range(layers)])
+    medians = median_times(
+        {
+            "snapshot": lambda: tensorsnap.snapshot(module),
+            "deepcopy": lambda: copy.deepcopy(module),
+        },
+        max(3, repeats // 2),
+    )
+    what = f"nn.Sequential of {layers:,} Linear"
+    return [(what, "copy.deepcopy", medians["snapshot"], medians["deepcopy"], "-")]
+
+
 def gpt2_case(repeats: int) -> list[tuple[str, str, float, float, str]]:
     import transformers
 
@@ -130,6 +147,7 @@ def main() -> None:
 
     rows = large_tensor_case(args.quick, repeats)
     rows += small_tensors_case(args.quick, repeats)
+    rows += module_case(args.quick, repeats)
     rows += gpt2_case(repeats)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {repeats} repeats")
