@@ -25,6 +25,7 @@ from . import _tree
 from ._copy import Copier
 from ._errors import NonFiniteError, TensorSnapError, TensorSnapWarning
 from ._keys import Selector, module_names
+from ._lazy import Deferred
 from ._ops import AtenMode, OpMode, aten_name, op_name, quiet
 from ._snapshot import Record, Snapshot
 from ._store import MemoryStore, Store, parse_size
@@ -234,6 +235,7 @@ class _Session(AbstractContextManager[Snapshot]):
         grads: bool = False,
         saved: bool = False,
         nonfinite: str | None = None,
+        lazy: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         max_memory: int | str | None = None,
@@ -254,6 +256,11 @@ class _Session(AbstractContextManager[Snapshot]):
             raise TensorSnapError(
                 f"nonfinite={nonfinite!r}: pass 'raise' to stop at the first NaN or Inf, or None"
             )
+        if lazy and ops == "aten":
+            raise TensorSnapError(
+                "lazy=True sees writes coming at the torch level; use it with ops=True or "
+                "ops=False, not ops='aten'"
+            )
         self.model = model
         self.names = module_names(model)
         self.select = Selector(include, exclude)
@@ -271,6 +278,7 @@ class _Session(AbstractContextManager[Snapshot]):
         else:
             store = MemoryStore()
         self.snapshot = Snapshot(store=store)
+        self._deferred = Deferred(self._settled) if lazy and not dry and self._plain else None
         self.open = False
         self._calls: dict[int, int] = {}
         self._stack: list[_Frame] = []
@@ -321,8 +329,9 @@ class _Session(AbstractContextManager[Snapshot]):
             if self.ops == "aten":
                 self._op_name = aten_name
                 self._enter(AtenMode(self._on_op))
-            elif self.ops:
-                self._enter(OpMode(self._on_op))
+            elif self.ops or self._deferred is not None:
+                before = self._deferred.before if self._deferred is not None else None
+                self._enter(OpMode(self._on_op if self.ops else None, before))
         except BaseException:
             self._close()
             raise
@@ -358,8 +367,21 @@ class _Session(AbstractContextManager[Snapshot]):
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self._close()
+        spoiled = self._deferred.settle() if self._deferred is not None else []
+        for key in spoiled:
+            self.snapshot._drop(key)
         if exc_type is None:
+            if spoiled:
+                raise TensorSnapError(
+                    f"lazy capture: {', '.join(map(repr, spoiled))} were overwritten by writes "
+                    "tensorsnap could not see (e.g. through .numpy(), DLPack or a C++ "
+                    "extension), so they were dropped; capture without lazy=True to copy every "
+                    "value when it is produced"
+                )
             self.select.check()
+
+    def _settled(self, key: str, copy: torch.Tensor) -> None:
+        self.snapshot._store.put(key, copy, copy.nbytes)
 
     def _close(self) -> None:
         self.open = False
@@ -531,6 +553,23 @@ class _Session(AbstractContextManager[Snapshot]):
             record = self._make_record(key, frame.name, frame.call, op, kind, value)
             self.snapshot._add(record, None)
             return
+        if self._deferred is not None:
+            alias = self._deferred.hold(key, value)
+            if alias is not None:
+                record = Record(
+                    key,
+                    frame.name,
+                    frame.call,
+                    op,
+                    kind,
+                    tuple(alias.shape),
+                    alias.dtype,
+                    alias.nbytes,
+                )
+                self.snapshot._add(record, alias)
+                if self.nonfinite is not None:
+                    self._check_finite(key, alias)
+                return
         copy = self._clone(value)
         if copy is not None:
             record = Record(
@@ -627,6 +666,7 @@ def capture(
     grads: bool = False,
     saved: bool = False,
     nonfinite: str | None = None,
+    lazy: bool = False,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     max_memory: int | str | None = None,
@@ -653,6 +693,16 @@ def capture(
         saved: Also capture the tensors autograd saves for backward, per op or module call.
         nonfinite: ``"raise"`` stops at the first captured value holding a NaN or Inf with a
             :class:`NonFiniteError` naming its key; the snapshot so far stays readable.
+        lazy: Defer copies: keep a reference to each captured tensor and copy it only right
+            before a tracked in-place op would overwrite it, or at the end of the block if
+            something outside the snapshot can still reach it; a tensor nobody else can reach is
+            never copied. Tracked writes are torch-level in-place ops, ``out=`` arguments and
+            ``inplace=True`` flags seen by the function mode; a write it cannot see (through
+            ``.numpy()``, DLPack, C++ extensions) is caught by the version counter when it bumps
+            it, and the value is refused, never returned wrong. Writes that bump no version
+            counter (``.numpy()`` writes) cannot be detected: leave ``lazy`` off (the default)
+            where such writes happen. Values that were views of each other in the model may
+            share storage in the snapshot.
         device: Where copies are kept (default: where each value was produced).
         dtype: Cast floating-point copies to this dtype.
         max_memory: Bytes (or ``"2GB"``) of copies kept in memory; the rest spill to disk.
@@ -681,6 +731,7 @@ def capture(
         grads=grads,
         saved=saved,
         nonfinite=nonfinite,
+        lazy=lazy,
         device=device,
         dtype=dtype,
         max_memory=max_memory,

@@ -87,6 +87,9 @@ def has_tensor(value: Any) -> bool:
 class OpMode(TorchFunctionMode):
     """Calls ``on_op(func, result)`` after every torch-level call that returned tensors.
 
+    ``before(func, args, kwargs)``, when given, runs ahead of every call (lazy copies use it to
+    see writes coming).
+
     Active only in the thread that entered it (function modes are per thread). Calls made by
     torch functions implemented in Python (``F.layer_norm`` calling ``torch.layer_norm``) are not
     seen: a mode is switched off while it handles a call, so each op is reported once, at the
@@ -95,12 +98,12 @@ class OpMode(TorchFunctionMode):
 
     def __init__(
         self,
-        on_op: Callable[[Any, Any], None],
-        on_start: Callable[[Any], None] | None = None,
+        on_op: Callable[[Any, Any], None] | None,
+        before: Callable[[Any, tuple[Any, ...], dict[str, Any] | None], None] | None = None,
     ) -> None:
         super().__init__()
         self.on_op = on_op
-        self.on_start = on_start
+        self.before = before
 
     def __torch_function__(
         self,
@@ -109,11 +112,13 @@ class OpMode(TorchFunctionMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        if self.on_start is not None:
-            self.on_start(func)
+        if self.before is not None:
+            with torch._C.DisableTorchFunction():
+                self.before(func, args, kwargs)
         result = func(*args, **(kwargs or {}))
-        if isinstance(result, torch.Tensor) or (
-            isinstance(result, (tuple, list)) and has_tensor(result)
+        if self.on_op is not None and (
+            isinstance(result, torch.Tensor)
+            or (isinstance(result, (tuple, list)) and has_tensor(result))
         ):
             # copies made while recording are not ops, for this mode or any mode below it
             with torch._C.DisableTorchFunction():

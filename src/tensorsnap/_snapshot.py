@@ -73,6 +73,13 @@ class Snapshot(Mapping[str, Any]):
         self._records[self._index[record.key]] = record
         self._store.put(record.key, value, record.nbytes)
 
+    def _drop(self, key: str) -> None:
+        """Forget a key whose value turned out to be wrong (lazy capture, untracked write)."""
+        index = self._index.pop(key)
+        del self._records[index]
+        self._index = {r.key: i for i, r in enumerate(self._records)}
+        self._store.put(key, None, 0)
+
     # -- Mapping -----------------------------------------------------------------------------
 
     def __getitem__(self, key: str) -> Any:
