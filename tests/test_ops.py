@@ -6,7 +6,6 @@ value is computed again outside the capture from the same inputs and weights.
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
