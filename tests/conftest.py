@@ -181,7 +181,8 @@ def _clone(value: Any, memo: dict[int, Any]) -> Any:
                 f.name: _clone(getattr(value, f.name), memo) for f in dataclasses.fields(value)
             }
             return type(value)(**kwargs)
-        return type(value)((k, _clone(v, memo)) for k, v in value.items())
+        mapping: Any = type(value)
+        return mapping((k, _clone(v, memo)) for k, v in value.items())
     if isinstance(value, nn.Module):
         return value  # a module referenced from an output is compared by identity
     state = getattr(value, "__dict__", None)

@@ -254,6 +254,8 @@ def test_value_survives_index_copy_into_a_cache_buffer() -> None:
             super().__init__()
             self.register_buffer("kv", torch.zeros(2, 4, 3))
 
+        kv: torch.Tensor
+
         def forward(self, k: torch.Tensor, pos: int) -> torch.Tensor:
             self.kv.index_copy_(1, torch.tensor([pos]), k)
             return self.kv[:, : pos + 1]  # a view of the live buffer
@@ -268,7 +270,7 @@ def test_value_survives_index_copy_into_a_cache_buffer() -> None:
             return self.cache(self.proj(x), pos).sum(1)
 
     torch.manual_seed(0)
-    model = Decoder()
+    model: Any = Decoder()
     steps = [_x(2, 1, 3, seed=s) for s in range(4)]
     with torch.no_grad(), reference_outputs(model) as ref, tensorsnap.capture(model) as snap:
         for pos, x in enumerate(steps):
@@ -300,7 +302,7 @@ def test_values_survive_an_optimizer_step_and_grad_accumulation() -> None:
             return (self.table() * x).sum()
 
     torch.manual_seed(0)
-    model = M()
+    model: Any = M()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     before = model.table.weight.detach().clone()
     x1, x2 = _x(3, 2, seed=1), _x(3, 2, seed=2)
@@ -464,7 +466,7 @@ def test_hooks_and_parameters_unchanged_when_the_block_raises() -> None:
 
 def test_gradients_with_an_inplace_op_after_the_module() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 2))
+    model: Any = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 2))
     x = _x(6, 4, requires_grad=True)
     # the documented torch alternative breaks here: the reason capture uses tensor hooks
     probe = copy.deepcopy(model)
@@ -486,6 +488,7 @@ def test_gradients_with_an_inplace_op_after_the_module() -> None:
     plain.zero_grad()
     x2 = x.detach().requires_grad_()
     plain(x2).sum().backward()
+    assert x2.grad is not None and x.grad is not None
     assert torch.equal(x2.grad, x.grad)
 
 
@@ -691,7 +694,7 @@ def _compile_model() -> nn.Module:
 @pytest.mark.filterwarnings(*COMPILE_WARNINGS)
 def test_compiled_model_is_captured_not_silently_empty() -> None:
     model = _compile_model()
-    compiled = torch.compile(model, backend="eager")
+    compiled: Any = torch.compile(model, backend="eager")
     x = _x(3, 4)
     with torch.no_grad():
         plain = compiled(x)  # compiled before the block
@@ -708,7 +711,7 @@ def test_compiled_model_is_captured_not_silently_empty() -> None:
 def test_capturing_the_module_inside_a_compiled_wrapper() -> None:
     # the wrapper was compiled before the block and is not inside the captured module
     model = _compile_model()
-    compiled = torch.compile(model, backend="eager")
+    compiled: Any = torch.compile(model, backend="eager")
     x = _x(3, 4)
     with torch.no_grad():
         compiled(x)
@@ -807,7 +810,8 @@ def test_snapshot_mapping_records_and_reprs() -> None:
     assert [k for k, _ in snap.items()] == FORWARD_KEYS
     assert "shared#1" in snap and "nope" not in snap and 3 not in snap
     assert snap.get("nope") is None
-    assert torch.equal(snap.get(""), out)
+    assert snap.get("nope", 5) == 5
+    assert torch.equal(snap[""], out)
     with pytest.raises(KeyError, match="closest: 'shared#1'"):
         snap["shared#11"]
     with pytest.raises(TypeError):

@@ -135,7 +135,7 @@ def test_output_gradients_match_retain_grad(name: str) -> None:
 
 
 def test_generate_keeps_every_step_of_lm_head() -> None:
-    model = tiny_gpt2()
+    model: Any = tiny_gpt2()
     ids = token_ids(2, 5)
     steps = 4
     kwargs = dict(
