@@ -3,12 +3,15 @@
 from ._bundle import load
 from ._capture import capture, names
 from ._copy import snapshot
+from ._diff import DiffResult, KeyDiff, diff
 from ._errors import NonFiniteError, TensorSnapError, TensorSnapWarning
 from ._snapshot import Record, Snapshot
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "DiffResult",
+    "KeyDiff",
     "NonFiniteError",
     "Record",
     "Snapshot",
@@ -16,6 +19,7 @@ __all__ = [
     "TensorSnapWarning",
     "__version__",
     "capture",
+    "diff",
     "load",
     "names",
     "snapshot",
