@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.modules import module as _module_hooks
 
 from . import _tree
-from ._copy import Copier
+from ._copy import Copier, _extent
 from ._errors import NonFiniteError, TensorSnapError, TensorSnapWarning
 from ._keys import Selector, module_names
 from ._lazy import Deferred
@@ -572,8 +572,9 @@ class _Session(AbstractContextManager[Snapshot]):
                 return
         copy = self._clone(value)
         if copy is not None:
+            nbytes = copy.nbytes if copy._base is None else copy.untyped_storage().nbytes()
             record = Record(
-                key, frame.name, frame.call, op, kind, tuple(copy.shape), copy.dtype, copy.nbytes
+                key, frame.name, frame.call, op, kind, tuple(copy.shape), copy.dtype, nbytes
             )
         else:
             copy = self.copier.copy_value(value, root=f"snap[{key!r}]")
@@ -589,18 +590,31 @@ class _Session(AbstractContextManager[Snapshot]):
         return copy
 
     def _clone(self, value: Any) -> torch.Tensor | None:
-        """The fast path for one dense tensor: a clone keeps its strides. None otherwise."""
-        if (
+        """The fast path for one tensor alone; None for anything the copy engine must walk.
+
+        A dense tensor is cloned (``preserve_format`` keeps a dense layout's strides); a view
+        that does not cover its span (a slice, an expanded tensor) gets the span it can reach
+        copied once and viewed with its own strides, as ``snapshot`` does.
+        """
+        if not (
             self._plain
             and type(value) is torch.Tensor
             and value.layout == torch.strided
             and not torch.is_inference_mode_enabled()
         ):
-            copy = value.detach().clone()  # preserve_format: a dense layout keeps its strides
+            return None  # structures, subclasses, sparse, casts, devices, inference tensors
+        value = value.detach()
+        if value.is_contiguous():
+            return value.clone()
+        extent = _extent(value)
+        if extent == value.numel():
+            copy = value.clone()
             if copy.stride() == value.stride():
                 return copy
-        # views that do not cover their span, expanded tensors, structures, casts, devices
-        return None
+        if value.is_conj() or value.is_neg() or value.is_quantized or value.is_meta:
+            return None
+        span = value.as_strided((extent,), (1,), value.storage_offset()).clone()
+        return span.as_strided(value.shape, value.stride())
 
     @staticmethod
     def _make_record(
@@ -617,13 +631,18 @@ class _Session(AbstractContextManager[Snapshot]):
         if self.nonfinite is None:
             return
         for t in _tree.tensors(value):
-            if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
-                raise NonFiniteError(
-                    f"{key!r} is the first captured value with a NaN or Inf; the values captured "
-                    "up to it are in the snapshot (pass inputs=True to see each module's inputs)",
-                    key=key,
-                    snapshot=self.snapshot,
-                )
+            if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+                continue
+            # a finite sum proves every element finite at the cost of one reduction; only an
+            # Inf/NaN sum (or an overflow) needs the elementwise check
+            if bool(t.sum().isfinite()) or bool(torch.isfinite(t).all()):
+                continue
+            raise NonFiniteError(
+                f"{key!r} is the first captured value with a NaN or Inf; the values captured "
+                "up to it are in the snapshot (pass inputs=True to see each module's inputs)",
+                key=key,
+                snapshot=self.snapshot,
+            )
 
 
 class _DictEntry:
