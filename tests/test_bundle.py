@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 import tensorsnap
-from tensorsnap import _bundle
+from tensorsnap import _bundle, _shards
 from tensorsnap._errors import BundleError, BundleWarning
 from tensorsnap._snapshot import Record, Snapshot
 
@@ -116,7 +116,7 @@ def test_every_dtype_round_trips_bitwise(tmp_path: Any, dtype: torch.dtype) -> N
     stored_bytes = bytes(stored.view(torch.uint8).numpy().tobytes())
     assert stored_bytes[: len(expected)] == expected
     assert set(stored_bytes[len(expected) :]) <= {0}  # padding only
-    native = dtype in _bundle._NATIVE
+    native = dtype in _shards.NATIVE
     assert stored.dtype == (dtype if native else torch.uint8)
 
 
@@ -352,8 +352,8 @@ def test_many_values_are_split_into_shards(tmp_path: Any, monkeypatch: Any) -> N
     assert len(shards) == 4  # 1200 bytes each, three per 4096-byte shard
 
     mapped: list[str] = []
-    real_map = _bundle.map_file
-    monkeypatch.setattr(_bundle, "map_file", lambda p, n: mapped.append(p) or real_map(p, n))
+    real_map = _shards.map_file
+    monkeypatch.setattr(_shards, "map_file", lambda p, n: mapped.append(p) or real_map(p, n))
     loaded = tensorsnap.load(tmp_path / "b")
     assert mapped == []  # opening reads the manifest only
     assert torch.equal(loaded["k7"], values["k7"])
@@ -395,7 +395,7 @@ def test_loaded_tensors_are_copy_on_write(tmp_path: Any) -> None:
 
 
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EDQUOT])
-@pytest.mark.parametrize("where", ["_write_all", "fsync"])
+@pytest.mark.parametrize("where", ["write_all", "fsync"])
 def test_full_disk_raises_and_leaves_nothing(
     tmp_path: Any, monkeypatch: Any, err: int, where: str
 ) -> None:
@@ -405,7 +405,7 @@ def test_full_disk_raises_and_leaves_nothing(
     if where == "fsync":
         monkeypatch.setattr(_bundle.os, "fsync", full)
     else:
-        monkeypatch.setattr(_bundle, where, full)
+        monkeypatch.setattr(_shards, where, full)
     with pytest.raises(BundleError, match=r"no space left on the device while writing the bundle"):
         make({"x": torch.ones(1000)}).save(tmp_path / "b")
     assert os.listdir(tmp_path) == []

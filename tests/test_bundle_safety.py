@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import tensorsnap
-from tensorsnap import _bundle
+from tensorsnap import _bundle, _shards
 from tensorsnap._errors import BundleError, BundleWarning
 from tensorsnap._snapshot import Record, Snapshot
 
@@ -82,7 +82,7 @@ def test_kill_9_at_every_step_of_a_save(tmp_path: Any, monkeypatch: Any) -> None
         outcomes.append(check_complete_or_absent(path))
     for n in (1, 3, 5):  # writing the first and third shard, and the manifest
         path = tmp_path / f"write{n}"
-        run_killed(path, kill_at_call(_bundle, "_write_all", n))
+        run_killed(path, kill_at_call(_shards, "write_all", n))
         outcomes.append(check_complete_or_absent(path))
     path = tmp_path / "rename"
     run_killed(path, kill_at_call(os, "rename", 1))

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from ._bundle import BlobRef, Span, map_file, plan_spans, tensors_in, write_shard
 from ._errors import BundleError, TensorSnapError
+from ._manifest import tensors_in
+from ._shards import BlobRef, Span, map_file, plan_spans, write_shard
 
 __all__ = ["SpillStore"]
 

@@ -1,0 +1,529 @@
+"""Manifests: what a bundle holds, as JSON.
+
+``Encoder`` turns a captured value into a tree of JSON nodes whose leaves index a list of
+tensors; ``Decoder`` rebuilds the value from such a tree without unpickling, importing or
+calling anything named in the file (classes are found only among those already imported, and
+assembled without running their code). ``record_entry`` and ``encode_manifest`` write one key's
+entry and the whole ``manifest.json`` (with its SHA-256); ``read_manifest`` and
+``decode_record`` check them on the way back. The format is described in ``docs/format.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import os
+import re
+import sys
+import warnings
+from collections import OrderedDict, defaultdict
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ._errors import BundleError, BundleWarning, attr, format_path
+from ._shards import Span, dtype_from_name, dtype_name
+from ._snapshot import KINDS, Record
+
+__all__ = [
+    "DIGEST_FIELD",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "Decoder",
+    "Encoder",
+    "decode_record",
+    "encode_manifest",
+    "read_manifest",
+    "record_entry",
+    "tensors_in",
+]
+
+FORMAT = "tensorsnap-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_MAX_MANIFEST = 2**31
+
+DIGEST_FIELD = "manifest_sha256"
+_ZERO_DIGEST = "0" * 64
+_DEFAULT_FACTORIES: dict[str, type] = {t.__name__: t for t in (list, dict, set, int, float, str)}
+# -- structure: values to JSON nodes ---------------------------------------------------------
+
+
+def _class_ref(cls: type) -> dict[str, str]:
+    return {"module": cls.__module__, "qualname": cls.__qualname__}
+
+
+class Encoder:
+    """Turns one value into a JSON tree whose leaves index ``tensors``.
+
+    With ``strict=False`` (spill stores) objects the format cannot describe are skipped instead
+    of refused: only the tensors matter there.
+    """
+
+    def __init__(self, root: str, strict: bool = True) -> None:
+        self.root = root
+        self.strict = strict
+        self.tensors: list[torch.Tensor] = []
+        self._index: dict[int, int] = {}
+        self.sources: list[torch.Tensor] = []
+        self._active: set[int] = set()
+
+    def fail(self, parts: list[object], message: str) -> BundleError:
+        return BundleError(f"{format_path(self.root, parts)}: {message}")
+
+    def node(self, x: Any, parts: list[object]) -> Any:
+        cls = type(x)
+        if x is None:
+            return {"type": "none"}
+        if cls is bool:
+            return {"type": "bool", "value": x}
+        if isinstance(x, torch.Tensor):
+            return {"type": "tensor", "index": self.tensor(x, parts)}
+        if isinstance(x, bool):
+            return {"type": "bool", "value": bool(x)}
+        if isinstance(x, int):
+            return {"type": "int", "value": int(x)}
+        if isinstance(x, float):
+            return {"type": "float", "value": float.hex(float(x))}
+        if isinstance(x, complex):
+            return {"type": "complex", "real": float.hex(x.real), "imag": float.hex(x.imag)}
+        if isinstance(x, str):
+            return {"type": "str", "value": str(x)}
+        if isinstance(x, (bytes, bytearray)):
+            return {"type": "bytes", "value": bytes(x).hex()}
+        if isinstance(x, torch.dtype):
+            return {"type": "dtype", "value": dtype_name(x)}
+        if isinstance(x, torch.device):
+            return {"type": "device", "value": str(x)}
+        if isinstance(x, torch.Size):
+            return {"type": "size", "value": [int(s) for s in x]}
+        if id(x) in self._active:
+            raise self.fail(
+                parts, "the value contains a reference cycle, which bundles cannot store"
+            )
+        self._active.add(id(x))
+        try:
+            return self.container(x, cls, parts)
+        finally:
+            self._active.discard(id(x))
+
+    def items(self, pairs: Any, parts: list[object]) -> list[list[Any]]:
+        return [[self.node(k, [*parts, k]), self.node(v, [*parts, k])] for k, v in pairs]
+
+    def container(self, x: Any, cls: type, parts: list[object]) -> Any:
+        if cls is tuple or cls is list:
+            items = [self.node(v, [*parts, i]) for i, v in enumerate(x)]
+            return {"type": cls.__name__, "items": items}
+        if cls is dict:
+            return {"type": "dict", "items": self.items(x.items(), parts)}
+        if cls is set or cls is frozenset:
+            return {"type": cls.__name__, "items": [self.node(v, parts) for v in x]}
+        if isinstance(x, tuple) and isinstance(getattr(cls, "_fields", None), tuple):
+            return {
+                "type": "namedtuple",
+                "class": _class_ref(cls),
+                "fields": list(cls._fields),  # type: ignore[attr-defined]
+                "items": [self.node(v, [*parts, attr(str(f))]) for f, v in zip(cls._fields, x)],  # type: ignore[attr-defined]
+            }
+        if dataclasses.is_dataclass(x):
+            node: dict[str, Any] = {
+                "type": "dataclass",
+                "class": _class_ref(cls),
+                "fields": [
+                    [f.name, self.node(getattr(x, f.name, None), [*parts, attr(f.name)])]
+                    for f in dataclasses.fields(x)
+                ],
+            }
+            if isinstance(x, Mapping):
+                node["items"] = self.items(x.items(), parts)
+            return node
+        if isinstance(x, Mapping):
+            node = {
+                "type": "mapping",
+                "class": _class_ref(cls),
+                "items": self.items(x.items(), parts),
+            }
+            if isinstance(x, defaultdict):
+                factory: Any = x.default_factory
+                known = factory in _DEFAULT_FACTORIES.values()
+                node["factory"] = factory.__name__ if known else None
+            return node
+        if isinstance(x, (tuple, list)):  # other sequence subclasses keep their items only
+            items = [self.node(v, [*parts, i]) for i, v in enumerate(x)]
+            return {"type": "tuple" if isinstance(x, tuple) else "list", "items": items}
+        state = getattr(x, "__dict__", None)
+        if isinstance(state, dict):
+            return {
+                "type": "object",
+                "class": _class_ref(cls),
+                "attrs": [
+                    [k, self.node(v, [*parts, attr(k)])]
+                    for k, v in state.items()
+                    if isinstance(k, str)
+                ],
+            }
+        if not self.strict:
+            return {"type": "none"}
+        raise self.fail(
+            parts,
+            f"cannot store a {cls.__qualname__} object in a bundle (bundles hold tensors, "
+            "containers, dataclasses, namedtuples, mappings, objects with a __dict__ and "
+            "scalars); exclude this key from the capture or convert the value first",
+        )
+
+    def tensor(self, t: torch.Tensor, parts: list[object]) -> int:
+        found = self._index.get(id(t))
+        if found is not None:
+            return found
+        plain = type(t) is torch.Tensor or type(t) is torch.nn.Parameter
+        dense = t.layout == torch.strided and not t.is_quantized and not t.is_nested
+        if not self.strict and not (plain and dense):
+            return -1
+        if not plain:
+            raise self.fail(
+                parts, f"cannot store a {type(t).__name__}; convert it to a plain tensor"
+            )
+        if not dense:
+            raise self.fail(
+                parts,
+                f"cannot store a {t.layout} {'quantized ' if t.is_quantized else ''}tensor; "
+                "convert it first, for example with .to_dense() or .dequantize()",
+            )
+        self._index[id(t)] = len(self.tensors)
+        self.sources.append(t)  # also keeps its id from being reused while we index by it
+        if t.is_conj() or t.is_neg():
+            t = t.resolve_conj().resolve_neg()
+        self.tensors.append(t)
+        return len(self.tensors) - 1
+
+
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    """The distinct plain strided tensors inside ``value``, as they are (for spill stores).
+
+    Objects and tensors that a bundle cannot describe are skipped, not refused.
+    """
+    encoder = Encoder("value", strict=False)
+    try:
+        encoder.node(value, [])
+    except BundleError:  # a reference cycle: spill what was found before it
+        pass
+    return [t for t in encoder.sources if not (t.is_conj() or t.is_neg())]
+
+
+def record_entry(
+    record: Record,
+    tree: Any,
+    tensors: list[torch.Tensor],
+    placements: list[tuple[int | None, int]],
+    spans: list[Span],
+) -> dict[str, Any]:
+    """The manifest entry of one key: its record, blobs, tensor views and value tree."""
+    views = []
+    for t, (span, offset) in zip(tensors, placements):
+        views.append(
+            {
+                "dtype": dtype_name(t.dtype),
+                "shape": list(t.shape),
+                "stride": list(t.stride()),
+                "blob": span,
+                "offset": offset,
+                "device": str(t.device),
+            }
+        )
+    return {
+        "key": record.key,
+        "module": record.module,
+        "call": record.call,
+        "op": record.op,
+        "kind": record.kind,
+        "shape": list(record.shape) if record.shape is not None else None,
+        "dtype": dtype_name(record.dtype) if record.dtype is not None else None,
+        "nbytes": record.nbytes,
+        "blobs": [
+            {
+                "shard": s.shard,
+                "name": s.name,
+                "dtype": dtype_name(s.dtype),
+                "offset": s.offset,
+                "nbytes": s.nbytes,
+                "crc32": s.crc32,
+            }
+            for s in spans
+        ],
+        "tensors": views,
+        "value": tree,
+    }
+
+
+def encode_manifest(
+    records: list[dict[str, Any]],
+    shards: list[dict[str, Any]],
+    *,
+    version: str,
+    rank: int | None,
+    world_size: int | None,
+    extra: dict[str, Any] | None = None,
+) -> bytes:
+    """The bytes of ``manifest.json``, its SHA-256 filled in.
+
+    ``shards`` are ``{"file": name, "nbytes": size}``; ``extra`` fields are added after the
+    standard ones (before ``shards`` and ``records``).
+    """
+    body: dict[str, Any] = {
+        DIGEST_FIELD: _ZERO_DIGEST,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tensorsnap_version": version,
+        "torch_version": torch.__version__,
+        "rank": rank,
+        "world_size": world_size,
+        **(extra or {}),
+        "shards": shards,
+        "records": records,
+    }
+    text = json.dumps(body, indent=1, ensure_ascii=True, allow_nan=False).encode() + b"\n"
+    digest = hashlib.sha256(text).hexdigest()
+    return text.replace(_ZERO_DIGEST.encode(), digest.encode(), 1)
+
+
+def read_manifest(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_MAX_MANIFEST + 1)
+    except OSError as err:
+        raise BundleError(f"{path} cannot be read: {err}") from err
+    damaged = f"{path} is damaged or was edited by hand"
+    try:
+        manifest = json.loads(data, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise BundleError(f"{damaged}: it is not valid JSON ({err}); re-create the bundle") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{path} is not a tensorsnap bundle manifest (no format {FORMAT!r})")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise BundleError(
+            f"{path} has format version {version!r}; this tensorsnap reads version "
+            f"{FORMAT_VERSION} (upgrade tensorsnap to read newer bundles)"
+        )
+    digest = manifest.get(DIGEST_FIELD)
+    if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise BundleError(f"{damaged}: its {DIGEST_FIELD} is missing; re-create the bundle")
+    zeroed = data.replace(digest.encode(), _ZERO_DIGEST.encode(), 1)
+    if hashlib.sha256(zeroed).hexdigest() != digest:
+        raise BundleError(
+            f"{damaged}: its SHA-256 does not match {DIGEST_FIELD}; re-create the bundle"
+        )
+    return manifest
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed")
+
+
+def decode_record(item: dict[str, Any], where: str) -> Record:
+    def expect(name: str, kind: type | tuple[type, ...]) -> Any:
+        value = item.get(name)
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+            raise BundleError(f"{where}: field {name!r} is {value!r}, expected {kind}")
+        return value
+
+    shape = item.get("shape")
+    if shape is not None and not (
+        isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)
+    ):
+        raise BundleError(f"{where}: field 'shape' is {shape!r}, expected a list of sizes")
+    dtype = item.get("dtype")
+    kind = expect("kind", str)
+    if kind not in KINDS:
+        raise BundleError(f"{where}: kind {kind!r} is not one of {', '.join(KINDS)}")
+    return Record(
+        key=expect("key", str),
+        module=expect("module", str),
+        call=expect("call", int),
+        op=expect("op", (str, type(None))),
+        kind=kind,
+        shape=tuple(shape) if shape is not None else None,
+        dtype=dtype_from_name(dtype, where) if dtype is not None else None,
+        nbytes=expect("nbytes", int),
+    )
+
+
+# -- structure: JSON nodes to values ---------------------------------------------------------
+
+
+def _find_class(ref: Any) -> type | None:
+    """A class already imported in this process, by a dict lookup: nothing runs or imports."""
+    if not isinstance(ref, dict):
+        raise TypeError("class reference is not an object")
+    module_name, qualname = ref["module"], ref["qualname"]
+    if not isinstance(module_name, str) or not isinstance(qualname, str):
+        raise TypeError("class reference is not two strings")
+    found: Any = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        try:
+            namespace = vars(found)
+        except TypeError:
+            return None
+        found = namespace.get(part)
+    return found if isinstance(found, type) else None
+
+
+def _warn(message: str) -> None:
+    # point the warning at the first frame outside tensorsnap (the user's snap[key])
+    frame, level = sys._getframe(1), 2
+    package = os.path.dirname(__file__)
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    warnings.warn(message, BundleWarning, stacklevel=level - 1)
+
+
+class Decoder:
+    def __init__(self, key: str, tensors: list[torch.Tensor]) -> None:
+        self.key = key
+        self.tensors = tensors
+
+    def node(self, n: dict[str, Any]) -> Any:
+        kind = n["type"]
+        method = getattr(self, f"_{kind}", None) if isinstance(kind, str) else None
+        if method is None:
+            raise ValueError(f"unknown node type {kind!r}")
+        return method(n)
+
+    def items(self, n: dict[str, Any]) -> list[tuple[Any, Any]]:
+        return [(self.node(k), self.node(v)) for k, v in n["items"]]
+
+    def fallback(self, n: dict[str, Any], why: str, plain: str) -> None:
+        ref = n["class"]
+        _warn(
+            f"snap[{self.key!r}]: {ref['module']}.{ref['qualname']} {why}; it comes back as a "
+            f"plain {plain} (import the class before reading the key to get it back)"
+        )
+
+    def _none(self, n: dict[str, Any]) -> None:
+        return None
+
+    def _bool(self, n: dict[str, Any]) -> bool:
+        return _typed(n["value"], bool)
+
+    def _int(self, n: dict[str, Any]) -> int:
+        return _typed(n["value"], int)
+
+    def _float(self, n: dict[str, Any]) -> float:
+        return float.fromhex(_typed(n["value"], str))
+
+    def _complex(self, n: dict[str, Any]) -> complex:
+        return complex(float.fromhex(n["real"]), float.fromhex(n["imag"]))
+
+    def _str(self, n: dict[str, Any]) -> str:
+        return _typed(n["value"], str)
+
+    def _bytes(self, n: dict[str, Any]) -> bytes:
+        return bytes.fromhex(n["value"])
+
+    def _dtype(self, n: dict[str, Any]) -> torch.dtype:
+        return dtype_from_name(n["value"], f"snap[{self.key!r}]")
+
+    def _device(self, n: dict[str, Any]) -> torch.device:
+        return torch.device(_typed(n["value"], str))
+
+    def _size(self, n: dict[str, Any]) -> torch.Size:
+        return torch.Size([_typed(s, int) for s in n["value"]])
+
+    def _tensor(self, n: dict[str, Any]) -> torch.Tensor:
+        index = _typed(n["index"], int)
+        if index < 0:
+            raise IndexError(f"tensor index {index}")
+        return self.tensors[index]
+
+    def _tuple(self, n: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(self.node(v) for v in n["items"])
+
+    def _list(self, n: dict[str, Any]) -> list[Any]:
+        return [self.node(v) for v in n["items"]]
+
+    def _dict(self, n: dict[str, Any]) -> dict[Any, Any]:
+        return dict(self.items(n))
+
+    def _set(self, n: dict[str, Any]) -> set[Any]:
+        return {self.node(v) for v in n["items"]}
+
+    def _frozenset(self, n: dict[str, Any]) -> frozenset[Any]:
+        return frozenset(self.node(v) for v in n["items"])
+
+    def _namedtuple(self, n: dict[str, Any]) -> tuple[Any, ...]:
+        items = [self.node(v) for v in n["items"]]
+        cls = _find_class(n["class"])
+        if cls is None:
+            self.fallback(n, "is not imported", "tuple")
+            return tuple(items)
+        fields = inspect.getattr_static(cls, "_fields", None)
+        if (
+            not issubclass(cls, tuple)
+            or not isinstance(fields, tuple)
+            or list(fields) != n["fields"]
+        ):
+            self.fallback(n, "is not a namedtuple with the saved fields", "tuple")
+            return tuple(items)
+        return tuple.__new__(cls, items)
+
+    def _dataclass(self, n: dict[str, Any]) -> Any:
+        fields = [(_typed(name, str), self.node(v)) for name, v in n["fields"]]
+        items = self.items(n) if "items" in n else None
+        cls = _find_class(n["class"])
+        plain = dict(items) if items is not None else dict(fields)
+        if cls is None:
+            self.fallback(n, "is not imported", "dict")
+            return plain
+        names = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else None
+        if names != [name for name, _ in fields] or (
+            items is not None and not issubclass(cls, dict)
+        ):
+            self.fallback(n, "is not a dataclass with the saved fields", "dict")
+            return plain
+        # no __init__, __new__ or __post_init__ of the class runs: the instance is assembled
+        try:
+            obj = _new_mapping(cls, items) if items is not None else object.__new__(cls)
+            for name, value in fields:
+                object.__setattr__(obj, name, value)
+        except TypeError:
+            self.fallback(n, "cannot be assembled without running its code", "dict")
+            return plain
+        return obj
+
+    def _mapping(self, n: dict[str, Any]) -> Any:
+        items = self.items(n)
+        cls = _find_class(n["class"])
+        if cls is None:
+            self.fallback(n, "is not imported", "dict")
+            return dict(items)
+        if not issubclass(cls, dict):
+            self.fallback(n, "is not a dict subclass", "dict")
+            return dict(items)
+        obj = _new_mapping(cls, items)
+        if isinstance(obj, defaultdict):
+            obj.default_factory = _DEFAULT_FACTORIES.get(n.get("factory"))  # type: ignore[arg-type]
+        return obj
+
+    def _object(self, n: dict[str, Any]) -> dict[str, Any]:
+        attrs = {_typed(name, str): self.node(v) for name, v in n["attrs"]}
+        self.fallback(n, "is not a dataclass, namedtuple or mapping", "dict of its attributes")
+        return attrs
+
+
+def _new_mapping(cls: type, items: list[tuple[Any, Any]]) -> Any:
+    # the nearest built-in base creates and fills the instance, never the class's own code
+    base = next(b for b in cls.__mro__ if b in (OrderedDict, defaultdict, dict))
+    obj: Any = base.__new__(cls)
+    for key, value in items:
+        base.__setitem__(obj, key, value)
+    return obj
+
+
+def _typed(value: Any, kind: type) -> Any:
+    if type(value) is not kind:
+        raise TypeError(f"expected {kind.__name__}, got {value!r}")
+    return value

@@ -1,0 +1,347 @@
+"""Shard files: the bytes of a bundle or a spill store, as safetensors files.
+
+Tensors are grouped by storage and the byte ranges they reach are merged into spans
+(``plan_spans``); each span is written once as one flat blob (``write_shard``), hashed with
+CRC-32 while it is written. Readers map a whole shard privately (``map_file``) and check its
+header before using a blob (``ShardFile``). The small helpers at the end write files durably
+(fsync) for the atomic directory commit in ``_bundle``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import struct
+import zlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from ._errors import BundleError
+
+__all__ = [
+    "NATIVE",
+    "SHARD_NAME",
+    "BlobRef",
+    "ShardFile",
+    "Span",
+    "dtype_from_name",
+    "dtype_name",
+    "fsync_dir",
+    "link_or_copy",
+    "map_file",
+    "plan_spans",
+    "write_all",
+    "write_file",
+    "write_shard",
+]
+
+# The writer named in each shard header's ``__metadata__``.
+_WRITER = "tensorsnap-bundle"
+
+# Blobs start and end on this many bytes, so that every dtype can view the mapped file in place.
+_BLOB_ALIGN = 16
+# The data section of a shard starts on a cache line.
+_HEADER_ALIGN = 64
+# Blobs are hashed and written in pieces of this size (hash while the piece is in cache).
+_CHUNK = 8 * 2**20
+# Small writes are gathered into one buffer of this size to save system calls.
+_BUFFER = 2**20
+# safetensors itself refuses headers above 100 MB.
+_MAX_HEADER = 100 * 10**6
+# dtypes that every safetensors >= 0.4 reader knows; the others are stored as raw bytes (U8).
+NATIVE: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
+# -- dtypes ---------------------------------------------------------------------------------
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: object, where: str) -> torch.dtype:
+    # a lookup in torch's namespace, checked to be a dtype: nothing is imported or called
+    found = vars(torch).get(name) if isinstance(name, str) else None
+    if not isinstance(found, torch.dtype):
+        raise BundleError(f"{where}: {name!r} is not a torch dtype known to this torch version")
+    return found
+
+
+# -- spans: the bytes that are written -------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class BlobRef:
+    """A blob already written in a shard file (by a spill store), that a bundle can link."""
+
+    path: str
+    file_nbytes: int
+    data_start: int
+    name: str
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    crc32: int
+
+
+@dataclasses.dataclass(eq=False)
+class Span:
+    """Bytes ``[lo, hi)`` of one storage, written once as one flat blob.
+
+    ``nbytes`` is ``hi - lo`` rounded up to ``_BLOB_ALIGN`` (the rest is zeros). Every tensor that
+    views the span is recorded as (span, byte offset inside it, shape, stride).
+    """
+
+    storage: torch.UntypedStorage
+    device: torch.device
+    lo: int
+    hi: int
+    dtype: torch.dtype
+    nbytes: int
+    name: str = ""
+    shard: int = -1
+    offset: int = 0
+    crc32: int = 0
+    link: BlobRef | None = None
+
+
+def _extent(t: torch.Tensor) -> int:
+    """Elements from the first to the last one ``t`` can reach, inclusive."""
+    extent = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if size > 1:
+            extent += (size - 1) * stride
+    return extent
+
+
+def plan_spans(
+    tensors: list[torch.Tensor],
+    locate: Callable[[torch.Tensor], tuple[BlobRef, int] | None] | None = None,
+) -> tuple[list[Span], list[tuple[int | None, int]]]:
+    """Group tensors by storage and merge the byte ranges they reach into spans.
+
+    Returns the spans and, for each tensor, ``(span index, byte offset in the span)`` (``None``
+    for tensors with no bytes: zero-size and meta tensors). ``locate`` finds tensors that a
+    spill store already wrote; such a group becomes a span that links the existing blob.
+    """
+    placements: list[tuple[int | None, int]] = [(None, 0)] * len(tensors)
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.numel() == 0 or t.is_meta:
+            continue
+        groups.setdefault((t.device, t.untyped_storage().data_ptr()), []).append(i)
+    spans: list[Span] = []
+    for (device, _), members in groups.items():
+        storage = tensors[members[0]].untyped_storage()
+        if locate is not None:
+            found = [locate(tensors[i]) for i in members]
+            refs = {id(f[0]) for f in found if f is not None}
+            if all(f is not None for f in found) and len(refs) == 1:
+                ref = found[0][0]  # type: ignore[index]
+                lo = ref.data_start + ref.offset
+                spans.append(
+                    Span(storage, device, lo, lo + ref.nbytes, ref.dtype, ref.nbytes,
+                         name=ref.name, offset=ref.offset, crc32=ref.crc32, link=ref)
+                )  # fmt: skip
+                for i, f in zip(members, found):
+                    placements[i] = (len(spans) - 1, f[1])  # type: ignore[index]
+                continue
+        ranges = []
+        for i in members:
+            t = tensors[i]
+            lo = int(t.storage_offset()) * t.element_size()
+            hi = lo + int(_extent(t)) * t.element_size()
+            ranges.append((lo - lo % _BLOB_ALIGN, hi, i))
+        ranges.sort()
+        # merge overlapping ranges: each merged range is written once, its tensors view it
+        merged: list[tuple[int, int, list[int]]] = []
+        for lo, hi, i in ranges:
+            if merged and lo <= merged[-1][1]:
+                start, end, group = merged[-1]
+                merged[-1] = (start, max(end, hi), [*group, i])
+            else:
+                merged.append((lo, hi, [i]))
+        for lo, hi, group in merged:
+            dtypes = {tensors[j].dtype for j in group}
+            # one native dtype keeps the shard readable by plain safetensors; else raw bytes
+            dtype = dtypes.pop() if len(dtypes) == 1 else torch.uint8
+            if dtype not in NATIVE:
+                dtype = torch.uint8
+            spans.append(Span(storage, device, lo, hi, dtype, hi - lo + (lo - hi) % _BLOB_ALIGN))
+            for j in group:
+                t = tensors[j]
+                placements[j] = (len(spans) - 1, int(t.storage_offset()) * t.element_size() - lo)
+    return spans, placements
+
+
+def _span_chunks(span: Span) -> Iterator[memoryview]:
+    pos = span.lo
+    while pos < span.hi:
+        count = min(_CHUNK, span.hi - pos)
+        piece = torch.empty(0, dtype=torch.uint8, device=span.device)
+        piece.set_(span.storage, pos, (count,), (1,))
+        if piece.device.type != "cpu":
+            piece = piece.cpu()
+        yield memoryview(piece.numpy())  # type: ignore[arg-type]
+        pos += count
+    pad = span.nbytes - (span.hi - span.lo)
+    if pad:
+        yield memoryview(bytes(pad))
+
+
+# -- shard files -----------------------------------------------------------------------------
+
+
+def write_all(fd: int, data: memoryview | bytes | bytearray) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def write_shard(path: str, spans: list[Span], *, fsync: bool) -> int:
+    """Write ``spans`` as one safetensors file; fill in their offsets and CRC-32. Returns size."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for span in spans:
+        itemsize = span.dtype.itemsize
+        header[span.name] = {
+            "dtype": NATIVE[span.dtype],
+            "shape": [span.nbytes // itemsize],
+            "data_offsets": [offset, offset + span.nbytes],
+        }
+        span.offset = offset
+        offset += span.nbytes
+    header["__metadata__"] = {"format": "pt", "writer": _WRITER}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode()
+    # pad the header with spaces (as safetensors does) so the data starts aligned
+    text += b" " * (-(8 + len(text)) % _HEADER_ALIGN)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
+    try:
+        buffer = bytearray(struct.pack("<Q", len(text)) + text)
+        for span in spans:
+            crc = 0
+            for chunk in _span_chunks(span):
+                crc = zlib.crc32(chunk, crc)
+                if len(chunk) >= _BUFFER:
+                    if buffer:
+                        write_all(fd, buffer)
+                        buffer.clear()
+                    write_all(fd, chunk)
+                else:
+                    buffer += chunk
+                    if len(buffer) >= _BUFFER:
+                        write_all(fd, buffer)
+                        buffer.clear()
+            span.crc32 = crc
+        if buffer:
+            write_all(fd, buffer)
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    return 8 + len(text) + offset
+
+
+def map_file(path: str, nbytes: int) -> torch.UntypedStorage:
+    """The whole file as a private, copy-on-write memory map (nothing is read until touched)."""
+    storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=nbytes)
+    return storage  # type: ignore[return-value]
+
+
+class ShardFile:
+    """One shard of a bundle being read: checked against the manifest, then mapped."""
+
+    def __init__(self, path: str, nbytes: int) -> None:
+        self.path = path
+        self.nbytes = nbytes
+        self.storage: torch.UntypedStorage | None = None
+        self.header: dict[str, Any] = {}
+        self.data_start = 0
+
+    def open(self, key: str) -> torch.UntypedStorage:
+        if self.storage is not None:
+            return self.storage
+        try:
+            size = os.stat(self.path).st_size
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+                if not 2 <= length <= min(_MAX_HEADER, size - 8):
+                    raise BundleError(
+                        f"{self.path} (used by key {key!r}): the safetensors header length is "
+                        "damaged; the shard is truncated or corrupted, re-create the bundle"
+                    )
+                header = json.loads(f.read(length))
+        except OSError as err:
+            raise BundleError(f"{self.path} (used by key {key!r}) cannot be read: {err}") from err
+        except (ValueError, UnicodeDecodeError) as err:
+            raise BundleError(
+                f"{self.path} (used by key {key!r}): the safetensors header is not valid JSON "
+                f"({err}); the shard is damaged, re-create the bundle"
+            ) from err
+        if size != self.nbytes:
+            raise BundleError(
+                f"{self.path} (used by key {key!r}) has {size} bytes, the manifest says "
+                f"{self.nbytes}; the shard is truncated or was replaced, re-create the bundle"
+            )
+        if not isinstance(header, dict):
+            raise BundleError(f"{self.path} (used by key {key!r}): the header is not an object")
+        self.header = header
+        self.data_start = 8 + length
+        self.storage = map_file(self.path, size)
+        return self.storage
+
+
+def link_or_copy(source: str, file: str) -> int:
+    """Hard-link a spill shard into the bundle (no bytes copied); copy across file systems."""
+    try:
+        os.link(source, file)
+    except OSError:
+        shutil.copyfile(source, file)
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+def write_file(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # directories cannot be opened on some platforms
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # nor fsynced on some file systems; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
