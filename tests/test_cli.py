@@ -1,0 +1,377 @@
+"""The ``tensorsnap`` command line: every command in-process through ``main``, and once each as a
+real ``python -m tensorsnap`` subprocess.
+
+Captured values are checked against independent references (plain forward hooks that clone, or
+values computed by hand), not against the code's own output.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import tensorsnap
+from tensorsnap._cli import main
+from tensorsnap._demo import TinyGPT, example_input
+from tensorsnap._snapshot import Record, Snapshot
+
+_FACTORY = """
+import torch
+from torch import nn
+
+
+def build(width=4):
+    return nn.Sequential(nn.Linear(3, width), nn.ReLU(inplace=True), nn.Linear(width, 2))
+
+
+class Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, a, b):
+        return {"sum": self.fc(a) + b}
+
+
+NOT_A_MODEL = 3
+
+
+def not_a_model():
+    return 3
+"""
+
+
+@pytest.fixture
+def factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A module with model factories in the working directory; returns its (unique) name."""
+    name = f"tsmodels_{abs(hash(str(tmp_path)))}"
+    (tmp_path / f"{name}.py").write_text(_FACTORY)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name
+    sys.modules.pop(name, None)
+
+
+def _bundle(path: Path, **values: torch.Tensor) -> str:
+    snap = Snapshot()
+    for key, value in values.items():
+        record = Record(key, key, 0, None, "output", tuple(value.shape), value.dtype, value.nbytes)
+        snap._add(record, value)
+    snap.save(path)
+    return str(path)
+
+
+# -- help -----------------------------------------------------------------------------------
+
+
+def test_help_names_every_command_and_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for command in ("demo", "capture", "ls", "diff", "report"):
+        assert command in text
+    assert "exit codes:" in text and "1  diff found differences" in text
+    for command in ("demo", "capture", "ls", "diff", "report"):
+        assert main([command, "--help"]) == 0
+        assert "exit codes:" in capsys.readouterr().out
+    assert main(["capture", "--help"]) == 0
+    assert "randint:LOW-HIGH:SHAPE" in capsys.readouterr().out
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert main(["frobnicate"]) == 2
+    assert main(["diff", "only-one"]) == 2
+    assert main(["diff", "a", "b", "--rtol", "-1"]) == 2
+    assert "must be >= 0" in capsys.readouterr().err
+
+
+# -- demo -----------------------------------------------------------------------------------
+
+
+def test_demo_captures_saves_and_reports(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_dir = tmp_path / "demo"
+    assert main(["demo", "-o", str(out_dir)]) == 0
+    text = capsys.readouterr().out
+    assert f"bundle: {out_dir / 'bundle'}" in text
+    assert f"report: {out_dir / 'report.html'}" in text
+    assert "kept its value from before the in-place 'y += x': True" in text
+    assert (out_dir / "report.html").read_text().startswith("<!DOCTYPE html>")
+
+    # reference: the same model and input, outputs cloned by a plain forward hook
+    torch.manual_seed(0)
+    model = TinyGPT()
+    ids = example_input()
+    cloned: dict[str, torch.Tensor] = {}
+
+    def keep(module: torch.nn.Module, args: object, output: torch.Tensor) -> None:
+        cloned["mlp"] = output.detach().clone()
+
+    handle = model.blocks[0].mlp.register_forward_hook(keep)
+    out = model(ids)
+    handle.remove()
+    snap = tensorsnap.load(out_dir / "bundle")
+    assert torch.equal(snap["blocks.0.mlp"], cloned["mlp"])
+    assert torch.equal(snap[""]["logits"], out["logits"].detach())
+    assert {"blocks.0.norm#1", "blocks.0/softmax", "blocks.0:grad"} <= set(snap)
+
+    # a second demo replaces the first one's bundle
+    assert main(["demo", "-o", str(out_dir), "--no-report"]) == 0
+    assert "report:" not in capsys.readouterr().out
+    assert len(tensorsnap.load(out_dir / "bundle")) == len(snap)
+
+
+def test_demo_refuses_to_overwrite_a_foreign_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "notes.txt").write_text("mine")
+    assert main(["demo", "-o", str(tmp_path)]) == 2
+    assert "is not a tensorsnap bundle" in capsys.readouterr().err
+    assert (tmp_path / "bundle" / "notes.txt").read_text() == "mine"
+
+
+# -- capture --------------------------------------------------------------------------------
+
+
+def test_capture_factory_with_args_and_generated_input(
+    factory: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "run"
+    argv = ["capture", f"{factory}:build", "--arg", "width=5", "--input", "randn:2x3", "--ops"]
+    assert main([*argv, "-o", str(target)]) == 0
+    assert f"bundle: {target}" in capsys.readouterr().out
+    snap = tensorsnap.load(target)
+    assert list(snap) == ["0/linear", "0", "1/relu", "1", "2/linear", "2", ""]
+
+    # reference: the documented order (seed, build, eval, draw inputs), cloned by hooks
+    module = __import__(factory)
+    torch.manual_seed(0)
+    model = module.build(width=5).eval()
+    x = torch.randn(2, 3)
+    first = model[0](x).detach().clone()  # before the in-place ReLU rewrites it
+    assert torch.equal(snap["0"], first)
+    assert torch.equal(snap[""], model(x).detach())
+    assert snap["0"].shape == (2, 5)
+
+
+def test_capture_keyword_inputs_from_safetensors(
+    factory: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b = torch.tensor([[1.0, 2.0]]), torch.tensor([[10.0, 20.0]])
+    save_file({"b": b, "a": a}, str(tmp_path / "inputs.safetensors"))
+    target = tmp_path / "pair"
+    assert main(["capture", f"{factory}:Pair", "--input", "inputs.safetensors", "-o", str(target)]) == 0
+    snap = tensorsnap.load(target)
+    torch.manual_seed(0)
+    model = __import__(factory).Pair()
+    assert torch.equal(snap[""]["sum"], (model.fc(a) + b).detach())
+
+    # one tensor from the file, positionally, then the other by name
+    target2 = tmp_path / "pair2"
+    argv = ["--input", "inputs.safetensors:a", "--input", "b=inputs.safetensors:b"]
+    assert main(["capture", f"{factory}:Pair", *argv, "-o", str(target2)]) == 0
+    assert torch.equal(tensorsnap.load(target2)[""]["sum"], snap[""]["sum"])
+
+
+def test_capture_transformers_config_with_grads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("transformers")
+    args = [
+        "n_layer=1", "n_embd=32", "n_head=2", "vocab_size=50", "n_positions=32",
+        "bos_token_id=None", "eos_token_id=None", "attn_implementation=eager",
+    ]  # fmt: skip
+    argv = ["capture", "transformers:GPT2Config", "--grads", "--include", "*h.0.mlp*"]
+    for arg in args:
+        argv += ["--arg", arg]
+    assert main([*argv, "-o", str(tmp_path / "gpt2")]) == 0
+    snap = tensorsnap.load(tmp_path / "gpt2")
+    assert "h.0.mlp" in snap and "h.0.mlp:grad" in snap
+    assert snap["h.0.mlp"].shape == (1, 16, 32)  # default input: input_ids of shape 1x16
+
+    # a model class is built from its own config class
+    assert main(["capture", "transformers:GPT2LMHeadModel", *argv[2:], "-o", str(tmp_path / "lm")]) == 0
+    lm = tensorsnap.load(tmp_path / "lm")
+    assert "transformer.h.0.mlp" in lm and "transformer.h.0.mlp:grad" in lm
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["nocolon"], "'nocolon' is not MODULE:FACTORY"),
+        (["no_such_module_xyz:build"], "cannot import module 'no_such_module_xyz'"),
+        (["{m}:biuld"], "has no attribute 'biuld'.*closest: build"),
+        (["{m}:NOT_A_MODEL"], "is a int, not a factory"),
+        (["{m}:not_a_model"], "returned a int, expected a torch.nn.Module"),
+        (["{m}:build", "--arg", "width"], "expected KEY=VALUE"),
+        (["{m}:build", "--input", "randn:2y3"], "shape '2y3' is not dims joined by x"),
+        (["{m}:build", "--input", "randint:5-1:2x3"], "is not LOW-HIGH with LOW < HIGH"),
+        (["{m}:build", "--input", "randn:2x3:float17"], "'float17' is not a torch dtype"),
+        (["{m}:build", "--input", "gauss:2x3"], "is not understood"),
+        (["{m}:build", "--input", "x.safetensors"], "no such file"),
+        (["{m}:build", "--input", "randn:2x3", "--include", "fc9"], "matched no key"),
+        (["{m}:build", "--input", "randn:2x4"], "running the model failed"),
+        (["{m}:build"], "no --input given"),
+    ],
+)
+def test_capture_errors_exit_2_without_traceback(
+    factory: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    message: str,
+) -> None:
+    argv = [a.replace("{m}", factory) for a in argv]
+    assert main(["capture", *argv, "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("tensorsnap capture: error: ")
+    import re
+
+    assert re.search(message, last), last
+    assert not (tmp_path / "out").exists()
+
+
+def test_capture_refuses_an_existing_bundle(
+    factory: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "out").mkdir()
+    assert main(["capture", f"{factory}:build", "--input", "randn:1x3", "-o", "out"]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+# -- ls -------------------------------------------------------------------------------------
+
+
+def test_ls_lists_keys_with_stats(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bundle = _bundle(
+        tmp_path / "b",
+        fc1=torch.tensor([[-2.0, 4.0], [1.0, 3.0]]),  # min -2, max 4, mean 1.5
+        ids=torch.tensor([7, 9], dtype=torch.int32),  # min 7, max 9, mean 8
+    )
+    assert main(["ls", bundle]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[0].split()
+    assert header == ["key", "kind", "shape", "dtype", "bytes", "min", "max", "mean"]
+    assert lines[1].split() == ["fc1", "output", "2x2", "float32", "16", "B", "-2", "4", "1.5"]
+    assert lines[2].split() == ["ids", "output", "2", "int32", "8", "B", "7", "9", "8"]
+    assert lines[3] == "2 keys, 24 B"
+
+    assert main(["ls", bundle, "-k", "id*", "--no-stats"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["key", "kind", "shape", "dtype", "bytes"]
+    assert [line.split()[0] for line in lines[1:-1]] == ["ids"]
+
+    assert main(["ls", bundle, "-k", "nothing*"]) == 2
+    assert "matched none of the 2 keys" in capsys.readouterr().err
+    assert main(["ls", str(tmp_path / "missing")]) == 2
+    assert "no bundle at" in capsys.readouterr().err
+
+
+# -- diff -----------------------------------------------------------------------------------
+
+
+def test_diff_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = _bundle(tmp_path / "a", x=torch.tensor([1.0, 2.0]), y=torch.tensor([3.0]))
+    same = _bundle(tmp_path / "same", x=torch.tensor([1.0, 2.0]), y=torch.tensor([3.0]))
+    other = _bundle(tmp_path / "other", x=torch.tensor([1.0, 2.0]), y=torch.tensor([3.5]))
+    assert main(["diff", a, same]) == 0
+    assert capsys.readouterr().out.strip().startswith("equal: 2 keys")
+    assert main(["diff", a, other]) == 1
+    out = capsys.readouterr().out
+    assert "y <- first" in out and "first diverging key: 'y'" in out
+    assert main(["diff", a, other, "--atol", "0.5"]) == 0  # |3 - 3.5| <= 0.5
+    assert main(["diff", a, str(tmp_path / "nope")]) == 2
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+def test_report_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = _bundle(tmp_path / "a", x=torch.tensor([1.0, 2.0]))
+    b = _bundle(tmp_path / "b", x=torch.tensor([1.0, 2.5]))
+    assert main(["report", a]) == 0
+    assert capsys.readouterr().out.strip() == f"report: {tmp_path / 'a.html'}"
+    page = tmp_path / "r.html"
+    assert main(["report", a, "-o", str(page), "--against", b]) == 0
+    html = page.read_text()
+    assert "<h2>Diff against" in html and "first diverging key: &#x27;x&#x27;" in html
+
+
+# -- missing extras -------------------------------------------------------------------------
+
+
+def test_missing_rich_names_the_extra(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = _bundle(tmp_path / "a", x=torch.ones(1))
+    monkeypatch.setitem(sys.modules, "rich", None)
+    assert main(["ls", bundle]) == 2
+    assert "pip install 'tensorsnap[cli]'" in capsys.readouterr().err
+
+
+def test_missing_matplotlib_names_the_extra(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = _bundle(tmp_path / "a", x=torch.ones(1))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["report", bundle]) == 2
+    assert "pip install 'tensorsnap[report]'" in capsys.readouterr().err
+    assert not (tmp_path / "a.html").exists()
+
+
+# -- real subprocesses ----------------------------------------------------------------------
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONWARNINGS": "error::DeprecationWarning:tensorsnap"}
+    return subprocess.run(
+        [sys.executable, "-m", "tensorsnap", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+def test_subprocess_end_to_end(tmp_path: Path) -> None:
+    (tmp_path / "mods.py").write_text(textwrap.dedent(_FACTORY))
+    demo = _run("demo", cwd=tmp_path)
+    assert demo.returncode == 0, demo.stderr
+    assert (tmp_path / "tensorsnap-demo" / "bundle" / "manifest.json").is_file()
+    assert (tmp_path / "tensorsnap-demo" / "report.html").is_file()
+
+    ok = _run("capture", "mods:build", "--input", "randn:2x3", "-o", "run0", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    seed1 = _run("capture", "mods:build", "--input", "randn:2x3", "--seed", "1", "-o", "run1", cwd=tmp_path)
+    assert seed1.returncode == 0, seed1.stderr
+
+    bad = _run("capture", "mods:build", "--input", "randn:2x3x", "-o", "bad", cwd=tmp_path)
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr
+    assert bad.stderr.strip() == (
+        "tensorsnap capture: error: input spec 'randn:2x3x': shape '2x3x' is not dims joined "
+        "by x, e.g. 1x3x224x224"
+    )
+
+    listing = _run("ls", "run0", cwd=tmp_path)
+    assert listing.returncode == 0, listing.stderr
+    assert [line.split()[0] for line in listing.stdout.splitlines()[1:5]] == ["0", "1", "2", '""']
+
+    differ = _run("diff", "run0", "run1", cwd=tmp_path)
+    assert differ.returncode == 1, differ.stderr
+    assert "first diverging key: '0'" in differ.stdout
+
+    report = _run("report", "run0", "--against", "run1", "-o", "page.html", cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    assert (tmp_path / "page.html").read_text().count("data:image/png;base64,") >= 2
