@@ -264,6 +264,7 @@ class _Session(AbstractContextManager[Snapshot]):
         self.model = model
         self.names = module_names(model)
         self.select = Selector(include, exclude)
+        self._all = self.select.everything  # no patterns: nothing to decide or remember
         self.ops, self.inputs, self.grads, self.saved = ops, inputs, grads, saved
         self.nonfinite = nonfinite
         self.dry = dry
@@ -298,11 +299,13 @@ class _Session(AbstractContextManager[Snapshot]):
         self._thread = threading.get_ident()
         self.open = True
         try:
-            self._handles.append(
-                _module_hooks.register_module_forward_pre_hook(self._pre)  # type: ignore[arg-type]
-            )
+            light = not (self.ops or self.inputs or self.grads or self.saved or self._deferred)
+            if not light:
+                self._handles.append(
+                    _module_hooks.register_module_forward_pre_hook(self._pre)  # type: ignore[arg-type]
+                )
             post = _module_hooks.register_module_forward_hook(
-                self._post, with_kwargs=True, always_call=True
+                self._post_light if light else self._post, with_kwargs=True, always_call=True
             )
             self._handles.append(post)
             # torch's handle forgets the with_kwargs entry of a global hook (2.13): left there,
@@ -435,11 +438,11 @@ class _Session(AbstractContextManager[Snapshot]):
         with _quiet():
             key = f"{frame.key}:in"
             if self.select(key):
-                self._record(key, frame, None, "input", args)
+                self._record(key, frame.name, frame.call, None, "input", args)
             if kwargs:
                 key = f"{frame.key}:kwargs"
                 if self.select(key):
-                    self._record(key, frame, None, "kwargs", kwargs)
+                    self._record(key, frame.name, frame.call, None, "kwargs", kwargs)
 
     def _post(self, module: nn.Module, args: tuple[Any, ...], *rest: Any) -> None:
         # torch calls always_call hooks with (module, args, result) when forward raised, and
@@ -455,16 +458,41 @@ class _Session(AbstractContextManager[Snapshot]):
         with _quiet():
             if frame.saved:
                 self._record_saved(f"{frame.key}:saved", frame, None)
-            if self.select(frame.key):
-                self._record(frame.key, frame, None, "output", output)
+            if self._all or self.select(frame.key):
+                self._record(frame.key, frame.name, frame.call, None, "output", output)
             if self.grads and torch.is_grad_enabled():
                 key = f"{frame.key}:grad"
                 if self.select(key):
                     self._watch_grads(key, frame, None, "grad", output)
                 if frame.grad_in is not None:
                     self._handles.extend(frame.grad_in.watch(output))
-            if frame.children == 0 and isinstance(module, _FASTPATH) and module._modules:
-                self._warn_fastpath(frame)
+            if frame.children == 0 and module._modules and isinstance(module, _FASTPATH):
+                self._warn_fastpath(module, frame.name)
+
+    def _post_light(self, module: nn.Module, args: tuple[Any, ...], *rest: Any) -> None:
+        """The only hook when nothing but module outputs is captured: no frames, no stack.
+
+        Call numbers are then given when calls end, not when they start; they differ only for a
+        module that calls itself.
+        """
+        name = self.names.get(id(module))
+        if name is None or threading.get_ident() != self._thread:
+            return
+        call = self._calls.get(id(module), 0)
+        self._calls[id(module)] = call + 1
+        if len(rest) != 2:  # forward raised; the call still counts, as with frames
+            return
+        key = name if call == 0 else f"{name}#{call}"
+        if self._all or self.select(key):
+            if torch._C._is_torch_function_mode_enabled():
+                with _quiet():
+                    self._record(key, name, call, None, "output", rest[1])
+            else:
+                self._record(key, name, call, None, "output", rest[1])
+        if module._modules and isinstance(module, _FASTPATH):
+            children = module._modules.values()
+            if not any(self._calls.get(id(child)) for child in children if child is not None):
+                self._warn_fastpath(module, name)
 
     def _pop(self, module: nn.Module) -> _Frame | None:
         stack = self._stack
@@ -475,12 +503,12 @@ class _Session(AbstractContextManager[Snapshot]):
                 return frame
         return None
 
-    def _warn_fastpath(self, frame: _Frame) -> None:
-        if id(frame.module) in self._warned:
+    def _warn_fastpath(self, module: nn.Module, name: str) -> None:
+        if id(module) in self._warned:
             return
-        self._warned.add(id(frame.module))
+        self._warned.add(id(module))
         warnings.warn(
-            f"{type(frame.module).__name__} {frame.name!r} ran its fused fast path, which skips "
+            f"{type(module).__name__} {name!r} ran its fused fast path, which skips "
             "its submodules, so they have no keys; capture keeps the kernels a plain run uses. "
             "To see the submodules, capture in train mode, with gradients enabled, or after "
             "torch.backends.mha.set_fastpath_enabled(False)",
@@ -501,8 +529,8 @@ class _Session(AbstractContextManager[Snapshot]):
         key = f"{frame.key}/{name}" if count == 0 else f"{frame.key}/{name}#{count}"
         if frame.saved:
             self._record_saved(f"{key}:saved", frame, name)
-        if self.select(key):
-            self._record(key, frame, name, "op", result)
+        if self._all or self.select(key):
+            self._record(key, frame.name, frame.call, name, "op", result)
         if self.grads and torch.is_grad_enabled():
             grad_key = f"{key}:grad"
             if self.select(grad_key):
@@ -528,7 +556,7 @@ class _Session(AbstractContextManager[Snapshot]):
         if not self.select(key):
             return
         if self.ops or self.dry:
-            self._record(key, frame, op, "saved", tensors)
+            self._record(key, frame.name, frame.call, op, "saved", tensors)
             return
         # _pack already copied them
         self.snapshot._add(
@@ -548,9 +576,11 @@ class _Session(AbstractContextManager[Snapshot]):
         gradients = _Gradients(self, key, frame, op, kind, value)
         self._handles.extend(h for h in gradients.handles if h is not None)
 
-    def _record(self, key: str, frame: _Frame, op: str | None, kind: str, value: Any) -> None:
+    def _record(
+        self, key: str, name: str, call: int, op: str | None, kind: str, value: Any
+    ) -> None:
         if self.dry:
-            record = self._make_record(key, frame.name, frame.call, op, kind, value)
+            record = self._make_record(key, name, call, op, kind, value)
             self.snapshot._add(record, None)
             return
         if self._deferred is not None:
@@ -558,8 +588,8 @@ class _Session(AbstractContextManager[Snapshot]):
             if alias is not None:
                 record = Record(
                     key,
-                    frame.name,
-                    frame.call,
+                    name,
+                    call,
                     op,
                     kind,
                     tuple(alias.shape),
@@ -573,12 +603,10 @@ class _Session(AbstractContextManager[Snapshot]):
         copy = self._clone(value)
         if copy is not None:
             nbytes = copy.nbytes if copy._base is None else copy.untyped_storage().nbytes()
-            record = Record(
-                key, frame.name, frame.call, op, kind, tuple(copy.shape), copy.dtype, nbytes
-            )
+            record = Record(key, name, call, op, kind, tuple(copy.shape), copy.dtype, nbytes)
         else:
             copy = self.copier.copy_value(value, root=f"snap[{key!r}]")
-            record = self._make_record(key, frame.name, frame.call, op, kind, copy)
+            record = self._make_record(key, name, call, op, kind, copy)
         self.snapshot._add(record, copy)
         if self.nonfinite is not None:
             self._check_finite(key, copy)
@@ -603,7 +631,8 @@ class _Session(AbstractContextManager[Snapshot]):
             and not torch.is_inference_mode_enabled()
         ):
             return None  # structures, subclasses, sparse, casts, devices, inference tensors
-        value = value.detach()
+        if value.requires_grad:  # a clone must not join the graph
+            value = value.detach()
         if value.is_contiguous():
             return value.clone()
         extent = _extent(value)
