@@ -28,6 +28,7 @@ import torch
 
 from ._errors import BundleError, BundleWarning
 from ._manifest import (
+    JOURNAL,
     MANIFEST,
     Decoder,
     Encoder,
@@ -247,6 +248,11 @@ def load(path: str | PathLike[str], rank: int | None = None) -> Snapshot:
             if not os.path.isdir(part):
                 raise BundleError(f"{root} has no part for rank {rank} (found {', '.join(ranks)})")
             return _open(part, rank)
+        if os.path.lexists(os.path.join(root, JOURNAL)):
+            raise BundleError(
+                f"{root} is an unfinished tensorsnap.extract (it has {JOURNAL} and no {MANIFEST}):"
+                " run the same extract(..., resume=True) to finish it, or remove the directory"
+            )
         raise BundleError(
             f"{root} has no {MANIFEST}: it is not a bundle, or its save did not finish (an "
             "interrupted save never writes the manifest); save the snapshot again"

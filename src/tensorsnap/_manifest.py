@@ -32,6 +32,7 @@ __all__ = [
     "DIGEST_FIELD",
     "FORMAT",
     "FORMAT_VERSION",
+    "JOURNAL",
     "MANIFEST",
     "Decoder",
     "Encoder",
@@ -45,6 +46,8 @@ __all__ = [
 FORMAT = "tensorsnap-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# What an unfinished ``extract`` keeps beside its shards instead of a manifest.
+JOURNAL = "extract-journal.json"
 _MAX_MANIFEST = 2**31
 
 DIGEST_FIELD = "manifest_sha256"
