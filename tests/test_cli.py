@@ -169,7 +169,10 @@ def test_capture_keyword_inputs_from_safetensors(
     a, b = torch.tensor([[1.0, 2.0]]), torch.tensor([[10.0, 20.0]])
     save_file({"b": b, "a": a}, str(tmp_path / "inputs.safetensors"))
     target = tmp_path / "pair"
-    assert main(["capture", f"{factory}:Pair", "--input", "inputs.safetensors", "-o", str(target)]) == 0
+    assert (
+        main(["capture", f"{factory}:Pair", "--input", "inputs.safetensors", "-o", str(target)])
+        == 0
+    )
     snap = tensorsnap.load(target)
     torch.manual_seed(0)
     model = __import__(factory).Pair()
@@ -199,7 +202,10 @@ def test_capture_transformers_config_with_grads(
     assert snap["h.0.mlp"].shape == (1, 16, 32)  # default input: input_ids of shape 1x16
 
     # a model class is built from its own config class
-    assert main(["capture", "transformers:GPT2LMHeadModel", *argv[2:], "-o", str(tmp_path / "lm")]) == 0
+    assert (
+        main(["capture", "transformers:GPT2LMHeadModel", *argv[2:], "-o", str(tmp_path / "lm")])
+        == 0
+    )
     lm = tensorsnap.load(tmp_path / "lm")
     assert "transformer.h.0.mlp" in lm and "transformer.h.0.mlp:grad" in lm
 
@@ -353,7 +359,9 @@ def test_subprocess_end_to_end(tmp_path: Path) -> None:
 
     ok = _run("capture", "mods:build", "--input", "randn:2x3", "-o", "run0", cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
-    seed1 = _run("capture", "mods:build", "--input", "randn:2x3", "--seed", "1", "-o", "run1", cwd=tmp_path)
+    seed1 = _run(
+        "capture", "mods:build", "--input", "randn:2x3", "--seed", "1", "-o", "run1", cwd=tmp_path
+    )
     assert seed1.returncode == 0, seed1.stderr
 
     bad = _run("capture", "mods:build", "--input", "randn:2x3x", "-o", "bad", cwd=tmp_path)

@@ -69,7 +69,10 @@ def test_known_errors_and_first_diverging_in_order_of_a() -> None:
 
 def test_tolerance_boundaries() -> None:
     # |a - b| = 0.5; close iff 0.5 <= atol + rtol * |b| = atol + rtol * 4
-    a, b = {"x": torch.tensor([4.5], dtype=torch.float64)}, {"x": torch.tensor([4.0], dtype=torch.float64)}
+    a, b = (
+        {"x": torch.tensor([4.5], dtype=torch.float64)},
+        {"x": torch.tensor([4.0], dtype=torch.float64)},
+    )
     assert tensorsnap.diff(a, b, rtol=0, atol=0.5).equal
     assert not tensorsnap.diff(a, b, rtol=0, atol=0.49).equal
     assert tensorsnap.diff(a, b, rtol=0.125, atol=0).equal
@@ -80,7 +83,9 @@ def test_tolerance_boundaries() -> None:
 
 def test_nan_and_inf() -> None:
     nan, inf = math.nan, math.inf
-    same = tensorsnap.diff({"x": torch.tensor([nan, inf, -inf])}, {"x": torch.tensor([nan, inf, -inf])})
+    same = tensorsnap.diff(
+        {"x": torch.tensor([nan, inf, -inf])}, {"x": torch.tensor([nan, inf, -inf])}
+    )
     assert same.equal and same["x"].max_abs == 0
     one_side = tensorsnap.diff({"x": torch.tensor([nan, 1.0])}, {"x": torch.tensor([1.0, 1.0])})
     assert not one_side.equal
@@ -98,7 +103,10 @@ def test_integers_are_compared_exactly() -> None:
     result = tensorsnap.diff(a, b, rtol=1.0, atol=10.0)  # tolerances do not apply to integers
     assert not result.equal
     assert result["ids"].max_abs == 1 and result["ids"].mismatched == 1
-    assert tensorsnap.diff({"m": torch.tensor([True])}, {"m": torch.tensor([False])})["m"].mismatched == 1
+    assert (
+        tensorsnap.diff({"m": torch.tensor([True])}, {"m": torch.tensor([False])})["m"].mismatched
+        == 1
+    )
 
 
 def test_shape_dtype_and_one_sided_keys() -> None:
@@ -158,7 +166,9 @@ def test_bundle_paths(tmp_path) -> None:
 def test_in_place_trap_seen_by_diff() -> None:
     # two runs of one model, the second with a perturbed MLP: divergence starts at the MLP
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(inplace=True), torch.nn.Linear(4, 2))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 4), torch.nn.ReLU(inplace=True), torch.nn.Linear(4, 2)
+    )
     x = torch.randn(3, 4)
     with tensorsnap.capture(model, ops=True) as before:
         model(x)

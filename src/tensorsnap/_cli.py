@@ -84,7 +84,7 @@ class _UsageError(TensorSnapError):
 def _rich() -> Any:
     try:
         import rich.console
-        import rich.table  # noqa: F401
+        import rich.table
     except ImportError as err:
         raise _UsageError(
             "the tensorsnap command line needs rich, which is not installed: "
@@ -484,9 +484,11 @@ def _cmd_ls(args: argparse.Namespace) -> int:
                 f"--keys {' '.join(args.keys)!r} matched none of the {len(snap)} keys in "
                 f"{args.bundle} (run 'tensorsnap ls {args.bundle}' to list them)"
             )
-        view: Mapping[str, Any] = _Subset(snap, chosen)
+        subset = _Subset(snap, chosen)
+        view: Mapping[str, Any] = subset
+        records = subset.records
     else:
-        view = snap
+        view, records = snap, list(snap.records)
     columns = ["key", "kind", "shape", "dtype", "bytes"]
     if not args.no_stats:
         columns += ["min", "max", "mean"]
@@ -499,7 +501,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
             cells += [_num(s.min), _num(s.max), _num(s.mean)] if s else [row.text, "", ""]
         table.add_row(*cells)
     out.print(table)
-    out.print(f"{len(view)} keys, {_human(sum(r.nbytes for r in view.records))}")
+    out.print(f"{len(view)} keys, {_human(sum(r.nbytes for r in records))}")
     return EXIT_OK
 
 

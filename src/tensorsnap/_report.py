@@ -243,7 +243,7 @@ def _diff_section(result: DiffResult, against_source: str) -> str:
             _td(_num(k.max_abs), format_error(k.max_abs)),
             _td(_num(k.max_rel), format_error(k.max_rel)),
             _td(k.mismatched, f"{k.mismatched}/{k.numel}"),
-            _td(problems, problems),
+            _td(problems, problems, "text"),
         ]
         body.append(f'<tr class="{" ".join(cls)}">' + "".join(cells) + "</tr>")
     out.append(_table("diff", head, body))
@@ -381,7 +381,7 @@ def _layer_plot(table: list[Row]) -> str:
     if not outputs:
         return ""
     panels = 2 if grads else 1
-    fig = _figure(max(8.0, min(24.0, 0.22 * len(outputs))), 4.2 * panels)
+    fig = _figure(max(8.0, min(14.0, 0.2 * len(outputs))), 4.2 * panels)
     axes = fig.subplots(panels, 1, squeeze=False)[:, 0]
     ax = axes[0]
     xs = list(range(len(outputs)))
@@ -448,7 +448,7 @@ def _diff_plot(result: DiffResult) -> str:
     keys = [k for k in result.keys if k.max_abs is not None]
     if not keys:
         return ""
-    fig = _figure(max(8.0, min(24.0, 0.16 * len(keys))), 4.0)
+    fig = _figure(max(8.0, min(14.0, 0.12 * len(keys))), 4.0)
     ax = fig.subplots()
     xs = list(range(len(keys)))
     finite_cap = max((k.max_abs for k in keys if k.max_abs and math.isfinite(k.max_abs)), default=1)
@@ -488,6 +488,7 @@ h1 { font-size: 1.5em; margin-bottom: .2em; } h2 { font-size: 1.2em; margin-top:
 table { border-collapse: collapse; font-size: 12px; }
 th, td { padding: 2px 8px; border-bottom: 1px solid #e4e4e4; text-align: right; }
 td.key, td.text { text-align: left; font-family: ui-monospace, monospace; }
+th:nth-child(2) { text-align: left; }
 th { position: sticky; top: 0; background: #f3f3f3; cursor: pointer; user-select: none; }
 th.asc::after { content: " \\25B2"; } th.desc::after { content: " \\25BC"; }
 tr:hover td { background: #f7f7ff; }
@@ -509,7 +510,8 @@ document.querySelectorAll("table.sortable th").forEach(function (th, col) {
     var rows = Array.prototype.slice.call(body.rows);
     function val(row) {
       var cell = row.cells[col];
-      var v = cell && cell.dataset.v !== undefined ? cell.dataset.v : (cell ? cell.textContent : "");
+      if (!cell) return "";
+      var v = cell.dataset.v !== undefined ? cell.dataset.v : cell.textContent;
       var n = parseFloat(v);
       return v !== "" && !isNaN(n) && isFinite(Number(v)) ? n : (v === "inf" ? Infinity : v);
     }
