@@ -23,6 +23,7 @@ from torch.nn.modules import module as _module_hooks
 
 from . import _tree
 from ._copy import Copier, _extent
+from ._dtensor import local
 from ._errors import NonFiniteError, TensorSnapError, TensorSnapWarning
 from ._keys import Selector, module_names
 from ._lazy import Deferred
@@ -44,7 +45,18 @@ _FASTPATH = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 class _Frame:
     """One module call in progress."""
 
-    __slots__ = ("call", "children", "grad_in", "key", "module", "name", "ops", "quiet", "saved")
+    __slots__ = (
+        "call",
+        "children",
+        "grad_in",
+        "key",
+        "module",
+        "name",
+        "ops",
+        "quiet",
+        "saved",
+        "wrapper",
+    )
 
     def __init__(self, module: nn.Module, name: str, call: int) -> None:
         self.module = module
@@ -56,6 +68,7 @@ class _Frame:
         self.saved: list[torch.Tensor] | None = None
         self.grad_in: _InputGradients | None = None
         self.quiet = False  # True while the module's own pre-hooks run: their ops are not its
+        self.wrapper = False  # a DDP/FSDP/checkpoint wrapper's call: nothing in it is recorded
 
 
 class _Leaf:
@@ -240,6 +253,7 @@ class _Session(AbstractContextManager[Snapshot]):
         dtype: torch.dtype | None = None,
         max_memory: int | str | None = None,
         spill_dir: str | None = None,
+        gather: bool = False,
         dry: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -262,13 +276,14 @@ class _Session(AbstractContextManager[Snapshot]):
                 "ops=False, not ops='aten'"
             )
         self.model = model
-        self.names = module_names(model)
+        self._wrappers: set[int] = set()
+        self.names = module_names(model, self._wrappers)
         self.select = Selector(include, exclude)
         self._all = self.select.everything  # no patterns: nothing to decide or remember
         self.ops, self.inputs, self.grads, self.saved = ops, inputs, grads, saved
         self.nonfinite = nonfinite
         self.dry = dry
-        self.copier = Copier(device=device, dtype=dtype)
+        self.copier = Copier(device=device, dtype=dtype, gather=gather)
         self._plain = device is None and dtype is None
         budget = parse_size(max_memory, "max_memory")
         store: Store
@@ -402,6 +417,13 @@ class _Session(AbstractContextManager[Snapshot]):
     def _pre(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         name = self.names.get(id(module))
         if name is None or threading.get_ident() != self._thread:
+            if id(module) in self._wrappers and threading.get_ident() == self._thread:
+                # a wrapper's own forward (FSDP's unshard views, DDP's input moves) is not the
+                # model's: a quiet frame keeps its ops from the caller until the wrapped
+                # module's call starts
+                frame = _Frame(module, "", 0)
+                frame.quiet = frame.wrapper = True
+                self._stack.append(frame)
             return None
         call = self._calls.get(id(module), 0)
         self._calls[id(module)] = call + 1
@@ -450,7 +472,7 @@ class _Session(AbstractContextManager[Snapshot]):
         if not self._stack or threading.get_ident() != self._thread:
             return
         frame = self._pop(module)
-        if frame is None or len(rest) != 2:
+        if frame is None or frame.wrapper or len(rest) != 2:
             return
         if self._hooked and id(module) in self._hooked:
             self._hooks_of = module
@@ -660,6 +682,7 @@ class _Session(AbstractContextManager[Snapshot]):
         if self.nonfinite is None:
             return
         for t in _tree.tensors(value):
+            t = local(t)  # a DTensor's own sum would be a collective: check this rank's part
             if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
                 continue
             # a finite sum proves every element finite at the cost of one reduction; only an
@@ -719,6 +742,7 @@ def capture(
     dtype: torch.dtype | None = None,
     max_memory: int | str | None = None,
     spill_dir: str | None = None,
+    gather: bool = False,
 ) -> AbstractContextManager[Snapshot]:
     """Copy the tensors ``model`` produces inside the block, each at the moment it is produced.
 
@@ -755,6 +779,12 @@ def capture(
         dtype: Cast floating-point copies to this dtype.
         max_memory: Bytes (or ``"2GB"``) of copies kept in memory; the rest spill to disk.
         spill_dir: Where spilled copies go (default: a temporary directory).
+        gather: Under tensor parallelism, store each DTensor value as its full tensor, gathered
+            from the ranks when it is produced (a collective: every rank must capture with the
+            same options). By default a DTensor is copied as a DTensor around a copy of this
+            rank's local tensor, with no communication; ``to_local()`` and ``placements`` read
+            it, and ``tensorsnap.load(path, assemble=True)`` rebuilds full tensors from a saved
+            multi-rank bundle.
 
     Returns:
         A context manager whose ``__enter__`` returns the :class:`Snapshot`, filled as the
@@ -784,6 +814,7 @@ def capture(
         dtype=dtype,
         max_memory=max_memory,
         spill_dir=spill_dir,
+        gather=gather,
     )
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._dtensor import copy_distributed, is_distributed
 from ._errors import TensorSnapError, attr, format_path
 
 __all__ = ["Copier", "snapshot"]
@@ -111,8 +112,12 @@ class Copier:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         pin_memory: bool = False,
+        gather: bool = False,
     ) -> None:
         self.device = _check_device(device)
+        # DTensors: copy this rank's local tensor (False), or gather the full tensor (True, a
+        # collective: see _dtensor)
+        self.gather = gather
         self.dtype = _check_dtype(dtype)
         self.pin_memory = _check_pin(pin_memory, self.device)
         self.memo: dict[int, Any] = {}
@@ -664,6 +669,19 @@ def _copy_tensor_subclass(c: Copier, x: torch.Tensor) -> torch.Tensor:
     return result
 
 
+def _copy_distributed(c: Copier, x: torch.Tensor) -> torch.Tensor:
+    """DTensor and AsyncCollectiveTensor: copied without communicating (see ``_dtensor``)."""
+    try:
+        result = copy_distributed(c, x)
+    except _PathError:
+        raise
+    except Exception as err:
+        raise _PathError(f"cannot copy a {_describe(x)}: {err}") from err
+    c.memo[id(x)] = result
+    c._keep_alive.append(x)
+    return result
+
+
 _HANDLERS: dict[type, Callable[[Copier, Any], Any]] = {
     list: _copy_list,
     tuple: _copy_tuple,
@@ -678,7 +696,7 @@ _HANDLERS: dict[type, Callable[[Copier, Any], Any]] = {
 
 def _handler_for(cls: type) -> Callable[[Copier, Any], Any]:
     if issubclass(cls, torch.Tensor):
-        return _copy_tensor_subclass
+        return _copy_distributed if is_distributed(cls) else _copy_tensor_subclass
     if issubclass(cls, type):  # classes with a metaclass (ABCMeta, EnumMeta) are atomic too
         return _copy_atomic
     base = _copy_custom if hasattr(cls, "__deepcopy__") else _copy_reduce

@@ -29,13 +29,15 @@ def _is_wrapper(module: nn.Module) -> str | None:
     return None
 
 
-def module_names(model: nn.Module) -> dict[int, str]:
+def module_names(model: nn.Module, wrappers: set[int] | None = None) -> dict[int, str]:
     """Map ``id(module)`` to the name its keys use, for every module of ``model``.
 
     Names are those of ``model.named_modules()`` (the root is ``""``; a module registered twice
     keeps its first name) with wrapper levels removed: the module inside a DDP, FSDP, checkpoint
     or ``torch.compile`` wrapper takes the wrapper's name, and the wrapper itself is not
-    recorded.
+    recorded. The original qualified names (with ``module.`` or ``_fsdp_wrapped_module.``) are
+    not kept anywhere: they describe how a run was wrapped, not what it computed, and the keys
+    are those of the unwrapped model. ``wrappers``, when given, receives the wrappers' ids.
     """
     names: dict[int, str] = {}
 
@@ -44,6 +46,8 @@ def module_names(model: nn.Module) -> dict[int, str]:
             return
         wrapped = _is_wrapper(module)
         if wrapped is not None:
+            if wrappers is not None:
+                wrappers.add(id(module))
             # the wrapper's own name goes to what it wraps; the wrapper is not a key
             inner = module._modules[wrapped]
             if inner is not None:

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from ._dtensor import local
+
 __all__ = ["map_tensors", "nbytes", "tensors"]
 
 
@@ -49,6 +51,8 @@ def nbytes(value: Any) -> int:
     total = 0
     seen: set[int] = set()
     for t in tensors(value):
+        if type(t) is not torch.Tensor:
+            t = local(t)  # a DTensor holds its local tensor's bytes on this rank
         if t.layout != torch.strided or t.is_meta or t.is_quantized:
             total += t.numel() * t.element_size()
             continue
