@@ -62,6 +62,8 @@ _ATOMIC: frozenset[type] = frozenset(
 
 # Round merged spans down to this many bytes so that views of any dtype stay element-aligned.
 _SPAN_ALIGN = 16
+# Integer dtypes by width in bytes, for copying raw bytes (integers: copies are bitwise).
+_WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 # Device-to-host copies above this size go through double-buffered pinned staging.
 _STAGING_CHUNK = 32 * 2**20
 
@@ -347,9 +349,14 @@ class Copier:
             src.set_(storage, lo // itemsize, (count,), (1,))
             dtype = self._target_dtype(t)
         else:
-            src = torch.empty(0, dtype=torch.uint8, device=t.device)
-            src.set_(storage, lo, (hi - lo,), (1,))
-            count, dtype = hi - lo, torch.uint8
+            # raw bytes in the widest word that fits: a uint8 copy has 8x the elements, which
+            # crosses torch's parallel grain size 8x sooner (3 ms instead of 1 us for 48 KB on a
+            # busy 2-core machine, waiting for pool threads)
+            width = next(w for w in (8, 4, 2, 1) if lo % w == 0 and (hi - lo) % w == 0)
+            dtype = _WORDS[width]
+            count = (hi - lo) // width
+            src = torch.empty(0, dtype=dtype, device=t.device)
+            src.set_(storage, lo // width, (count,), (1,))
         pin = self.pin_memory and device.type == "cpu" and t.device.type != "cpu"
         dst = torch.empty(count, dtype=dtype, device=device, pin_memory=pin)
         if pin:
