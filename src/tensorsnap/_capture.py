@@ -102,11 +102,37 @@ class _Gradients:
             self.handles.append(
                 t.register_hook(partial(self._arrived, marker.index)) if t.requires_grad else None
             )
+            base = t._base
+            if t.requires_grad and base is not None and base.requires_grad:
+                # an in-place op on a view (``y += x`` after a Linear on 3-d input) rewires the
+                # graph through its base and the view's own hooks never fire; the base's hook
+                # still sees the gradient of the old values, from which the view's is cut out
+                geometry = (tuple(t.shape), t.stride(), t.storage_offset() - base.storage_offset())
+                self.handles.append(
+                    base.register_hook(partial(self._through_base, marker.index, base, geometry))
+                )
             return marker
 
         # the value's structure with markers where its tensors were: gradients fill it in, and
         # the live tensors themselves are not kept alive
         self.skeleton = _tree.map_tensors(leaf, value)
+
+    def _through_base(
+        self,
+        index: int,
+        base: torch.Tensor,
+        geometry: tuple[tuple[int, ...], tuple[int, ...], int],
+        grad: torch.Tensor,
+    ) -> None:
+        if index in self.grads or not self.session.open:
+            return  # the view's own hook fired: no in-place op rewired it
+        with _quiet(), torch.no_grad():
+            full = torch.empty_strided(
+                base.shape, base.stride(), dtype=grad.dtype, device=grad.device
+            )
+            full.copy_(grad)
+            size, stride, offset = geometry
+            self._arrived(index, full.as_strided(size, stride, offset))
 
     def _arrived(self, index: int, grad: torch.Tensor) -> None:
         session = self.session
