@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 import tensorsnap
-from tensorsnap import _bundle, _shards
+from tensorsnap import _bundle, _ranks, _shards
 from tensorsnap._errors import BundleError, BundleWarning
 from tensorsnap._snapshot import Record, Snapshot
 
@@ -418,6 +418,12 @@ def test_rank_is_recorded_and_checked(tmp_path: Any) -> None:
         tensorsnap.load(tmp_path / "single", rank=0)
     for rank in (0, 1):
         _bundle.save(snap, tmp_path / "multi" / f"rank-{rank:05d}", rank=rank, world_size=2)
+    # parts without the index are an unfinished multi-rank save: they never load
+    with pytest.raises(
+        BundleError, match=r"parts for 2 ranks but no manifest.json.*did not finish"
+    ):
+        tensorsnap.load(tmp_path / "multi", rank=1)
+    _ranks.write_index(tmp_path / "multi", 2)
     with pytest.raises(BundleError, match=r"one part per rank \(2 ranks\); pass rank="):
         tensorsnap.load(tmp_path / "multi")
     assert tensorsnap.load(tmp_path / "multi", rank=1)["x"].sum() == 2

@@ -21,6 +21,7 @@ import shutil
 import stat
 import uuid
 import zlib
+from collections.abc import Callable
 from os import PathLike
 from typing import Any
 
@@ -202,7 +203,7 @@ def _assign_shards(entries: list[_Entry]) -> list[_ShardPlan]:
 # -- load ------------------------------------------------------------------------------------
 
 
-def load(path: str | PathLike[str], rank: int | None = None) -> Snapshot:
+def load(path: str | PathLike[str], rank: int | None = None, *, assemble: bool = False) -> Snapshot:
     """Open a bundle written by ``Snapshot.save``; values are read lazily, memory-mapped.
 
     Only ``manifest.json`` is read here. ``snap[key]`` maps the shard files the key needs and
@@ -211,7 +212,13 @@ def load(path: str | PathLike[str], rank: int | None = None) -> Snapshot:
 
     Args:
         path: The bundle directory.
-        rank: For bundles written by several processes: which rank's part to read.
+        rank: For bundles written by several processes: which rank's part to read. Without
+            it, a data-parallel ``extract`` comes back concatenated in rank order, and other
+            multi-rank bundles raise, asking for it.
+        assemble: For multi-rank bundles: values that were DTensors come back as full
+            tensors, rebuilt from the local tensors of every rank of their mesh (concatenated
+            for ``Shard``, reduced for ``Partial``); other values are rank ``rank``'s (rank 0's
+            when ``rank`` is None). Without it a DTensor comes back as the rank's local tensor.
 
     Returns:
         A read-only :class:`~tensorsnap.Snapshot` with the saved keys, records and values.
@@ -238,16 +245,12 @@ def load(path: str | PathLike[str], rank: int | None = None) -> Snapshot:
     manifest_path = os.path.join(root, MANIFEST)
     if not os.path.lexists(manifest_path):
         ranks = sorted(d for d in os.listdir(root) if _RANK_DIR.fullmatch(d))
-        if ranks and rank is None:
-            raise BundleError(
-                f"{root} holds one part per rank ({len(ranks)} ranks); pass rank=, for example "
-                "tensorsnap.load(path, rank=0)"
-            )
         if ranks:
-            part = os.path.join(root, f"rank-{rank:05d}")
-            if not os.path.isdir(part):
-                raise BundleError(f"{root} has no part for rank {rank} (found {', '.join(ranks)})")
-            return _open(part, rank)
+            raise BundleError(
+                f"{root} has parts for {len(ranks)} ranks but no {MANIFEST}: the multi-rank "
+                "save or extract that wrote it did not finish (the index is written last), so "
+                "it is incomplete; save again"
+            )
         if os.path.lexists(os.path.join(root, JOURNAL)):
             raise BundleError(
                 f"{root} is an unfinished tensorsnap.extract (it has {JOURNAL} and no {MANIFEST}):"
@@ -257,12 +260,22 @@ def load(path: str | PathLike[str], rank: int | None = None) -> Snapshot:
             f"{root} has no {MANIFEST}: it is not a bundle, or its save did not finish (an "
             "interrupted save never writes the manifest); save the snapshot again"
         )
-    return _open(root, rank)
+    return _open(root, rank, assemble)
 
 
-def _open(root: str, rank: int | None) -> Snapshot:
+def _open(root: str, rank: int | None, assemble: bool = False) -> Snapshot:
     manifest_path = os.path.join(root, MANIFEST)
     manifest = read_manifest(manifest_path)
+    if "parts" in manifest:  # the index of a multi-rank bundle
+        from ._ranks import open_ranks
+
+        try:
+            return open_ranks(root, manifest, rank, assemble, _open)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise BundleError(
+                f"{manifest_path}: malformed index ({type(err).__name__}: {err}); the bundle "
+                "was edited or damaged, re-create it"
+            ) from err
     saved_rank = manifest.get("rank")
     if rank is not None and saved_rank is None:
         raise BundleError(
@@ -348,12 +361,14 @@ class _BundleStore:
         for shard in self._shards:
             shard.storage = None
 
-    def get(self, key: str) -> Any:
+    def get(
+        self, key: str, on_dtensor: Callable[[torch.Tensor, dict[str, Any]], Any] | None = None
+    ) -> Any:
         entry = self._entries[key]
         try:
             blobs = [self._blob(blob, key) for blob in entry["blobs"]]
             tensors = [self._tensor(spec, blobs, key) for spec in entry["tensors"]]
-            return Decoder(key, tensors).node(entry["value"])
+            return Decoder(key, tensors, on_dtensor).node(entry["value"])
         except (BundleError, BundleWarning):
             raise
         except (

@@ -19,11 +19,12 @@ import re
 import sys
 import warnings
 from collections import OrderedDict, defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
+from ._dtensor import is_distributed, layout, local
 from ._errors import BundleError, BundleWarning, attr, format_path
 from ._shards import Span, dtype_from_name, dtype_name
 from ._snapshot import KINDS, Record
@@ -85,6 +86,8 @@ class Encoder:
         if cls is bool:
             return {"type": "bool", "value": x}
         if isinstance(x, torch.Tensor):
+            if type(x) is not torch.Tensor and is_distributed(type(x)):
+                return self.distributed(x, parts)
             return {"type": "tensor", "index": self.tensor(x, parts)}
         if isinstance(x, bool):
             return {"type": "bool", "value": bool(x)}
@@ -177,6 +180,16 @@ class Encoder:
             "containers, dataclasses, namedtuples, mappings, objects with a __dict__ and "
             "scalars); exclude this key from the capture or convert the value first",
         )
+
+    def distributed(self, t: torch.Tensor, parts: list[object]) -> Any:
+        """A DTensor: this rank's local tensor, and how it fits into the full tensor."""
+        try:
+            spec = layout(t)
+        except ValueError as err:
+            raise self.fail(parts, str(err)) from err
+        if spec is None:  # another torch.distributed tensor class: refused by tensor()
+            return {"type": "tensor", "index": self.tensor(t, parts)}
+        return {"type": "dtensor", "index": self.tensor(local(t), parts), "layout": spec}
 
     def tensor(self, t: torch.Tensor, parts: list[object]) -> int:
         found = self._index.get(id(t))
@@ -385,9 +398,16 @@ def _warn(message: str) -> None:
 
 
 class Decoder:
-    def __init__(self, key: str, tensors: list[torch.Tensor]) -> None:
+    def __init__(
+        self,
+        key: str,
+        tensors: list[torch.Tensor],
+        on_dtensor: Callable[[torch.Tensor, dict[str, Any]], Any] | None = None,
+    ) -> None:
         self.key = key
         self.tensors = tensors
+        # a saved DTensor comes back as its local tensor, or as what this makes of it
+        self.on_dtensor = on_dtensor
 
     def node(self, n: dict[str, Any]) -> Any:
         kind = n["type"]
@@ -441,6 +461,10 @@ class Decoder:
         if index < 0:
             raise IndexError(f"tensor index {index}")
         return self.tensors[index]
+
+    def _dtensor(self, n: dict[str, Any]) -> Any:
+        t = self._tensor(n)
+        return self.on_dtensor(t, n["layout"]) if self.on_dtensor is not None else t
 
     def _tuple(self, n: dict[str, Any]) -> tuple[Any, ...]:
         return tuple(self.node(v) for v in n["items"])

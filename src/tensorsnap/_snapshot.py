@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._errors import SelectionError
+from ._errors import SelectionError, TensorSnapError
 from ._store import MemoryStore, Store
 
 __all__ = ["Record", "Snapshot", "closest"]
@@ -116,10 +116,27 @@ class Snapshot(Mapping[str, Any]):
         """Total bytes of the copies."""
         return sum(r.nbytes for r in self._records)
 
-    def save(self, path: str | PathLike[str]) -> None:
-        """Write the snapshot as a bundle directory (see ``docs/format.md``)."""
+    def save(self, path: str | PathLike[str], *, collective: bool | None = None) -> None:
+        """Write the snapshot as a bundle directory (see ``docs/format.md``).
+
+        Under ``torch.distributed`` saving is collective: every rank calls ``save`` with the
+        same path on a shared file system, each writes its part ``path/rank-0000r/``, and rank 0
+        commits the bundle once all parts are written. ``collective=False`` writes only this
+        process's snapshot as a plain bundle (for saving from one rank alone).
+        """
         from ._bundle import save
 
+        if collective is not False:
+            from ._ranks import process_group, save_collective
+
+            if process_group() is not None:
+                save_collective(self, path)
+                return
+            if collective:
+                raise TensorSnapError(
+                    "save(collective=True) needs a torch.distributed process group; call "
+                    "torch.distributed.init_process_group() first, or drop collective="
+                )
         save(self, path)
 
     def close(self) -> None:
