@@ -5,6 +5,7 @@ from ._capture import capture, names
 from ._copy import snapshot
 from ._diff import DiffResult, KeyDiff, diff
 from ._errors import NonFiniteError, TensorSnapError, TensorSnapWarning
+from ._extract import extract
 from ._snapshot import Record, Snapshot
 
 __version__ = "0.1.0.dev0"
@@ -20,6 +21,7 @@ __all__ = [
     "__version__",
     "capture",
     "diff",
+    "extract",
     "load",
     "names",
     "snapshot",
