@@ -107,7 +107,8 @@ class _Gradients:
                 # an in-place op on a view (``y += x`` after a Linear on 3-d input) rewires the
                 # graph through its base and the view's own hooks never fire; the base's hook
                 # still sees the gradient of the old values, from which the view's is cut out
-                geometry = (tuple(t.shape), t.stride(), t.storage_offset() - base.storage_offset())
+                offset = int(t.storage_offset() - base.storage_offset())
+                geometry = (tuple(t.shape), t.stride(), offset)
                 self.handles.append(
                     base.register_hook(partial(self._through_base, marker.index, base, geometry))
                 )
@@ -321,6 +322,8 @@ class _Session(AbstractContextManager[Snapshot]):
             store = MemoryStore()
         self.snapshot = Snapshot(store=store)
         self._deferred = Deferred(self._settled) if lazy and not dry and self._plain else None
+        # nothing between an op's result and a clone of it: no deferral, cast, move or check
+        self._fast = self._plain and self._deferred is None and not dry and nonfinite is None
         self.open = False
         self._calls: dict[int, int] = {}
         self._stack: list[_Frame] = []
@@ -578,7 +581,30 @@ class _Session(AbstractContextManager[Snapshot]):
         if frame.saved:
             self._record_saved(f"{key}:saved", frame, name)
         if self._all or self.select(key):
-            self._record(key, frame.name, frame.call, name, "op", result)
+            if (
+                self._fast
+                and type(result) is torch.Tensor
+                and not result.requires_grad
+                and result.is_contiguous()
+                and not torch.is_inference_mode_enabled()
+            ):
+                # the hot path, inlined: most ops return one fresh dense tensor
+                copy = result.clone()
+                self.snapshot._add(
+                    Record(
+                        key,
+                        frame.name,
+                        frame.call,
+                        name,
+                        "op",
+                        result.shape,
+                        copy.dtype,
+                        copy.nbytes,
+                    ),
+                    copy,
+                )
+            else:
+                self._record(key, frame.name, frame.call, name, "op", result)
         if self.grads and torch.is_grad_enabled():
             grad_key = f"{key}:grad"
             if self.select(grad_key):
