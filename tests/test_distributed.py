@@ -313,3 +313,49 @@ def _check_full(got: tensorsnap.Snapshot, want: tensorsnap.Snapshot, rank: int) 
         else:
             torch.testing.assert_close(a, _chunk(b, a, rank, key), msg=key)
     assert full >= 8
+
+
+# -- without processes: assembling saved shards, data-parallel parts -------------------------------
+
+
+def test_assemble_two_dim_mesh() -> None:
+    from tensorsnap._dtensor import assemble
+
+    full = torch.arange(48.0).reshape(4, 12)
+    mesh = [[0, 1, 2], [3, 4, 5]]
+    # mesh dim 0 shards rows, mesh dim 1 shards the columns of each row block
+    rows = full.chunk(2, 0)
+    locals_ = {mesh[i][j]: rows[i].chunk(3, 1)[j] for i in range(2) for j in range(3)}
+    layout = {"placements": ["S(0)", "S(1)"], "mesh": mesh, "shape": [4, 12]}
+    assert torch.equal(assemble(locals_, layout), full)
+    # both mesh dims on dim 1: the outer one splits first, the inner one splits each part
+    cols = full.chunk(2, 1)
+    nested = {mesh[i][j]: cols[i].chunk(3, 1)[j] for i in range(2) for j in range(3)}
+    layout = {"placements": ["S(1)", "S(1)"], "mesh": mesh, "shape": [4, 12]}
+    assert torch.equal(assemble(nested, layout), full)
+    # partial over mesh dim 0, replicated over mesh dim 1
+    halves = {0: full - 1, 3: torch.ones_like(full)}
+    partial = {mesh[i][j]: halves[mesh[i][0]] for i in range(2) for j in range(3)}
+    layout = {"placements": ["P(sum)", "R"], "mesh": mesh, "shape": [4, 12]}
+    assert torch.equal(assemble(partial, layout), full)
+    with pytest.raises(ValueError, match=r"ranks \[5\] of its mesh are missing"):
+        assemble({r: t for r, t in locals_.items() if r != 5}, layout)
+
+
+def test_data_parallel_parts_concatenate_in_rank_order(tmp_path: Any) -> None:
+    from tensorsnap import _bundle, _ranks
+    from tensorsnap._snapshot import Record, Snapshot
+
+    values = [torch.arange(6.0).reshape(3, 2), torch.arange(6.0, 10.0).reshape(2, 2)]
+    for rank, value in enumerate(values):
+        snap = Snapshot()
+        record = Record("fc", "fc", 0, None, "output", tuple(value.shape), value.dtype, 0)
+        snap._add(record._replace(nbytes=value.nbytes), value)
+        _bundle.save(snap, tmp_path / "run" / _ranks.part_name(rank), rank=rank, world_size=2)
+    _ranks.write_index(tmp_path / "run", 2, concat=True)
+    loaded = tensorsnap.load(tmp_path / "run")
+    assert torch.equal(loaded["fc"], torch.arange(10.0).reshape(5, 2))
+    assert loaded.records[0].shape == (5, 2)
+    assert torch.equal(tensorsnap.load(tmp_path / "run", rank=1)["fc"], values[1])
+    with pytest.raises(BundleError, match="parts rank-00002 are missing"):
+        _ranks.write_index(tmp_path / "run", 3)
