@@ -65,10 +65,11 @@ class Snapshot(Mapping[str, Any]):
     # -- filled by the capture session -------------------------------------------------------
 
     def _add(self, record: Record, value: Any) -> None:
-        # store first: a store that refuses (a full spill disk) must not leave a bare record
-        self._store.put(record.key, value, record.nbytes)
+        # record first: a SpillStore keeps the value in memory when spilling fails, and then
+        # raises; the key must stay readable
         self._index[record.key] = len(self._records)
         self._records.append(record)
+        self._store.put(record.key, value, record.nbytes)
 
     def _replace(self, record: Record, value: Any) -> None:
         self._records[self._index[record.key]] = record
