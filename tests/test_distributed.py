@@ -123,6 +123,15 @@ def _tp(rank: int, path: str) -> None:
     assert isinstance(snap["a.fc2"], DTensor) and snap["a.fc2"].placements[0].is_partial()
     assert isinstance(snap["a.fc2"].placements[0], Partial)
     snap.save(path)
+    # a RowwiseParallel module returns an AsyncCollectiveTensor (an all-reduce in flight): the
+    # copy waits for it and is a plain tensor with the reduced value
+    outer = nn.Sequential(_tensor_parallel().get_submodule("a.fc2"))
+    h = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
+    with tensorsnap.capture(outer) as snap:
+        out = outer(h.chunk(WORLD, -1)[rank])
+    assert type(out) is not torch.Tensor, type(out)  # still in flight when the hook ran
+    assert type(snap[""]) is torch.Tensor
+    torch.testing.assert_close(snap[""], make_model().a.fc2(h).detach())
 
 
 def _tp_gather(rank: int, path: str) -> None:
