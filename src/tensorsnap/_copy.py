@@ -641,52 +641,33 @@ def _copy_module(base: Callable[[Copier, Any], Any]) -> Callable[[Copier, Any], 
     return copy_module
 
 
-def _copy_tensor(c: Copier, x: torch.Tensor) -> torch.Tensor:
-    try:
-        result = c.copy_tensor(x)
-    except _PathError:
-        raise
-    except Exception as err:
-        raise _PathError(f"cannot copy a {_describe(x)}: {err}") from err
-    c.memo[id(x)] = result
-    c._keep_alive.append(x)
-    return result
+def _tensor_handler(
+    copy: Callable[[Copier, Any], torch.Tensor], *, memo: bool = True
+) -> Callable[[Copier, Any], torch.Tensor]:
+    """A handler that names the tensor in errors and (unless told not to) remembers the copy."""
+
+    def handler(c: Copier, x: torch.Tensor) -> torch.Tensor:
+        try:
+            result = copy(c, x)
+        except _PathError:
+            raise
+        except Exception as err:
+            raise _PathError(f"cannot copy a {_describe(x)}: {err}") from err
+        if memo:
+            c.memo[id(x)] = result
+            c._keep_alive.append(x)
+        return result
+
+    return handler
 
 
-def _copy_parameter(c: Copier, x: nn.Parameter) -> torch.Tensor:
-    # not in the memo: the copy depends on whether a module holds it
-    try:
-        return c.copy_parameter(x)
-    except _PathError:
-        raise
-    except Exception as err:
-        raise _PathError(f"cannot copy a {_describe(x)}: {err}") from err
-
-
-def _copy_tensor_subclass(c: Copier, x: torch.Tensor) -> torch.Tensor:
-    """Tensor subclasses keep their type: they are cloned as a whole."""
-    try:
-        result = c._copy_opaque(x)
-    except _PathError:
-        raise
-    except Exception as err:
-        raise _PathError(f"cannot copy a {_describe(x)}: {err}") from err
-    c.memo[id(x)] = result
-    c._keep_alive.append(x)
-    return result
-
-
-def _copy_distributed(c: Copier, x: torch.Tensor) -> torch.Tensor:
-    """DTensor and AsyncCollectiveTensor: copied without communicating (see ``_dtensor``)."""
-    try:
-        result = copy_distributed(c, x)
-    except _PathError:
-        raise
-    except Exception as err:
-        raise _PathError(f"cannot copy a {_describe(x)}: {err}") from err
-    c.memo[id(x)] = result
-    c._keep_alive.append(x)
-    return result
+_copy_tensor = _tensor_handler(Copier.copy_tensor)
+# a Parameter is not memoized: its copy depends on whether a module holds it
+_copy_parameter = _tensor_handler(Copier.copy_parameter, memo=False)
+# tensor subclasses keep their type: they are cloned as a whole
+_copy_tensor_subclass = _tensor_handler(Copier._copy_opaque)
+# DTensor and AsyncCollectiveTensor: copied without communicating (see ``_dtensor``)
+_copy_distributed = _tensor_handler(copy_distributed)
 
 
 _HANDLERS: dict[type, Callable[[Copier, Any], Any]] = {
