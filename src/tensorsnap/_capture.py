@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.modules import module as _module_hooks
 
 from . import _tree
-from ._copy import Copier, _extent
+from ._copy import Copier
 from ._dtensor import local
 from ._errors import NonFiniteError, TensorSnapError, TensorSnapWarning
 from ._keys import Selector, module_names
@@ -709,7 +709,7 @@ class _Session(AbstractContextManager[Snapshot]):
             value = value.detach()
         if value.is_contiguous():
             return value.clone()
-        extent = _extent(value)
+        extent = _tree.extent(value)
         if extent == value.numel():
             copy = value.clone()
             if copy.stride() == value.stride():

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ._errors import TensorSnapError
+from ._snapshot import human_bytes
 
 __all__ = ["main"]
 
@@ -116,15 +117,6 @@ def _table(*columns: str, title: str | None = None, right: Sequence[str] = ()) -
     return table
 
 
-def _human(nbytes: int) -> str:
-    size = float(nbytes)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} TB"  # pragma: no cover
-
-
 def _num(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.4g}"
 
@@ -168,8 +160,8 @@ def _print_summary(console: Any, snap: Any, title: str) -> None:
         first = ", ".join(r.key or '""' for r in records[:3])
         if len(records) > 3:
             first += ", ..."
-        table.add_row(kind, str(len(records)), _human(sum(r.nbytes for r in records)), first)
-    table.add_row("total", str(len(snap)), _human(snap.nbytes), "")
+        table.add_row(kind, str(len(records)), human_bytes(sum(r.nbytes for r in records)), first)
+    table.add_row("total", str(len(snap)), human_bytes(snap.nbytes), "")
     console.print(table)
 
 
@@ -461,7 +453,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
                     f"running the model failed: {type(error).__name__}: {error} (check the "
                     "--input specs against the model's forward signature)"
                 ) from error
-        status.update(f"saving {len(snap)} keys ({_human(snap.nbytes)})...")
+        status.update(f"saving {len(snap)} keys ({human_bytes(snap.nbytes)})...")
         snap.save(args.output)
     _print_summary(out, snap, f"captured {args.target} in {time.perf_counter() - started:.1f} s")
     out.print(f"\nbundle: {os.path.abspath(args.output)}")
@@ -495,13 +487,13 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     table = _table(*columns, right=("bytes", "min", "max", "mean"))
     for row in rows(view, stats=not args.no_stats, hist=False):
         shape = "x".join(map(str, row.shape)) if row.shape is not None else "-"
-        cells = [row.label, row.record.kind, shape, row.dtype, _human(row.nbytes)]
+        cells = [row.label, row.record.kind, shape, row.dtype, human_bytes(row.nbytes)]
         if not args.no_stats:
             s = row.stats
             cells += [_num(s.min), _num(s.max), _num(s.mean)] if s else [row.text, "", ""]
         table.add_row(*cells)
     out.print(table)
-    out.print(f"{len(view)} keys, {_human(sum(r.nbytes for r in records))}")
+    out.print(f"{len(view)} keys, {human_bytes(sum(r.nbytes for r in records))}")
     return EXIT_OK
 
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from ._dtensor import copy_distributed, is_distributed
 from ._errors import TensorSnapError, attr, format_path
+from ._tree import extent
 
 __all__ = ["Copier", "snapshot"]
 
@@ -90,15 +91,6 @@ class _Span:
         self.hi = hi
         self.storage = storage
         self.members = members
-
-
-def _extent(t: torch.Tensor) -> int:
-    """Number of elements from the first to the last one ``t`` can reach, inclusive."""
-    extent = 1
-    for size, stride in zip(t.shape, t.stride()):
-        if size > 1:
-            extent += (size - 1) * stride
-    return extent
 
 
 class Copier:
@@ -257,7 +249,7 @@ class Copier:
                 return result
             return self._copy_first(t, key, lo, cast)
         spans = record if isinstance(record, list) else self._promote(key, record)
-        hi = lo + _extent(t) * itemsize
+        hi = lo + extent(t) * itemsize
         for span in spans:
             if span.lo <= lo and hi <= span.hi and (lo - span.lo) % itemsize == 0:
                 result = self._view(t, span, lo, itemsize)
@@ -270,7 +262,7 @@ class Copier:
     ) -> torch.Tensor:
         """The first tensor of its storage: copy it densely if it can be, else its span."""
         itemsize = t.element_size()
-        hi = lo + _extent(t) * itemsize
+        hi = lo + extent(t) * itemsize
         spans: list[_Span] = []
         self._spans[key] = spans
         if hi - lo == t.nbytes:

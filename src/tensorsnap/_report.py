@@ -22,7 +22,7 @@ import torch
 
 from ._diff import DiffResult, format_error, leaves
 from ._errors import TensorSnapError, format_path
-from ._snapshot import Record, Snapshot
+from ._snapshot import Record, Snapshot, human_bytes
 
 __all__ = ["Row", "Stats", "rows", "tensor_stats", "write_report"]
 
@@ -212,7 +212,7 @@ def _summary(snap: Mapping[str, Any], table: list[Row], source: str, version: st
     src = f"<code>{html.escape(source)}</code>, " if source else ""
     return (
         f'<p class="meta">{src}{len(snap)} keys ({html.escape(kind_text)}), '
-        f"{len(table)} leaves, {_human(total)}; "
+        f"{len(table)} leaves, {human_bytes(total)}; "
         f"<span{alarm}>{nans} NaN and {infs} Inf elements</span>; tensorsnap {version}, "
         f"torch {html.escape(torch.__version__)}</p>"
     )
@@ -284,11 +284,11 @@ def _stats_table(table: list[Row]) -> str:
         s = r.stats
         cls = ""
         if s is None:
-            cells.append(_td(r.nbytes, _human(r.nbytes)))
+            cells.append(_td(r.nbytes, human_bytes(r.nbytes)))
             cells.append(f'<td colspan="8" class="text">{html.escape(r.text)}</td>')
         else:
             cells += [
-                _td(r.nbytes, _human(r.nbytes)),
+                _td(r.nbytes, human_bytes(r.nbytes)),
                 _td(s.mean, _fmt(s.mean)),
                 _td(s.std, _fmt(s.std)),
                 _td(s.min, _fmt(s.min)),
@@ -466,15 +466,6 @@ def _diff_plot(result: DiffResult) -> str:
     ax.grid(alpha=0.3)
     _ticks(ax, [k.key or '""' for k in keys])
     return _png(fig, "max abs error per key")
-
-
-def _human(nbytes: int) -> str:
-    size = float(nbytes)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} TB"  # pragma: no cover
 
 
 _HEAD = """<!DOCTYPE html>

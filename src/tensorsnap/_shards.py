@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ._errors import BundleError
+from ._tree import extent
 
 __all__ = [
     "NATIVE",
@@ -123,15 +124,6 @@ class Span:
     link: BlobRef | None = None
 
 
-def _extent(t: torch.Tensor) -> int:
-    """Elements from the first to the last one ``t`` can reach, inclusive."""
-    extent = 1
-    for size, stride in zip(t.shape, t.stride()):
-        if size > 1:
-            extent += (size - 1) * stride
-    return extent
-
-
 def plan_spans(
     tensors: list[torch.Tensor],
     locate: Callable[[torch.Tensor], tuple[BlobRef, int] | None] | None = None,
@@ -168,7 +160,7 @@ def plan_spans(
         for i in members:
             t = tensors[i]
             lo = int(t.storage_offset()) * t.element_size()
-            hi = lo + int(_extent(t)) * t.element_size()
+            hi = lo + extent(t) * t.element_size()
             ranges.append((lo - lo % _BLOB_ALIGN, hi, i))
         ranges.sort()
         # merge overlapping ranges: each merged range is written once, its tensors view it

@@ -13,7 +13,7 @@ import torch
 from ._errors import SelectionError, TensorSnapError
 from ._store import MemoryStore, Store
 
-__all__ = ["Record", "Snapshot", "closest"]
+__all__ = ["Record", "Snapshot", "closest", "human_bytes"]
 
 KINDS = ("output", "input", "kwargs", "grad", "grad_in", "op", "op_grad", "saved")
 
@@ -155,11 +155,11 @@ class Snapshot(Mapping[str, Any]):
         for r in self._records[:limit]:
             shape = "x".join(map(str, r.shape)) if r.shape is not None else "-"
             dtype = str(r.dtype).removeprefix("torch.") if r.dtype is not None else "-"
-            rows.append((r.key or '""', r.kind, shape, dtype, _human(r.nbytes)))
+            rows.append((r.key or '""', r.kind, shape, dtype, human_bytes(r.nbytes)))
         return rows, max(0, len(self._records) - limit)
 
     def __repr__(self) -> str:
-        head = f"Snapshot({len(self._records)} keys, {_human(self.nbytes)})"
+        head = f"Snapshot({len(self._records)} keys, {human_bytes(self.nbytes)})"
         rows, more = self._rows()
         if not rows:
             return head
@@ -181,12 +181,13 @@ class Snapshot(Mapping[str, Any]):
         )
         tail = f"<p>... and {more} more</p>" if more else ""
         return (
-            f"<p>Snapshot: {len(self._records)} keys, {_human(self.nbytes)}</p>"
+            f"<p>Snapshot: {len(self._records)} keys, {human_bytes(self.nbytes)}</p>"
             f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{tail}"
         )
 
 
-def _human(nbytes: int) -> str:
+def human_bytes(nbytes: int) -> str:
+    """``1.5 MB``: decimal units, as sizes are written everywhere in tensorsnap."""
     size = float(nbytes)
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1000 or unit == "GB":

@@ -11,7 +11,16 @@ import torch
 
 from ._dtensor import local
 
-__all__ = ["map_tensors", "nbytes", "tensors"]
+__all__ = ["extent", "map_tensors", "nbytes", "tensors"]
+
+
+def extent(t: torch.Tensor) -> int:
+    """Number of elements from the first to the last one ``t`` can reach, inclusive."""
+    count = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if size > 1:
+            count += (size - 1) * stride
+    return int(count)
 
 
 def _children(value: Any) -> Iterator[Any] | None:
