@@ -681,17 +681,12 @@ def test_nested_captures_and_two_models() -> None:
 
 # -- torch.compile and fused fast paths ---------------------------------------------------------
 
-COMPILE_WARNINGS = [
-    "ignore:Using `torch.compile\\(module\\)` when there are global hooks:UserWarning",
-]
-
 
 def _compile_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 2))
 
 
-@pytest.mark.filterwarnings(*COMPILE_WARNINGS)
 def test_compiled_model_is_captured_not_silently_empty() -> None:
     model = _compile_model()
     compiled: Any = torch.compile(model, backend="eager")
@@ -707,7 +702,6 @@ def test_compiled_model_is_captured_not_silently_empty() -> None:
         assert torch.equal(compiled(x), plain)  # and it still runs after the block
 
 
-@pytest.mark.filterwarnings(*COMPILE_WARNINGS)
 def test_capturing_the_module_inside_a_compiled_wrapper() -> None:
     # the wrapper was compiled before the block and is not inside the captured module
     model = _compile_model()

@@ -371,6 +371,9 @@ class _Session(AbstractContextManager[Snapshot]):
                 # model (or a `model.compile()` call) need not be inside `model`: run all
                 # compiled code eagerly while capturing
                 self._enter(torch.compiler.set_stance("force_eager"))
+                # torch warns that global hooks fire once more for a compiled wrapper; ours skip
+                # wrappers, so the warning would only be noise (and an error under -W error)
+                self._enter(_Ignored(UserWarning, r"Using `torch\.compile\(module\)` when there"))
             if self.saved:
                 self._enter(torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack))
             if self.ops == "aten":
@@ -747,6 +750,24 @@ class _Session(AbstractContextManager[Snapshot]):
                 key=key,
                 snapshot=self.snapshot,
             )
+
+
+class _Ignored:
+    """One warnings filter, added for the block and removed exactly (other filters untouched)."""
+
+    def __init__(self, category: type[Warning], message: str) -> None:
+        self.category, self.message = category, message
+        self.entry: Any = None
+
+    def __enter__(self) -> None:
+        warnings.filterwarnings("ignore", message=self.message, category=self.category)
+        self.entry = warnings.filters[0]
+
+    def __exit__(self, *exc: Any) -> None:
+        filters: list[Any] = warnings.filters  # type: ignore[assignment]
+        if self.entry in filters:
+            filters.remove(self.entry)
+            warnings._filters_mutated()  # type: ignore[attr-defined]
 
 
 class _DictEntry:
