@@ -172,6 +172,17 @@ def test_bit_flip_in_data_is_caught_by_the_checksum(bundle: Any) -> None:
         loaded["a"]
 
 
+def test_verify_false_skips_only_the_checksum(bundle: Any) -> None:
+    intact = tensorsnap.load(bundle)["a"].clone()
+    data = bytearray((bundle / SHARD).read_bytes())
+    data[-300] ^= 0x01  # inside key 'a', as above
+    (bundle / SHARD).write_bytes(bytes(data))
+    flipped = tensorsnap.load(bundle, verify=False)["a"]  # the caller vouched for the file
+    assert not torch.equal(flipped.view(torch.uint8), intact.view(torch.uint8))
+    with pytest.raises(BundleError, match="checksum mismatch"):
+        tensorsnap.load(bundle)["a"]
+
+
 def test_bit_flip_in_shard_header_is_caught(bundle: Any) -> None:
     data = bytearray((bundle / SHARD).read_bytes())
     at = data.index(b'"data_offsets"') + 2

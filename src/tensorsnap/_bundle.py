@@ -22,6 +22,7 @@ import stat
 import uuid
 import zlib
 from collections.abc import Callable
+from functools import partial
 from os import PathLike
 from typing import Any
 
@@ -203,7 +204,13 @@ def _assign_shards(entries: list[_Entry]) -> list[_ShardPlan]:
 # -- load ------------------------------------------------------------------------------------
 
 
-def load(path: str | PathLike[str], rank: int | None = None, *, assemble: bool = False) -> Snapshot:
+def load(
+    path: str | PathLike[str],
+    rank: int | None = None,
+    *,
+    assemble: bool = False,
+    verify: bool = True,
+) -> Snapshot:
     """Open a bundle written by ``Snapshot.save``; values are read lazily, memory-mapped.
 
     Only ``manifest.json`` is read here. ``snap[key]`` maps the shard files the key needs and
@@ -219,6 +226,10 @@ def load(path: str | PathLike[str], rank: int | None = None, *, assemble: bool =
             tensors, rebuilt from the local tensors of every rank of their mesh (concatenated
             for ``Shard``, reduced for ``Partial``); other values are rank ``rank``'s (rank 0's
             when ``rank`` is None). Without it a DTensor comes back as the rank's local tensor.
+        verify: Check each blob's CRC-32 the first time it is read (default). ``False`` skips
+            the check, which is most of the cost of reading (about 0.4x of a raw safetensors
+            read with it, 0.9x without): for bundles you wrote and trust. Sizes, headers and
+            paths are checked either way.
 
     Returns:
         A read-only :class:`~tensorsnap.Snapshot` with the saved keys, records and values.
@@ -260,17 +271,17 @@ def load(path: str | PathLike[str], rank: int | None = None, *, assemble: bool =
             f"{root} has no {MANIFEST}: it is not a bundle, or its save did not finish (an "
             "interrupted save never writes the manifest); save the snapshot again"
         )
-    return _open(root, rank, assemble)
+    return _open(root, rank, assemble, verify)
 
 
-def _open(root: str, rank: int | None, assemble: bool = False) -> Snapshot:
+def _open(root: str, rank: int | None, assemble: bool = False, verify: bool = True) -> Snapshot:
     manifest_path = os.path.join(root, MANIFEST)
     manifest = read_manifest(manifest_path)
     if "parts" in manifest:  # the index of a multi-rank bundle
         from ._ranks import open_ranks
 
         try:
-            return open_ranks(root, manifest, rank, assemble, _open)
+            return open_ranks(root, manifest, rank, assemble, partial(_open, verify=verify))
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise BundleError(
                 f"{manifest_path}: malformed index ({type(err).__name__}: {err}); the bundle "
@@ -285,7 +296,7 @@ def _open(root: str, rank: int | None, assemble: bool = False) -> Snapshot:
     if rank is not None and saved_rank != rank:
         raise BundleError(f"{manifest_path} holds rank {saved_rank}, not rank {rank}")
     try:
-        return _build(root, manifest_path, manifest)
+        return _build(root, manifest_path, manifest, verify)
     except BundleError:
         raise
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
@@ -295,7 +306,7 @@ def _open(root: str, rank: int | None, assemble: bool = False) -> Snapshot:
         ) from err
 
 
-def _build(root: str, manifest_path: str, manifest: dict[str, Any]) -> Snapshot:
+def _build(root: str, manifest_path: str, manifest: dict[str, Any], verify: bool) -> Snapshot:
     shard_list = manifest["shards"]
     if not isinstance(shard_list, list):
         raise TypeError("shards is not a list")
@@ -314,7 +325,7 @@ def _build(root: str, manifest_path: str, manifest: dict[str, Any]) -> Snapshot:
     shards = []
     for i, item in enumerate(shard_list):
         shards.append(_shard_path(root, item, users.get(i, "(none)")))
-    return Snapshot(records, _BundleStore(manifest_path, shards, entries))
+    return Snapshot(records, _BundleStore(manifest_path, shards, entries, verify))
 
 
 def _shard_path(root: str, item: dict[str, Any], key: str) -> ShardFile:
@@ -348,8 +359,11 @@ def _shard_path(root: str, item: dict[str, Any], key: str) -> ShardFile:
 class _BundleStore:
     """The read-only, lazy store behind a loaded bundle."""
 
-    def __init__(self, manifest: str, shards: list[ShardFile], entries: dict[str, Any]) -> None:
+    def __init__(
+        self, manifest: str, shards: list[ShardFile], entries: dict[str, Any], verify: bool
+    ) -> None:
         self._manifest = manifest
+        self._verify = verify
         self._shards = shards
         self._entries = entries
         self._verified: set[tuple[int, str]] = set()
@@ -413,7 +427,7 @@ class _BundleStore:
                 "edited, re-create the bundle"
             )
         start = shard.data_start + offset
-        if (index, name) not in self._verified:
+        if self._verify and (index, name) not in self._verified:
             view = torch.empty(0, dtype=torch.uint8).set_(storage, start, (nbytes,), (1,))
             if zlib.crc32(view.numpy()) != blob["crc32"]:  # type: ignore[arg-type]
                 raise BundleError(
