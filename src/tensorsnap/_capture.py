@@ -370,6 +370,13 @@ class _Session(AbstractContextManager[Snapshot]):
                 # compiled code would skip our hooks silently, and a compiled wrapper around the
                 # model (or a `model.compile()` call) need not be inside `model`: run all
                 # compiled code eagerly while capturing
+                if not hasattr(torch.compiler, "set_stance"):  # torch < 2.6
+                    raise TensorSnapError(
+                        "torch.compile has been used in this process, and this torch "
+                        f"({torch.__version__}) cannot run compiled code eagerly while "
+                        "capturing (torch.compiler.set_stance needs torch >= 2.6); capture the "
+                        "model before compiling it, or upgrade torch"
+                    )
                 self._enter(torch.compiler.set_stance("force_eager"))
                 # torch warns that global hooks fire once more for a compiled wrapper; ours skip
                 # wrappers, so the warning would only be noise (and an error under -W error)
