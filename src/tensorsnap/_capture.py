@@ -370,14 +370,15 @@ class _Session(AbstractContextManager[Snapshot]):
                 # compiled code would skip our hooks silently, and a compiled wrapper around the
                 # model (or a `model.compile()` call) need not be inside `model`: run all
                 # compiled code eagerly while capturing
-                if not hasattr(torch.compiler, "set_stance"):  # torch < 2.6
+                if hasattr(torch.compiler, "set_stance"):
+                    self._enter(torch.compiler.set_stance("force_eager"))
+                elif _has_compiled_parts(self.model):  # torch < 2.6
                     raise TensorSnapError(
-                        "torch.compile has been used in this process, and this torch "
-                        f"({torch.__version__}) cannot run compiled code eagerly while "
-                        "capturing (torch.compiler.set_stance needs torch >= 2.6); capture the "
-                        "model before compiling it, or upgrade torch"
+                        f"the model holds torch.compile'd modules, and this torch "
+                        f"({torch.__version__}) cannot run them eagerly while capturing "
+                        "(torch.compiler.set_stance needs torch >= 2.6); capture the model "
+                        "before compiling it, or upgrade torch"
                     )
-                self._enter(torch.compiler.set_stance("force_eager"))
                 # torch warns that global hooks fire once more for a compiled wrapper; ours skip
                 # wrappers, so the warning would only be noise (and an error under -W error)
                 self._enter(_Ignored(UserWarning, r"Using `torch\.compile\(module\)` when there"))
@@ -799,6 +800,12 @@ def _unpack(packed: tuple[torch.Tensor, int]) -> torch.Tensor:
             f"expected version {version} instead (tensorsnap.capture(saved=True) checked it)"
         )
     return t
+
+
+def _has_compiled_parts(model: nn.Module) -> bool:
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return any(isinstance(m, OptimizedModule) for m in model.modules())
 
 
 def _compiling_possible() -> bool:
