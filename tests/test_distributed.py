@@ -25,7 +25,7 @@ if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("this torch build has no gloo backend", allow_module_level=True)
 
 WORLD = 2
-SCENARIOS = ("ddp", "fsdp2", "fsdp1", "tp", "tp_gather", "save_errors")
+SCENARIOS = ("ddp", "fsdp2", "fsdp1", "tp", "tp_gather", "save_errors", "extract")
 
 
 class MLP(nn.Module):
@@ -152,6 +152,23 @@ def _save_errors(rank: int, path: str) -> None:
     snap.save(f"{path}-alone-{rank}", collective=False)
 
 
+def extract_batches(rank: int) -> list[torch.Tensor]:
+    """Data-parallel extract: rank r gets batches r, r + 2, ... as a DistributedSampler would."""
+    torch.manual_seed(5)
+    batches = [torch.randn(3, 8) for _ in range(6)]
+    return batches[rank::WORLD]
+
+
+def _extract(rank: int, path: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = DistributedDataParallel(make_model())
+    tensorsnap.extract(model, extract_batches(rank), out=path, progress=False)
+    # a finished run is returned unchanged with resume=True, on every rank
+    again = tensorsnap.extract(model, extract_batches(rank), out=path, progress=False, resume=True)
+    assert again["b"].shape == (3 * 6, 8), again["b"].shape
+
+
 _WORKERS: dict[str, Callable[[int, str], None]] = {
     "ddp": _ddp,
     "fsdp2": _fsdp2,
@@ -159,6 +176,7 @@ _WORKERS: dict[str, Callable[[int, str], None]] = {
     "tp": _tp,
     "tp_gather": _tp_gather,
     "save_errors": _save_errors,
+    "extract": _extract,
 }
 
 
@@ -368,3 +386,22 @@ def test_data_parallel_parts_concatenate_in_rank_order(tmp_path: Any) -> None:
     assert torch.equal(tensorsnap.load(tmp_path / "run", rank=1)["fc"], values[1])
     with pytest.raises(BundleError, match="parts rank-00002 are missing"):
         _ranks.write_index(tmp_path / "run", 3)
+
+
+def test_data_parallel_extract_concatenates_ranks_in_rank_order(runs: str) -> None:
+    path = scenario(runs, "extract")
+    got = tensorsnap.load(path)
+    model = make_model()
+    # the reference: each rank's batches through the unwrapped model, in rank order
+    expected: dict[str, list[torch.Tensor]] = {}
+    for rank in range(WORLD):
+        for batch in extract_batches(rank):
+            with torch.no_grad(), tensorsnap.capture(model) as snap:
+                model(batch)
+            for key in snap:
+                expected.setdefault(key, []).append(snap[key])
+    assert list(got) == list(expected)
+    for key, values in expected.items():
+        torch.testing.assert_close(got[key], torch.cat(values), rtol=0, atol=0)
+    one = tensorsnap.load(path, rank=1)
+    assert one["b"].shape == (9, 8)

@@ -36,6 +36,7 @@ from ._bundle import load
 from ._capture import capture
 from ._errors import BundleError, TensorSnapError, attr, format_path
 from ._manifest import JOURNAL, MANIFEST, Encoder, encode_manifest, read_manifest
+from ._ranks import part_name, process_group, write_index
 from ._shards import NATIVE, dtype_from_name, dtype_name, fsync_dir, write_all
 from ._snapshot import Record, Snapshot
 from ._store import parse_size
@@ -81,6 +82,11 @@ def extract(
     ``torch.cat`` of the per-batch values; exclude such keys if that is not wanted. ``#n``
     call counters restart with each batch. The model runs under ``torch.no_grad()``; its
     train/eval mode is left as it is.
+
+    Under a ``torch.distributed`` process group every rank calls ``extract`` with the same
+    ``out`` (a shared filesystem) and its own batches (e.g. through a ``DistributedSampler``):
+    each rank writes ``out/rank-0000r/``, and ``load(out)`` concatenates the ranks' values in
+    rank order (``load(out, rank=r)`` reads one rank's).
 
     Args:
         model: The module to run.
@@ -133,11 +139,6 @@ def extract(
             f"batches={type(batches).__name__}: expected an iterable of batches (a list, a "
             "DataLoader, a generator); wrap a single batch in a list: batches=[batch]"
         )
-    options = _options(include, exclude, ops, inputs, dtype)
-    root = os.path.abspath(os.fspath(out))
-    writer = _prepare(root, options, _model_id(model), resume)
-    if writer is None:
-        return load(root)
 
     def run(batch: Any) -> Snapshot:
         with (
@@ -156,7 +157,53 @@ def extract(
             _call(model, batch)
         return snap
 
+    options = _options(include, exclude, ops, inputs, dtype)
+    root = os.path.abspath(os.fspath(out))
+    group = process_group()
+    if group is not None:
+        return _extract_ranks(root, group, options, model, batches, resume, progress, run)
+    writer = _prepare(root, options, _model_id(model), resume)
+    if writer is None:
+        return load(root)
+
     _run(writer, batches, run, progress)
+    return load(root)
+
+
+def _extract_ranks(
+    root: str,
+    group: tuple[int, int],
+    options: dict[str, Any],
+    model: nn.Module,
+    batches: Iterable[Any],
+    resume: bool,
+    progress: bool,
+    run: Callable[[Any], Snapshot],
+) -> Snapshot:
+    """Data-parallel extract: each rank streams its own batches into ``root/rank-0000r/``.
+
+    Each part is an ordinary extract output (journal, resume and all); when every rank has
+    finished its part, rank 0 commits the index that makes ``load(root)`` concatenate the
+    parts in rank order (so a DistributedSampler's shards come back rank after rank).
+    """
+    import torch.distributed as dist
+
+    rank, world_size = group
+    if os.path.isfile(os.path.join(root, MANIFEST)):  # committed by an earlier run
+        if not resume:
+            raise TensorSnapError(
+                f"out={root} already holds a finished bundle; pass resume=True to get it back "
+                "(with the same options), or remove it (shutil.rmtree) to extract again"
+            )
+    else:
+        part = os.path.join(root, part_name(rank))
+        writer = _prepare(part, options, _model_id(model), resume, rank, world_size)
+        if writer is not None:
+            _run(writer, batches, run, progress and rank == 0)
+        dist.barrier()
+        if rank == 0:
+            write_index(root, world_size, concat=True)
+        dist.barrier()
     return load(root)
 
 
