@@ -1,10 +1,11 @@
 """The capture session: attributes each tensor a model produces to a key and copies it then.
 
-Module calls are seen through two process-wide module hooks installed once per session (not one
-per module), filtered by module identity and thread; functional ops through a function mode
-(:mod:`._ops`); gradients through tensor hooks, which, unlike full backward hooks, do not break
-when a later op modifies an output in place. Every value goes through one path,
-:meth:`_Session._record`: select, copy, store.
+Module calls are seen through process-wide module hooks installed once per session (not one per
+module; only the forward hook when nothing but outputs is captured), filtered by module identity
+and thread; functional ops through a function or dispatch mode (:mod:`._ops`); gradients through
+tensor and graph-node hooks, which, unlike full backward hooks, do not break when a later op
+modifies an output in place. Every value goes through one path, :meth:`_Session._record`:
+select, copy, store.
 """
 
 from __future__ import annotations
@@ -95,22 +96,27 @@ class _Gradients:
         self.op = op
         self.kind = kind
         self.grads: dict[int, Any] = {}
-        self.handles: list[Any] = []
+        self.handles: list[Any] = []  # tensor hooks, removed when the session closes
+
+        leaves = 0
 
         def leaf(t: torch.Tensor) -> _Leaf:
-            marker = _Leaf(len(self.handles))
-            self.handles.append(
-                t.register_hook(partial(self._arrived, marker.index)) if t.requires_grad else None
-            )
+            nonlocal leaves
+            marker = _Leaf(leaves)
+            leaves += 1
+            if not t.requires_grad:
+                return marker
+            self.handles.append(t.register_hook(partial(self._arrived, marker.index)))
             base = t._base
-            if t.requires_grad and base is not None and base.requires_grad:
+            if base is not None and base.requires_grad:
                 # an in-place op on a view (``y += x`` after a Linear on 3-d input) rewires the
                 # graph through its base and the view's own hooks never fire; the base's hook
                 # still sees the gradient of the old values, from which the view's is cut out
+                # (the geometry is kept, not the base: its memory must not outlive the graph)
                 offset = int(t.storage_offset() - base.storage_offset())
-                geometry = (tuple(t.shape), t.stride(), offset)
+                geometry = (tuple(base.shape), base.stride(), tuple(t.shape), t.stride(), offset)
                 self.handles.append(
-                    base.register_hook(partial(self._through_base, marker.index, base, geometry))
+                    base.register_hook(partial(self._through_base, marker.index, geometry))
                 )
             return marker
 
@@ -121,19 +127,18 @@ class _Gradients:
     def _through_base(
         self,
         index: int,
-        base: torch.Tensor,
-        geometry: tuple[tuple[int, ...], tuple[int, ...], int],
+        geometry: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...], int],
         grad: torch.Tensor,
     ) -> None:
         if index in self.grads or not self.session.open:
             return  # the view's own hook fired: no in-place op rewired it
+        base_shape, base_stride, shape, stride, offset = geometry
         with _quiet(), torch.no_grad():
             full = torch.empty_strided(
-                base.shape, base.stride(), dtype=grad.dtype, device=grad.device
+                base_shape, base_stride, dtype=grad.dtype, device=grad.device
             )
             full.copy_(grad)
-            size, stride, offset = geometry
-            self._arrived(index, full.as_strided(size, stride, offset))
+            self._arrived(index, full.as_strided(shape, stride, offset))
 
     def _arrived(self, index: int, grad: torch.Tensor) -> None:
         session = self.session
@@ -659,7 +664,7 @@ class _Session(AbstractContextManager[Snapshot]):
                 )
             return
         gradients = _Gradients(self, key, frame, op, kind, value)
-        self._handles.extend(h for h in gradients.handles if h is not None)
+        self._handles.extend(gradients.handles)
 
     def _record(
         self, key: str, name: str, call: int, op: str | None, kind: str, value: Any
