@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -22,7 +23,7 @@ from hypothesis import strategies as st
 import tensorsnap
 
 SETTINGS = settings(
-    max_examples=120,
+    max_examples=int(os.environ.get("TENSORSNAP_HYPOTHESIS_EXAMPLES", "120")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )

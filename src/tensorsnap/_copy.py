@@ -360,6 +360,54 @@ class Copier:
             dst.copy_(src)
         return dst.untyped_storage()
 
+    def reserve(self, items: tuple[Any, ...] | list[Any]) -> None:
+        """Copy at once the spans that several tensors of one container will share.
+
+        ``x.split(n, dim=-1)`` gives views whose spans interleave: copied one by one, each
+        would widen the span and copy it again. Here the union of the overlapping spans of a
+        storage is copied once, and the tensors then become views of it as they are reached.
+        """
+        groups: dict[tuple[Any, ...], list[tuple[int, int, torch.Tensor, bool]]] = {}
+        for t in items:
+            if (
+                type(t) is not torch.Tensor
+                or id(t) in self.memo
+                or t.layout != torch.strided
+                or t.is_quantized
+                or t.is_meta
+                or t.is_conj()
+                or t.is_neg()
+                or t.numel() == 0
+            ):
+                continue
+            itemsize = t.element_size()
+            lo = int(t.storage_offset()) * itemsize
+            cast = self.dtype is not None and t.dtype != self.dtype and t.is_floating_point()
+            base = t.data_ptr() - lo
+            key = (t.device, base, t.dtype) if cast else (t.device, base)
+            if key not in self._spans:  # spans already made are merged the ordinary way
+                groups.setdefault(key, []).append((lo, lo + extent(t) * itemsize, t, cast))
+        for key, members in groups.items():
+            if len(members) < 2:
+                continue
+            members.sort(key=lambda m: m[0])
+            merged: list[list[Any]] = []  # [lo, hi, a tensor, how many]
+            for lo, hi, t, cast in members:
+                if not cast:
+                    lo -= lo % _SPAN_ALIGN
+                if merged and lo < merged[-1][1]:
+                    merged[-1][1] = max(merged[-1][1], hi)
+                    merged[-1][3] += 1
+                else:
+                    merged.append([lo, hi, t, 1])
+            spans = [
+                _Span(lo, hi, self._copy_bytes(t, lo, hi, t.dtype != self._target_dtype(t)), [])
+                for lo, hi, t, count in merged
+                if count > 1
+            ]
+            if spans:
+                self._spans[key] = spans
+
     def copy_parameter(self, p: nn.Parameter) -> torch.Tensor:
         """Inside an ``nn.Module`` a Parameter stays a Parameter; elsewhere it is a plain tensor.
 
@@ -467,6 +515,8 @@ def _copy_atomic(c: Copier, x: Any) -> Any:
 
 
 def _copy_list(c: Copier, x: list[Any]) -> list[Any]:
+    if len(x) > 1 and isinstance(x[0], torch.Tensor) and isinstance(x[1], torch.Tensor):
+        c.reserve(x)
     result: list[Any] = []
     c._remember(x, result)
     append = result.append
@@ -480,6 +530,8 @@ def _copy_list(c: Copier, x: list[Any]) -> list[Any]:
 
 
 def _copy_tuple(c: Copier, x: tuple[Any, ...]) -> tuple[Any, ...]:
+    if len(x) > 1 and isinstance(x[0], torch.Tensor) and isinstance(x[1], torch.Tensor):
+        c.reserve(x)
     items = []
     try:
         for item in x:
