@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import copyreg
 import gc
+import sys
 import types
 import warnings
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -734,7 +736,38 @@ def _handler_for(cls: type) -> Callable[[Copier, Any], Any]:
     base = _copy_custom if hasattr(cls, "__deepcopy__") else _copy_reduce
     if issubclass(cls, nn.Module):
         return _copy_module(base)
+    if base is _copy_reduce and _is_model_output(cls):
+        return _copy_model_output
     return base
+
+
+def _is_model_output(cls: type) -> bool:
+    """A transformers ``ModelOutput`` (looked up only if transformers is already imported)."""
+    generic = sys.modules.get("transformers.utils.generic")
+    model_output = getattr(generic, "ModelOutput", None)
+    return isinstance(model_output, type) and issubclass(cls, model_output)
+
+
+def _copy_model_output(c: Copier, x: Any) -> Any:
+    """A ``ModelOutput``: its items and attributes copied as they are.
+
+    Its ``__reduce__`` rebuilds through ``__init__`` and ``__post_init__``, which re-derive the
+    items from the fields and then set them again through Python-level ``__setitem__`` and
+    ``__setattr__`` overrides: 3x the work of a plain mapping on every model call's output. The
+    state is copied directly instead (the same items and attributes, so the same object).
+    """
+    cls: Any = type(x)
+    result = cls.__new__(cls)
+    c._remember(x, result)
+    key = None
+    try:
+        for key, value in x.items():
+            OrderedDict.__setitem__(result, key, c.copy(value))
+    except _PathError as err:
+        err.parts.append(key)
+        raise
+    result.__dict__.update(_copy_state(c, x.__dict__))
+    return result
 
 
 class _DeepcopyRouter(torch.overrides.TorchFunctionMode):
