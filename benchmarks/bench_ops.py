@@ -13,6 +13,8 @@ Columns:
             storages as that capture copies (the least any copying recorder must do)
   /floor    capture / floor: the recorder's own overhead
   +nonfin   ``nonfinite="raise"`` on top of the capture, as a ratio to the capture
+  lazy      ``capture(model, ops=True, lazy=True)``: references kept, copies only before a
+            tracked write or at the end for values others can still reach (and its /floor)
 """
 
 from __future__ import annotations
@@ -176,7 +178,18 @@ def _variants(model: nn.Module, args: tuple[Any, ...]) -> dict[str, Callable[[],
             model(*args)
         return snap
 
-    return {"plain": plain, "floor": floor, "capture": capture, "nonfinite": nonfinite}
+    def lazy() -> Any:
+        with tensorsnap.capture(model, ops=True, lazy=True) as snap:
+            model(*args)
+        return snap
+
+    return {
+        "plain": plain,
+        "floor": floor,
+        "capture": capture,
+        "nonfinite": nonfinite,
+        "lazy": lazy,
+    }
 
 
 def _inner_count(fn: Callable[[], Any], target_s: float = 0.02) -> int:
@@ -209,6 +222,8 @@ def measure(name: str, repeats: int) -> dict[str, float]:
         "floor": med["floor"] / med["plain"],
         "vs_floor": med["capture"] / med["floor"],
         "nonfinite": med["nonfinite"] / med["capture"],
+        "lazy": med["lazy"] / med["plain"],
+        "lazy_floor": med["lazy"] / med["floor"],
         "keys": float(_floor_sources(model, args)[1]),
     }
 
@@ -286,7 +301,7 @@ def main() -> None:
 
     goals = {"mlp": 1.5, "resnet18": 1.1, "gpt2-tiny": 1.5, "encoder": 1.1}
     header = f"{'model':<10} {'plain ms':>9} {'keys':>5} {'capture':>8} {'floor':>6} "
-    header += f"{'/floor':>7} {'goal':>5} {'+nonfin':>8}"
+    header += f"{'/floor':>7} {'goal':>5} {'+nonfin':>8} {'lazy':>6} {'/floor':>7}"
     if options.torchlens:
         header += f" {'torchlens':>10}"
     print(f"torch {torch.__version__}, 1 thread, {options.repeats} interleaved repeats, medians")
@@ -296,7 +311,7 @@ def main() -> None:
         row = (
             f"{name:<10} {r['plain_ms']:>9.2f} {int(r['keys']):>5} {r['capture']:>7.2f}x "
             f"{r['floor']:>5.2f}x {r['vs_floor']:>6.2f}x {goals[name]:>4.1f}x "
-            f"{r['nonfinite']:>7.2f}x"
+            f"{r['nonfinite']:>7.2f}x {r['lazy']:>5.2f}x {r['lazy_floor']:>6.2f}x"
         )
         if options.torchlens:
             tl = torchlens_ratio(name, max(3, options.repeats // 3))
