@@ -7,6 +7,7 @@ the code under test.
 from __future__ import annotations
 
 import math
+import pathlib
 from collections import namedtuple
 
 import numpy as np
@@ -197,3 +198,24 @@ def test_max_errors_match_numpy(values: list[float], deltas: list[float]) -> Non
     assert result.max_rel == pytest.approx(rel.max())
     expected_bad = int((err > 1e-8 + 1e-5 * np.abs(y.astype(np.float64))).sum())
     assert result.mismatched == expected_bad
+
+
+@pytest.mark.filterwarnings("ignore::tensorsnap._errors.BundleWarning")  # caches load as dicts
+def test_a_live_capture_equals_its_saved_bundle(tmp_path: pathlib.Path) -> None:
+    from conftest import tiny_gpt2, token_ids
+
+    model = tiny_gpt2()
+    ids = token_ids()
+    with tensorsnap.capture(model, grads=True) as snap:
+        model(ids, labels=ids).loss.backward()
+    snap.save(tmp_path / "run")
+    result = tensorsnap.diff(tensorsnap.load(tmp_path / "run"), snap)
+    assert result.equal, result.summary()
+    assert not result.only_a and not result.only_b
+    # and a real difference in one cache tensor is found, at its path
+    loaded = tensorsnap.load(tmp_path / "run")
+    changed = dict(loaded)
+    changed[""] = tensorsnap.snapshot(snap[""])
+    changed[""].past_key_values.layers[0].keys.add_(1.0)
+    result = tensorsnap.diff(changed, snap)
+    assert result.first_diverging == ""

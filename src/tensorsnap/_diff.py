@@ -9,7 +9,9 @@ whose values diverge, keys present on one side only, and shape, dtype or structu
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
+import types
 from collections.abc import Iterator, Mapping
 from os import PathLike
 from typing import Any
@@ -177,8 +179,20 @@ def leaves(value: Any, parts: tuple[object, ...] = ()) -> Iterator[tuple[tuple[o
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         for field in dataclasses.fields(value):
             yield from leaves(getattr(value, field.name), (*parts, field.name))
+    elif _is_object(value):
+        # an object with attributes (a transformers cache): compared by its attributes, keyed
+        # as a bundle stores it (a plain dict of them), so live and loaded values line up
+        for k, item in vars(value).items():
+            if isinstance(k, str):
+                yield from leaves(item, (*parts, k))
     else:
         yield parts, value
+
+
+def _is_object(value: Any) -> bool:
+    if isinstance(value, (type, enum.Enum, types.FunctionType, types.ModuleType, torch.nn.Module)):
+        return False
+    return isinstance(getattr(value, "__dict__", None), dict)
 
 
 class _Errors:
