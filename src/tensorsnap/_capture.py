@@ -433,6 +433,13 @@ class _Session(AbstractContextManager[Snapshot]):
         spoiled = self._deferred.settle() if self._deferred is not None else []
         for key in spoiled:
             self.snapshot._drop(key)
+        flush = getattr(self.snapshot._store, "flush", None)
+        if flush is not None:  # a spill store: what is over the budget is on disk when we return
+            try:
+                flush()
+            except TensorSnapError:
+                if exc_type is None:
+                    raise  # else the block's own exception is the one to see
         if exc_type is None:
             if spoiled:
                 raise TensorSnapError(
