@@ -620,7 +620,7 @@ class _Session(AbstractContextManager[Snapshot]):
                         frame.call,
                         name,
                         "op",
-                        result.shape,
+                        tuple(result.shape),
                         copy.dtype,
                         copy.nbytes,
                     ),
