@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
+from _models import gpt2_tiny
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook
 
@@ -51,28 +52,11 @@ def _encoder() -> tuple[nn.Module, tuple[Any, ...]]:
     return model, (torch.randn(8, 128, 256),)
 
 
-def _gpt2() -> tuple[nn.Module, tuple[Any, ...]]:
-    import transformers
-
-    options: dict[str, Any] = {"attn_implementation": "eager"}
-    config = transformers.GPT2Config(
-        n_layer=2,
-        n_embd=128,
-        n_head=4,
-        vocab_size=1000,
-        n_positions=64,
-        bos_token_id=None,
-        eos_token_id=None,
-        **options,
-    )
-    return transformers.GPT2LMHeadModel(config), (torch.randint(0, 1000, (1, 32)),)
-
-
 MODELS: dict[str, tuple[Callable[[], tuple[nn.Module, tuple[Any, ...]]], bool]] = {
     # name: (builder, fast path enabled)
     "encoder": (_encoder, True),
     "encoder-slow": (_encoder, False),
-    "gpt2": (_gpt2, True),
+    "gpt2": (gpt2_tiny, True),
 }
 
 

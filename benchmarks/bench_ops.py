@@ -34,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from _models import gpt2_tiny
 from torch import nn
 
 import tensorsnap
@@ -106,23 +107,6 @@ def _resnet18() -> tuple[nn.Module, tuple[Any, ...]]:
     return model, (torch.randn(1, 3, 224, 224),)
 
 
-def _gpt2() -> tuple[nn.Module, tuple[Any, ...]]:
-    import transformers
-
-    options: dict[str, Any] = {"attn_implementation": "eager"}  # softmax visible as an op
-    config = transformers.GPT2Config(
-        n_layer=2,
-        n_embd=128,
-        n_head=4,
-        vocab_size=1000,
-        n_positions=64,
-        bos_token_id=None,
-        eos_token_id=None,
-        **options,
-    )
-    return transformers.GPT2LMHeadModel(config), (torch.randint(0, 1000, (1, 32)),)
-
-
 def _encoder() -> tuple[nn.Module, tuple[Any, ...]]:
     layer = nn.TransformerEncoderLayer(256, 8, 1024, batch_first=True)
     model = nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)
@@ -132,7 +116,7 @@ def _encoder() -> tuple[nn.Module, tuple[Any, ...]]:
 MODELS: dict[str, Callable[[], tuple[nn.Module, tuple[Any, ...]]]] = {
     "mlp": _mlp,
     "resnet18": _resnet18,
-    "gpt2-tiny": _gpt2,
+    "gpt2-tiny": gpt2_tiny,
     "encoder": _encoder,
 }
 
