@@ -21,7 +21,7 @@ from conftest import reference_outputs, tiny_gpt2, token_ids
 from torch import nn
 
 import tensorsnap
-from tensorsnap import TensorSnapError, _extract
+from tensorsnap import TensorSnapError, _stream
 
 
 class Pair(NamedTuple):
@@ -364,7 +364,7 @@ def kill_at_batch(n: int) -> Any:
 
 
 def test_kill_9_at_any_moment_then_resume_is_bitwise_equal(tmp_path: Any, monkeypatch: Any) -> None:
-    monkeypatch.setattr(_extract, "_COMMIT_SECONDS", 0.0)  # journal after every batch
+    monkeypatch.setattr(_stream, "_COMMIT_SECONDS", 0.0)  # journal after every batch
     model = tiny_gpt2(n_layer=1)
     got_reference = run(model, gpt_batches(), tmp_path / "reference", ops=True)
     reference = files(tmp_path / "reference")
@@ -372,13 +372,13 @@ def test_kill_9_at_any_moment_then_resume_is_bitwise_equal(tmp_path: Any, monkey
     moments = {
         "before the first batch": [kill_at_batch(0)],
         "between batches": [kill_at_batch(4)],
-        "writing batch data": [kill_at_call(_extract, "write_all", 250)],
+        "writing batch data": [kill_at_call(_stream, "write_all", 250)],
         "fsyncing for a journal entry": [kill_at_call(os, "fsync", 150)],
         "renaming a journal entry": [kill_at_call(os, "replace", 3)],
         "sealing the shards": [kill_at_call(os, "pwrite", 5)],
         "renaming the manifest": [kill_at_call(os, "replace", 8)],
         "removing the journal": [kill_at_call(os, "unlink", 1)],
-        "twice": [kill_at_batch(2), kill_at_call(_extract, "write_all", 150)],
+        "twice": [kill_at_batch(2), kill_at_call(_stream, "write_all", 150)],
     }
     for moment, setups in moments.items():
         out = tmp_path / moment.replace(" ", "-")

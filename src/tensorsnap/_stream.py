@@ -1,0 +1,544 @@
+"""Streaming a dataset's captures into shard files: append per batch, journal, seal at the end.
+
+Each tensor leaf of each key has a shard file of its own; a batch's bytes are appended to it
+after the batch has been checked against the first one. Row-major tensors concatenated along
+dim 0 are their bytes concatenated, so when the run ends each shard already holds its whole
+tensor: the safetensors header goes into the space reserved at the head of the file and the
+manifest is written last.
+
+After the first batch and then every ``_COMMIT_SECONDS``, the touched files are fsynced and
+``extract-journal.json`` is replaced atomically with the state after the last completed batch
+(batches done, each file's length and running CRC-32). A restarted run cuts every file back to
+its journaled length and deletes files the journal does not know, so bytes written after the
+last journal entry are never seen.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import os
+import re
+import time
+import zlib
+from typing import Any
+
+import torch
+
+from ._errors import BundleError, TensorSnapError, attr, format_path
+from ._manifest import JOURNAL, MANIFEST, Encoder, encode_manifest
+from ._shards import NATIVE, dtype_from_name, dtype_name, fsync_dir, write_all
+from ._snapshot import Record, Snapshot
+
+__all__ = ["TEMP", "Writer", "read_journal"]
+
+_JOURNAL_FORMAT = "tensorsnap-extract-journal"
+_JOURNAL_VERSION = 1
+# Journal (and fsync the files written since the last entry) at most this often: each entry
+# costs one fsync per touched file; a restart redoes at most this much work.
+_COMMIT_SECONDS = 2.0
+# Bytes reserved at the head of each shard for its safetensors header (written at the end).
+_DATA_START = 256
+# Blobs end on this many bytes, as in every bundle (docs/format.md).
+_BLOB_ALIGN = 16
+# Shard files kept open between batches; the least recently used beyond it are closed.
+_MAX_OPEN = 256
+_SHARD_FILE = re.compile(r"shard-\d{5}\.safetensors")
+# leftovers of a commit that a kill interrupted: never complete
+TEMP = (f".{JOURNAL}.tmp", f".{MANIFEST}.tmp")
+
+
+def read_journal(root: str) -> dict[str, Any]:
+    path = os.path.join(root, JOURNAL)
+    try:
+        with open(path, "rb") as f:
+            state = json.loads(f.read())
+    except (OSError, ValueError) as err:
+        raise BundleError(f"{path} cannot be read ({err}); remove {root} and start over") from err
+    if not isinstance(state, dict) or state.get("format") != _JOURNAL_FORMAT:
+        raise BundleError(f"{path} is not an extract journal; remove {root} and start over")
+    if state.get("version") != _JOURNAL_VERSION:
+        raise BundleError(
+            f"{path} has journal version {state.get('version')!r}; this tensorsnap resumes "
+            f"version {_JOURNAL_VERSION} only: finish it with the tensorsnap that started it"
+        )
+    return state
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+
+class _Leaf:
+    """One tensor position in a key's value: a shard file its batches are appended to."""
+
+    __slots__ = ("crc32", "device", "dtype", "file", "nbytes", "rest", "rows")
+
+    def __init__(self, file: str, dtype: torch.dtype, rest: list[int] | None, device: str) -> None:
+        self.file = file
+        self.dtype = dtype
+        self.rest = rest  # the shape beyond dim 0; None for 0-dim values (stacked)
+        self.device = device
+        self.rows = 0
+        self.nbytes = 0
+        self.crc32 = 0
+
+    def shape(self) -> list[int]:
+        return [self.rows, *(self.rest or [])]
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "dtype": dtype_name(self.dtype),
+            "rest": self.rest,
+            "device": self.device,
+            "rows": self.rows,
+            "nbytes": self.nbytes,
+            "crc32": self.crc32,
+        }
+
+
+class _Key:
+    __slots__ = ("leaves", "record", "tree")
+
+    def __init__(self, record: Record, tree: Any, leaves: list[_Leaf]) -> None:
+        self.record = record
+        self.tree = tree
+        self.leaves = leaves
+
+
+class Writer:
+    """Appends batches to the shard files of one output directory, journals, finishes."""
+
+    def __init__(
+        self,
+        root: str,
+        options: dict[str, Any],
+        model: dict[str, str],
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        self.root = root
+        self.options = options
+        self.model = model
+        self.rank = rank
+        self.world_size = world_size
+        self.keys: dict[str, _Key] = {}
+        self.batches = 0
+        self.defined = False
+        self._fds: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._dirty: set[str] = set()
+        self._last_commit = time.monotonic()
+
+    # -- one batch ------------------------------------------------------------------------
+
+    def add(self, index: int, snap: Snapshot) -> int:
+        """Check batch ``index``'s values against the first batch's, then append them."""
+        values = []
+        for record in snap.records:
+            encoder = Encoder(f"batch {index}: snap[{record.key!r}]")
+            tree = encoder.node(snap[record.key], [])
+            values.append((record, tree, encoder.tensors))
+        if not self.defined:
+            self._define(values)
+        else:
+            self._check(index, values)
+        # every check passed: now write (new sizes are applied only once all bytes are out)
+        updates = []
+        for record, _, tensors in values:
+            for leaf, t in zip(self.keys[record.key].leaves, tensors):
+                data = _bytes(t)
+                fd = self._fd(leaf.file)
+                write_all(fd, data)
+                self._dirty.add(leaf.file)
+                rows = int(t.shape[0]) if t.dim() else 1
+                updates.append((leaf, rows, len(data), zlib.crc32(data, leaf.crc32)))
+        written = 0
+        for leaf, rows, nbytes, crc in updates:
+            leaf.rows += rows
+            leaf.nbytes += nbytes
+            leaf.crc32 = crc
+            written += nbytes
+        self.batches = index + 1
+        return written
+
+    def _define(self, values: list[tuple[Record, Any, list[torch.Tensor]]]) -> None:
+        count = itertools.count()
+        for record, tree, tensors in values:
+            leaves = []
+            for t in tensors:
+                leaf = _Leaf(
+                    f"shard-{next(count):05d}.safetensors",
+                    t.dtype,
+                    list(t.shape[1:]) if t.dim() else None,
+                    str(t.device),
+                )
+                _create(os.path.join(self.root, leaf.file))
+                leaves.append(leaf)
+            self.keys[record.key] = _Key(record, tree, leaves)
+        self.defined = True
+        fsync_dir(self.root)
+
+    def _check(self, index: int, values: list[tuple[Record, Any, list[torch.Tensor]]]) -> None:
+        arrived = {record.key for record, _, _ in values}
+        for name in self.keys:
+            if name not in arrived:
+                raise TensorSnapError(
+                    f"key {name!r} is missing from batch {index} (the first batch had it); every "
+                    "batch must produce the same keys: exclude it (exclude=[...]) if its module "
+                    "does not run for every batch"
+                )
+        for record, tree, tensors in values:
+            key = self.keys.get(record.key)
+            if key is None:
+                raise TensorSnapError(
+                    f"key {record.key!r} appears in batch {index} but not in the first batch; "
+                    "every batch must produce the same keys: exclude it (exclude=[...])"
+                )
+            where = _difference(key.tree, tree, [])
+            if where is not None:
+                raise TensorSnapError(
+                    f"batch {index}: {format_path(f'snap[{record.key!r}]', where)} differs in "
+                    "structure or in a non-tensor value from the first batch's; values are "
+                    "concatenated leaf by leaf, so they must have the same structure: exclude "
+                    "this key"
+                )
+            paths = _tensor_paths(tree)
+            for i, (leaf, t) in enumerate(zip(key.leaves, tensors)):
+                rest = list(t.shape[1:]) if t.dim() else None
+                if t.dtype == leaf.dtype and rest == leaf.rest:
+                    continue
+                name = format_path(f"snap[{record.key!r}]", paths.get(i, []))
+                expected = f"{leaf.dtype} of shape " + (
+                    "() (0-dim)" if leaf.rest is None else f"(*, {', '.join(map(str, leaf.rest))})"
+                )
+                raise TensorSnapError(
+                    f"batch {index}: {name} is {t.dtype} of shape {tuple(t.shape)}, the first "
+                    f"batch had {expected}; values are concatenated along dim 0, so their dtype "
+                    "and every dim after the first must match in all batches (pad or crop the "
+                    "batches to one length, or exclude this key)"
+                )
+
+    def _fd(self, file: str) -> int:
+        fd = self._fds.get(file)
+        if fd is not None:
+            self._fds.move_to_end(file)
+            return fd
+        if len(self._fds) >= _MAX_OPEN:
+            old, old_fd = self._fds.popitem(last=False)
+            if old in self._dirty:
+                os.fsync(old_fd)
+                self._dirty.discard(old)
+            os.close(old_fd)
+        fd = os.open(os.path.join(self.root, file), os.O_WRONLY | os.O_APPEND)
+        self._fds[file] = fd
+        return fd
+
+    # -- journal ----------------------------------------------------------------------------
+
+    def maybe_commit(self) -> None:
+        if time.monotonic() - self._last_commit >= _COMMIT_SECONDS or self.batches == 1:
+            self.commit()
+
+    def commit(self) -> None:
+        """Make the state after the last completed batch durable, then journal it."""
+        for file in sorted(self._dirty):
+            os.fsync(self._fds[file])
+        self._dirty.clear()
+        state = {
+            "format": _JOURNAL_FORMAT,
+            "version": _JOURNAL_VERSION,
+            "options": self.options,
+            "model": self.model,
+            "batches": self.batches,
+            "keys": [
+                {
+                    "record": [
+                        k.record.key,
+                        k.record.module,
+                        k.record.call,
+                        k.record.op,
+                        k.record.kind,
+                    ],
+                    "value": k.tree,
+                    "leaves": [leaf.state() for leaf in k.leaves],
+                }
+                for k in self.keys.values()
+            ]
+            if self.defined
+            else None,
+        }
+        _replace(self.root, JOURNAL, json.dumps(state, separators=(",", ":")).encode())
+        self._last_commit = time.monotonic()
+
+    def recover(self, state: dict[str, Any], entries: set[str]) -> None:
+        """Continue from a journal: cut files back to it, drop files it does not know."""
+        path = os.path.join(self.root, JOURNAL)
+        try:
+            self.batches = int(state["batches"])
+            known = set()
+            if state["keys"] is not None:
+                for item in state["keys"]:
+                    key, module, call, op, kind = item["record"]
+                    leaves = []
+                    for spec in item["leaves"]:
+                        leaf = _Leaf(
+                            spec["file"],
+                            dtype_from_name(spec["dtype"], path),
+                            spec["rest"],
+                            spec["device"],
+                        )
+                        leaf.rows, leaf.nbytes, leaf.crc32 = (
+                            int(spec["rows"]),
+                            int(spec["nbytes"]),
+                            int(spec["crc32"]),
+                        )
+                        if not _SHARD_FILE.fullmatch(leaf.file):
+                            raise ValueError(f"shard name {leaf.file!r}")
+                        leaves.append(leaf)
+                        known.add(leaf.file)
+                    record = Record(key, module, call, op, kind, None, None, 0)
+                    self.keys[key] = _Key(record, item["value"], leaves)
+                self.defined = True
+        except (KeyError, TypeError, ValueError) as err:
+            raise BundleError(
+                f"{path} is damaged ({type(err).__name__}: {err}); remove {self.root} and start "
+                "over"
+            ) from err
+        for key in self.keys.values():
+            for leaf in key.leaves:
+                file = os.path.join(self.root, leaf.file)
+                size = os.path.getsize(file) if os.path.isfile(file) else -1
+                if size < _DATA_START + leaf.nbytes:
+                    raise BundleError(
+                        f"{file} (key {key.record.key!r}) is missing or shorter than {JOURNAL} "
+                        f"says ({size} < {_DATA_START + leaf.nbytes} bytes); the directory was "
+                        f"damaged: remove {self.root} and start over"
+                    )
+                if size != _DATA_START + leaf.nbytes:  # bytes of a batch never journaled
+                    os.truncate(file, _DATA_START + leaf.nbytes)
+        for name in entries:
+            if _SHARD_FILE.fullmatch(name) and name not in known:
+                os.unlink(os.path.join(self.root, name))
+        fsync_dir(self.root)
+
+    def abort(self) -> None:
+        """After an error: journal the batches completed so far, close the files."""
+        try:
+            self.commit()
+        except OSError:
+            pass  # the error being raised matters more; the last journal entry still holds
+        self._close()
+
+    def _close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    # -- the end ----------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """Headers into every shard, then the manifest (the commit point), then no journal."""
+        from . import __version__
+
+        for fd in self._fds.values():
+            os.fsync(fd)
+        self._close()
+        self._dirty.clear()
+        records: list[dict[str, Any]] = []
+        shards: list[dict[str, Any]] = []
+        for key in self.keys.values():
+            blobs: list[dict[str, Any]] = []
+            tensors: list[dict[str, Any]] = []
+            for leaf in key.leaves:
+                shards.append({"file": leaf.file, "nbytes": _seal(self.root, leaf)})
+                numel = 1
+                for size in leaf.shape():
+                    numel *= size
+                blob = None
+                if numel:
+                    blob = len(blobs)
+                    blobs.append(
+                        {
+                            "shard": len(shards) - 1,
+                            "name": "data",
+                            "dtype": dtype_name(_blob_dtype(leaf.dtype)),
+                            "offset": 0,
+                            "nbytes": _padded(leaf.nbytes),
+                            "crc32": _padded_crc(leaf),
+                        }
+                    )
+                tensors.append(
+                    {
+                        "dtype": dtype_name(leaf.dtype),
+                        "shape": leaf.shape(),
+                        "stride": _contiguous(leaf.shape()),
+                        "blob": blob,
+                        "offset": 0,
+                        "device": leaf.device,
+                    }
+                )
+            r = key.record
+            lone = key.tree.get("type") == "tensor" and len(key.leaves) == 1
+            records.append(
+                {
+                    "key": r.key,
+                    "module": r.module,
+                    "call": r.call,
+                    "op": r.op,
+                    "kind": r.kind,
+                    "shape": key.leaves[0].shape() if lone else None,
+                    "dtype": dtype_name(key.leaves[0].dtype) if lone else None,
+                    "nbytes": sum(leaf.nbytes for leaf in key.leaves),
+                    "blobs": blobs,
+                    "tensors": tensors,
+                    "value": key.tree,
+                }
+            )
+        info = {"options": self.options, "model": self.model, "batches": self.batches}
+        manifest = encode_manifest(
+            records,
+            shards,
+            version=__version__,
+            rank=self.rank,
+            world_size=self.world_size,
+            extra={"extract": info},
+        )
+        _replace(self.root, MANIFEST, manifest)
+        os.unlink(os.path.join(self.root, JOURNAL))
+        fsync_dir(self.root)
+
+
+def _create(path: str) -> None:
+    """A new shard: a placeholder header (an empty safetensors file) in the reserved space."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        write_all(fd, _header(torch.uint8, 0))
+    finally:
+        os.close(fd)
+
+
+def _seal(root: str, leaf: _Leaf) -> int:
+    """Pad the data to the blob alignment and write the real header; returns the file size."""
+    path = os.path.join(root, leaf.file)
+    padded = _padded(leaf.nbytes)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.ftruncate(fd, _DATA_START + leaf.nbytes)
+        if padded > leaf.nbytes:
+            os.pwrite(fd, bytes(padded - leaf.nbytes), _DATA_START + leaf.nbytes)
+        os.pwrite(fd, _header(_blob_dtype(leaf.dtype), padded), 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return _DATA_START + padded
+
+
+def _header(dtype: torch.dtype, nbytes: int) -> bytes:
+    entry = {
+        "dtype": NATIVE[dtype],
+        "shape": [nbytes // dtype.itemsize],
+        "data_offsets": [0, nbytes],
+    }
+    header = {"data": entry, "__metadata__": {"format": "pt", "writer": "tensorsnap-bundle"}}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if 8 + len(text) > _DATA_START:  # pragma: no cover - 20-digit sizes still fit
+        raise BundleError(f"safetensors header of {len(text)} bytes does not fit")
+    # pad with spaces (as safetensors does): the header's length covers the padding
+    return (_DATA_START - 8).to_bytes(8, "little") + text.ljust(_DATA_START - 8)
+
+
+def _blob_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in NATIVE else torch.uint8
+
+
+def _padded(nbytes: int) -> int:
+    return nbytes + (-nbytes) % _BLOB_ALIGN
+
+
+def _padded_crc(leaf: _Leaf) -> int:
+    return zlib.crc32(bytes(_padded(leaf.nbytes) - leaf.nbytes), leaf.crc32)
+
+
+def _contiguous(shape: list[int]) -> list[int]:
+    stride, step = [], 1
+    for size in reversed(shape):
+        stride.append(step)
+        step *= max(size, 1)
+    return stride[::-1]
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's elements in row-major order, as bytes (copied only if not already so)."""
+    if t.device.type != "cpu":
+        t = t.cpu()
+    flat = t.contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]
+
+
+def _replace(root: str, name: str, data: bytes) -> None:
+    """Write ``root/name`` atomically: a temp file, fsynced, renamed over it, directory fsynced."""
+    temp = os.path.join(root, f".{name}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, os.path.join(root, name))
+    fsync_dir(root)
+
+
+# -- comparing value trees --------------------------------------------------------------------
+
+
+def _children(node: Any) -> list[tuple[object, Any]]:
+    """(path part, child node) pairs of a manifest value node."""
+    kind = node.get("type") if isinstance(node, dict) else None
+    if kind in ("tuple", "list", "set", "frozenset"):
+        return list(enumerate(node["items"]))
+    if kind == "namedtuple":
+        return [(attr(str(f)), v) for f, v in zip(node["fields"], node["items"])]
+    if kind in ("dict", "mapping"):
+        return [(k.get("value", "?"), v) for k, v in node["items"]]
+    if kind == "dataclass":
+        pairs = [(attr(name), v) for name, v in node["fields"]]
+        return pairs + [(k.get("value", "?"), v) for k, v in node.get("items", [])]
+    if kind == "object":
+        return [(attr(name), v) for name, v in node["attrs"]]
+    return []
+
+
+def _difference(a: Any, b: Any, parts: list[object]) -> list[object] | None:
+    """The path of the first place where two value trees differ, or None."""
+    if a == b:
+        return None
+    ca, cb = _children(a), _children(b)
+    if ca and len(ca) == len(cb) and _shallow(a) == _shallow(b):
+        for (part, x), (_, y) in zip(ca, cb):
+            found = _difference(x, y, [*parts, part])
+            if found is not None:
+                return found
+    return parts
+
+
+def _shallow(node: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in node.items() if k not in ("items", "fields", "attrs")}
+
+
+def _tensor_paths(tree: Any) -> dict[int, list[object]]:
+    found: dict[int, list[object]] = {}
+
+    def walk(node: Any, parts: list[object]) -> None:
+        if isinstance(node, dict) and node.get("type") == "tensor":
+            found.setdefault(node["index"], parts)
+        for part, child in _children(node):
+            walk(child, [*parts, part])
+
+    walk(tree, [])
+    return found
+
+
+# -- progress ---------------------------------------------------------------------------------
