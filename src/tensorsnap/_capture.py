@@ -136,6 +136,7 @@ class _Session(AbstractContextManager[Snapshot]):
         # nothing between an op's result and a clone of it: no deferral, cast, move or check
         self._fast = self._plain and self._deferred is None and not dry and nonfinite is None
         self.open = False
+        self._used = False
         self._calls: dict[int, int] = {}
         self._stack: list[_Frame] = []
         self._thread = 0
@@ -149,8 +150,12 @@ class _Session(AbstractContextManager[Snapshot]):
     # -- entering and leaving ------------------------------------------------------------------
 
     def __enter__(self) -> Snapshot:
-        if self.open:
-            raise TensorSnapError("this capture block is already open; call capture() again")
+        if self.open or self._used:
+            raise TensorSnapError(
+                "this capture() has already been entered, and a snapshot belongs to one block; "
+                "call tensorsnap.capture(model, ...) again for each `with` block"
+            )
+        self._used = True
         self._thread = threading.get_ident()
         self.open = True
         try:
