@@ -383,3 +383,19 @@ def test_subprocess_end_to_end(tmp_path: Path) -> None:
     report = _run("report", "run0", "--against", "run1", "-o", "page.html", cwd=tmp_path)
     assert report.returncode == 0, report.stderr
     assert (tmp_path / "page.html").read_text().count("data:image/png;base64,") >= 2
+
+
+def test_plain_container_fallbacks_are_summed_up_in_one_note(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from conftest import tiny_gpt2, token_ids
+
+    model = tiny_gpt2()
+    with tensorsnap.capture(model) as snap:
+        model(token_ids())
+    snap.save(tmp_path / "gpt2")
+    assert main(["ls", str(tmp_path / "gpt2"), "--no-stats"]) == 0
+    err = capsys.readouterr().err
+    # the cache objects (not dataclasses or mappings) come back as dicts: said once, in a note
+    assert err.count("note:") == 1 and "came back as plain dicts" in err
+    assert "BundleWarning" not in err

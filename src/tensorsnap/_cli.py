@@ -19,13 +19,14 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._errors import TensorSnapError
+from ._errors import BundleWarning, TensorSnapError
 from ._snapshot import human_bytes
 
 __all__ = ["main"]
@@ -735,7 +736,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = stop.code
         return code if isinstance(code, int) else (0 if code is None else EXIT_USAGE)
     try:
-        code = args.func(args)
+        # a bundle read here brings classes back as plain containers when their modules are
+        # not imported (the CLI imports none); say so once instead of once per value
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", BundleWarning)
+            code = args.func(args)
+        for warning in caught:
+            if not issubclass(warning.category, BundleWarning):
+                warnings.warn_explicit(
+                    warning.message, warning.category, warning.filename, warning.lineno
+                )
+        plain = sum(issubclass(w.category, BundleWarning) for w in caught)
+        if plain:
+            print(
+                f"note: {plain} nested value(s) came back as plain dicts or tuples, because "
+                "their classes are not imported in this process (tensors are unaffected)",
+                file=sys.stderr,
+            )
         return int(code)
     except TensorSnapError as err:
         print(f"tensorsnap {args.command}: error: {err}", file=sys.stderr)
