@@ -714,13 +714,15 @@ def capture(
 
     Example:
         >>> import torch, tensorsnap
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(inplace=True))
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(inplace=True))
+        >>> with torch.no_grad():
+        ...     _ = model[0].weight.copy_(torch.eye(2)), model[0].bias.zero_()
         >>> with tensorsnap.capture(model, ops=True) as snap:
-        ...     out = model(torch.randn(2, 4))
+        ...     out = model(torch.tensor([[-1.0, 2.0]]))
         >>> list(snap)
         ['0/linear', '0', '1/relu', '1', '']
-        >>> bool((snap["0"] < 0).any() or True)  # taken before the in-place ReLU ran
-        True
+        >>> snap["0"].tolist(), out.tolist()  # the Linear output, before ReLU rewrote it in place
+        ([[-1.0, 2.0]], [[0.0, 2.0]])
     """
     return _Session(
         model,
