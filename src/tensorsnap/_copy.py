@@ -869,12 +869,10 @@ def snapshot(
 
     Example:
         >>> import torch, tensorsnap
-        >>> x = torch.ones(3, requires_grad=True) * 2
-        >>> out = {"y": x, "same": x}
-        >>> copy = tensorsnap.snapshot(out)
-        >>> x.detach().add_(1) is not None and copy["y"].tolist()
-        [2.0, 2.0, 2.0]
-        >>> copy["y"] is copy["same"], copy["y"].requires_grad
-        (True, False)
+        >>> x = torch.ones(3, requires_grad=True) * 2  # a non-leaf: copy.deepcopy raises
+        >>> copy = tensorsnap.snapshot({"y": x, "same": x})
+        >>> _ = x.detach().add_(1)  # the live tensor changes in place; the copy does not
+        >>> copy["y"].tolist(), copy["y"] is copy["same"], copy["y"].requires_grad
+        ([2.0, 2.0, 2.0], True, False)
     """
     return Copier(device=device, dtype=dtype, pin_memory=pin_memory).copy_value(obj)
