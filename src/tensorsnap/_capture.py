@@ -38,6 +38,10 @@ __all__ = ["capture", "names"]
 # not the model's ops, and dispatching them through Python costs ~1 us each.
 _quiet = quiet
 
+# -1 outside a backward pass; module calls inside one are activation checkpointing re-running
+# a forward, which is not a new call of the model
+_in_backward = torch._C._current_graph_task_id
+
 # torch classes whose fused fast path (eval, no grad) skips their submodules' forward calls
 # (not MultiheadAttention: it never calls its out_proj submodule, fast path or not)
 _FASTPATH = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
@@ -279,11 +283,13 @@ class _Session(AbstractContextManager[Snapshot]):
 
     def _pre(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         name = self.names.get(id(module))
-        if name is None or threading.get_ident() != self._thread:
-            if id(module) in self._wrappers and threading.get_ident() == self._thread:
+        if name is None or threading.get_ident() != self._thread or _in_backward() != -1:
+            if threading.get_ident() == self._thread and (
+                id(module) in self._wrappers or (name is not None and _in_backward() != -1)
+            ):
                 # a wrapper's own forward (FSDP's unshard views, DDP's input moves) is not the
-                # model's: a quiet frame keeps its ops from the caller until the wrapped
-                # module's call starts
+                # model's, and neither is a forward that activation checkpointing re-runs
+                # during backward: a quiet frame keeps their ops and calls out of the snapshot
                 frame = _Frame(module, "", 0)
                 frame.quiet = frame.wrapper = True
                 self._stack.append(frame)
@@ -317,8 +323,8 @@ class _Session(AbstractContextManager[Snapshot]):
             frame.grad_in = InputGradients(self, key, frame, args)
 
     def _on_inputs(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if not self._stack or self._stack[-1].module is not module:
-            return
+        if not self._stack or self._stack[-1].module is not module or self._stack[-1].wrapper:
+            return  # not this call's frame, or a wrapper's or a checkpoint re-run's
         frame = self._stack[-1]
         with _quiet():
             key = f"{frame.key}:in"
@@ -361,8 +367,8 @@ class _Session(AbstractContextManager[Snapshot]):
         module that calls itself.
         """
         name = self.names.get(id(module))
-        if name is None or threading.get_ident() != self._thread:
-            return
+        if name is None or threading.get_ident() != self._thread or _in_backward() != -1:
+            return  # not ours, or re-run by activation checkpointing during backward
         call = self._calls.get(id(module), 0)
         self._calls[id(module)] = call + 1
         if len(rest) != 2:  # forward raised; the call still counts, as with frames
