@@ -99,6 +99,10 @@ def test_missing_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
 # -- a real browser ---------------------------------------------------------------------------
 
+_ERRORS = """<script>window.__errors = [];
+window.addEventListener("error", function (e) { window.__errors.push(String(e.message)); });
+</script>"""
+
 # Appended to a copy of the page: click "max" twice (descending), then write the key order and
 # any script error into the DOM, which --dump-dom prints after scripts ran.
 _PROBE = """<script>
@@ -109,7 +113,7 @@ try {
   document.getElementById("filter").value = "EL";
   document.getElementById("filter").dispatchEvent(new Event("input"));
   var shown = keys(true);
-  out("asc=" + asc + ";desc=" + desc + ";shown=" + shown);
+  out("asc=" + asc + ";desc=" + desc + ";shown=" + shown + ";errors=" + window.__errors.join("|"));
 } catch (e) { out("error=" + e); }
 function keys(visible) {
   return Array.prototype.filter.call(document.querySelectorAll("#stats tbody tr"),
@@ -133,7 +137,10 @@ def test_sorting_and_filter_in_headless_chromium(tmp_path: Path) -> None:
     )
     page = Path(write_report(snap, tmp_path / "r.html"))
     probe = tmp_path / "probe.html"
-    probe.write_text(page.read_text().replace("</body></html>", _PROBE + "</body></html>"))
+    text = page.read_text().replace("</body></html>", _PROBE + "</body></html>")
+    # installed before the page's own scripts: any error they throw is reported by the probe
+    text = text.replace("<head>", "<head>" + _ERRORS, 1)
+    probe.write_text(text)
     with tempfile.TemporaryDirectory() as profile:
         done = subprocess.run(
             [
@@ -155,4 +162,6 @@ def test_sorting_and_filter_in_headless_chromium(tmp_path: Path) -> None:
         )
     found = re.search(r'<pre id="probe">(.*?)</pre>', done.stdout)
     assert found is not None, done.stderr[-2000:]
-    assert found.group(1) == ("asc=small,level,middle,big;desc=big,middle,level,small;shown=level")
+    assert found.group(1) == (
+        "asc=small,level,middle,big;desc=big,middle,level,small;shown=level;errors="
+    )
