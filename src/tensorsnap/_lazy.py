@@ -41,21 +41,38 @@ def _inplace_index(func: Any) -> int | None:
     return index
 
 
+# what a function writes into, by function: (its first argument, the index of its ``inplace``
+# flag or None); worked out once per function, since this is asked on every torch call
+_WRITES: dict[Any, tuple[bool, int | None]] = {}
+
+
+def _writes(func: Any) -> tuple[bool, int | None]:
+    found = _WRITES.get(func)
+    if found is None:
+        name = op_name(func)
+        in_place = (name.endswith("_") and not name.startswith("_")) or name == "setitem"
+        found = (in_place, _inplace_index(func))
+        try:
+            _WRITES[func] = found
+        except TypeError:  # an unhashable callable: work it out every time
+            pass
+    return found
+
+
 def _written(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
     """The tensors ``func(*args, **kwargs)`` is about to write into, as far as we can tell."""
+    in_place, index = _writes(func)
     targets: list[torch.Tensor] = []
-    name = op_name(func)
-    in_place = (name.endswith("_") and not name.startswith("_")) or name == "setitem"
     if in_place and args and isinstance(args[0], torch.Tensor):
         targets.append(args[0])
-    out = kwargs.get("out")
-    if isinstance(out, torch.Tensor):
-        targets.append(out)
-    elif isinstance(out, (tuple, list)):
-        targets.extend(t for t in out if isinstance(t, torch.Tensor))
-    index = _inplace_index(func)
+    if kwargs:
+        out = kwargs.get("out")
+        if isinstance(out, torch.Tensor):
+            targets.append(out)
+        elif isinstance(out, (tuple, list)):
+            targets.extend(t for t in out if isinstance(t, torch.Tensor))
     if index is not None:
-        flag = kwargs.get("inplace", args[index] if index < len(args) else False)
+        flag = (kwargs or {}).get("inplace", args[index] if index < len(args) else False)
         if flag is True and args and isinstance(args[0], torch.Tensor):
             targets.append(args[0])
     return targets
@@ -75,11 +92,17 @@ def _storage_id(t: torch.Tensor) -> int:
 
 
 class Deferred:
-    """The deferred values of one capture session, grouped by the storage they alias."""
+    """The deferred values of one capture session, grouped by the storage they alias.
+
+    New values wait in a list; they are grouped by storage only when a write is coming (or at
+    the end), so that holding a value costs a detach and an append, and grouping each value
+    happens once.
+    """
 
     def __init__(self, store: Callable[[str, torch.Tensor], None]) -> None:
         self._store = store  # replaces a key's value with its copy
         self._held: dict[int, list[_Entry]] = {}
+        self._pending: list[_Entry] = []
 
     def hold(self, key: str, t: torch.Tensor) -> torch.Tensor | None:
         """Keep an alias of ``t`` for ``key``; None if ``t`` cannot be deferred safely."""
@@ -87,20 +110,30 @@ class Deferred:
             type(t) is not torch.Tensor
             or t.layout != torch.strided
             or t.is_inference()  # no version counter: an untracked write would go unnoticed
-            or t.device.type == "meta"
+            or t.is_meta
             or t.numel() == 0
         ):
             return None
         alias = t.detach()  # shares storage and version counter, not autograd history
-        self._held.setdefault(_storage_id(t), []).append(_Entry(key, alias, t._version))
+        self._pending.append(_Entry(key, alias, t._version))
         return alias
+
+    def _group(self) -> None:
+        held = self._held
+        for entry in self._pending:
+            held.setdefault(_storage_id(entry.alias), []).append(entry)
+        self._pending.clear()
 
     def before(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> None:
         """Copy the deferred values that ``func`` is about to overwrite."""
-        if not self._held:
+        if not (self._held or self._pending):
             return
-        for target in _written(func, args, kwargs or {}):
-            if target.layout == torch.strided and target.device.type != "meta":
+        targets = _written(func, args, kwargs or {})
+        if not targets:
+            return
+        self._group()
+        for target in targets:
+            if target.layout == torch.strided and not target.is_meta:
                 entries = self._held.pop(_storage_id(target), None)
                 if entries:
                     for entry in entries:
@@ -114,6 +147,7 @@ class Deferred:
             the store's care; the caller decides how to report them).
         """
         spoiled: list[str] = []
+        self._group()
         held, self._held = self._held, {}
         for entries in held.values():
             fresh = [e for e in entries if e.alias._version == e.version]
