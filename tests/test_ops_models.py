@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
 
 import pytest
 import torch
+from conftest import tiny_gpt2
 from torch import nn
 
 import tensorsnap
@@ -17,27 +17,12 @@ import tensorsnap
 transformers = pytest.importorskip("transformers")
 
 
-def _gpt2() -> Any:
-    config = transformers.GPT2Config(
-        n_layer=2,
-        n_embd=64,
-        n_head=4,
-        vocab_size=100,
-        n_positions=64,
-        bos_token_id=None,
-        eos_token_id=None,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(config).eval()
-
-
 def _ids() -> torch.Tensor:
     return torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(1))
 
 
 def test_gpt2_softmax_op_is_the_returned_attention_weights_and_its_gradient() -> None:
-    model = _gpt2()
+    model = tiny_gpt2()
     ids = _ids()
     with tensorsnap.capture(model, ops=True, grads=True, include="*/softmax*") as snap:
         out = model(ids, output_attentions=True)
@@ -59,7 +44,7 @@ def test_gpt2_softmax_op_is_the_returned_attention_weights_and_its_gradient() ->
 
 
 def test_gpt2_gelu_new_internals_belong_to_the_activation_module() -> None:
-    model = _gpt2()
+    model = tiny_gpt2()
     ids = _ids()
     seen: list[torch.Tensor] = []
     act = model.transformer.h[0].mlp.act
@@ -86,7 +71,7 @@ def test_gpt2_gelu_new_internals_belong_to_the_activation_module() -> None:
 
 
 def test_gpt2_outputs_and_gradients_unchanged_by_op_capture() -> None:
-    model = _gpt2()
+    model = tiny_gpt2()
     ids = _ids()
 
     def run(capture: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -111,7 +96,7 @@ def test_gpt2_outputs_and_gradients_unchanged_by_op_capture() -> None:
 
 
 def test_gpt2_names_lists_the_op_keys_of_a_capture() -> None:
-    model = _gpt2()
+    model = tiny_gpt2()
     ids = _ids()
     listed = tensorsnap.names(model, ids, ops=True)
     with tensorsnap.capture(model, ops=True) as snap:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import tiny_bert, tiny_gpt2
 
 import tensorsnap
 
@@ -19,34 +20,19 @@ transformers = pytest.importorskip("transformers")
 
 
 def gpt2() -> Any:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=64,
-        n_positions=32,
-        n_embd=16,
-        n_layer=2,
-        n_head=2,
-        bos_token_id=None,
-        eos_token_id=None,
-        attn_implementation="eager",
-    )
-    return transformers.GPT2LMHeadModel(config).eval()
+    return tiny_gpt2(vocab_size=64, n_positions=32, n_embd=16, n_head=2)
 
 
 def bert() -> Any:
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
+    return tiny_bert(
         vocab_size=64,
         hidden_size=16,
-        num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=32,
         max_position_embeddings=32,
         bos_token_id=None,
         eos_token_id=None,
-        attn_implementation="eager",
     )
-    return transformers.BertModel(config).eval()
 
 
 def assert_same_tree(got: Any, ref: Any, path: str = "out") -> int:
