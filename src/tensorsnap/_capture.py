@@ -28,7 +28,8 @@ from ._errors import NonFiniteError, TensorSnapError, TensorSnapWarning
 from ._grads import Gradients, InputGradients
 from ._keys import Selector, module_names
 from ._lazy import Deferred
-from ._ops import AtenMode, OpMode, aten_name, op_name, quiet
+from ._ops import NAMES as _op_names
+from ._ops import AtenMode, OpMode, aten_name, op_name, others_listening, quiet
 from ._snapshot import Record, Snapshot
 from ._store import MemoryStore, Store, parse_size
 
@@ -46,6 +47,9 @@ _in_backward = torch._C._current_graph_task_id
 # (not MultiheadAttention: it never calls its out_proj submodule, fast path or not)
 _FASTPATH = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
+_strided = torch.strided
+_is_inference_mode = torch.is_inference_mode_enabled
+
 
 class _Frame:
     """One module call in progress."""
@@ -58,6 +62,7 @@ class _Frame:
         "module",
         "name",
         "ops",
+        "prefix",
         "quiet",
         "saved",
         "wrapper",
@@ -68,6 +73,7 @@ class _Frame:
         self.name = name
         self.call = call
         self.key = name if call == 0 else f"{name}#{call}"
+        self.prefix = self.key + "/"  # of its op keys
         self.ops: dict[str, int] = {}
         self.children = 0
         self.saved: list[torch.Tensor] | None = None
@@ -119,7 +125,8 @@ class _Session(AbstractContextManager[Snapshot]):
             )
         self.model = model
         self._wrappers: set[int] = set()
-        self.names = module_names(model, self._wrappers)
+        self._modules: list[nn.Module] = []
+        self.names = module_names(model, self._wrappers, self._modules)
         self.select = Selector(include, exclude)
         self._all = self.select.everything  # no patterns: nothing to decide or remember
         self.ops, self.inputs, self.grads, self.saved = ops, inputs, grads, saved
@@ -137,12 +144,17 @@ class _Session(AbstractContextManager[Snapshot]):
             store = MemoryStore()
         self.snapshot = Snapshot(store=store)
         self._deferred = Deferred(self._settled) if lazy and not dry and self._plain else None
-        # nothing between an op's result and a clone of it: no deferral, cast, move or check
-        self._fast = self._plain and self._deferred is None and not dry and nonfinite is None
+        # nothing between a value and a clone of it: no deferral, cast or move
+        self._fast = self._plain and self._deferred is None and not dry
+        # an op's value is a clone stored under its key, and nothing more (see _OpRecorder)
+        self._lean = self._fast and self._all and not (grads or saved) and nonfinite is None
         self.open = False
         self._used = False
         self._calls: dict[int, int] = {}
         self._stack: list[_Frame] = []
+        # the frame that ops run now belong to: the innermost call, unless it is quiet or a
+        # module's own hooks are running (None then, and outside the model)
+        self._target: _Frame | None = None
         self._thread = 0
         self._handles: list[Any] = []
         self._contexts: list[AbstractContextManager[Any]] = []
@@ -181,11 +193,10 @@ class _Session(AbstractContextManager[Snapshot]):
                 self._guard_user_hooks()
             if self.inputs:
                 # the process-wide pre-hook does not see keyword arguments; these do
-                for module in self.model.modules():
-                    if id(module) in self.names:
-                        self._handles.append(
-                            module.register_forward_pre_hook(self._on_inputs, with_kwargs=True)
-                        )
+                for module in self._modules:
+                    self._handles.append(
+                        module.register_forward_pre_hook(self._on_inputs, with_kwargs=True)
+                    )
             if _compiling_possible():
                 # compiled code would skip our hooks silently, and a compiled wrapper around the
                 # model (or a `model.compile()` call) need not be inside `model`: run all
@@ -207,9 +218,10 @@ class _Session(AbstractContextManager[Snapshot]):
             if self.ops == "aten":
                 self._op_name = aten_name
                 self._enter(AtenMode(self._on_op))
-            elif self.ops or self._deferred is not None:
-                before = self._deferred.before if self._deferred is not None else None
-                self._enter(OpMode(self._on_op if self.ops else None, before))
+            elif self._deferred is not None:
+                self._enter(OpMode(self._on_op if self.ops else None, self._deferred.before))
+            elif self.ops:
+                self._enter(_OpRecorder(self))
         except BaseException:
             self._close()
             raise
@@ -223,8 +235,8 @@ class _Session(AbstractContextManager[Snapshot]):
         hooks get two more of ours, registered last, that mark where their forward starts and
         where their forward hooks end.
         """
-        for module in self.model.modules():
-            if id(module) in self.names and (module._forward_pre_hooks or module._forward_hooks):
+        for module in self._modules:
+            if module._forward_pre_hooks or module._forward_hooks:
                 self._hooked.add(id(module))
                 self._handles.append(module.register_forward_pre_hook(self._forward_starts))
                 self._handles.append(
@@ -234,10 +246,16 @@ class _Session(AbstractContextManager[Snapshot]):
     def _forward_starts(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if self._stack and self._stack[-1].module is module:
             self._stack[-1].quiet = False
+            self._retarget()
 
     def _hooks_done(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if self._hooks_of is module:
             self._hooks_of = None
+            self._retarget()
+
+    def _retarget(self) -> None:
+        top = self._stack[-1] if self._stack else None
+        self._target = None if top is None or top.quiet or self._hooks_of is not None else top
 
     def _enter(self, context: AbstractContextManager[Any]) -> None:
         context.__enter__()
@@ -278,6 +296,7 @@ class _Session(AbstractContextManager[Snapshot]):
         self._stack.clear()
         self._hooked.clear()
         self._hooks_of = None
+        self._target = None
 
     # -- module calls ----------------------------------------------------------------------------
 
@@ -293,16 +312,23 @@ class _Session(AbstractContextManager[Snapshot]):
                 frame = _Frame(module, "", 0)
                 frame.quiet = frame.wrapper = True
                 self._stack.append(frame)
+                self._target = None
             return None
-        call = self._calls.get(id(module), 0)
-        self._calls[id(module)] = call + 1
+        calls = self._calls
+        call = calls.get(id(module), 0)
+        calls[id(module)] = call + 1
         frame = _Frame(module, name, call)
-        if self._hooked and id(module) in self._hooked:
-            frame.quiet = True
         stack = self._stack
         if stack:
             stack[-1].children += 1
         stack.append(frame)
+        if self._hooked and id(module) in self._hooked:
+            frame.quiet = True  # until its own pre-hooks are done (_forward_starts)
+            self._target = None
+        else:
+            self._target = None if self._hooks_of is not None else frame
+        if self._lean:
+            return None
         if self.saved:
             frame.saved = []
         if self.grads and torch.is_grad_enabled():
@@ -338,27 +364,42 @@ class _Session(AbstractContextManager[Snapshot]):
     def _post(self, module: nn.Module, args: tuple[Any, ...], *rest: Any) -> None:
         # torch calls always_call hooks with (module, args, result) when forward raised, and
         # with (module, args, kwargs, result) when it returned
-        if not self._stack or threading.get_ident() != self._thread:
+        stack = self._stack
+        if not stack or threading.get_ident() != self._thread:
             return
-        frame = self._pop(module)
-        if frame is None or frame.wrapper or len(rest) != 2:
-            return
-        if self._hooked and id(module) in self._hooked:
-            self._hooks_of = module
-        output = rest[1]
-        with _quiet():
-            if frame.saved:
-                self._record_saved(f"{frame.key}:saved", frame, None)
-            if self._all or self.select(frame.key):
-                self._record(frame.key, frame.name, frame.call, None, "output", output)
-            if self.grads and torch.is_grad_enabled():
-                key = f"{frame.key}:grad"
-                if self.select(key):
-                    self._watch_grads(key, frame, None, "grad", output)
-                if frame.grad_in is not None:
-                    self._handles.extend(frame.grad_in.watch(output))
+        frame: _Frame | None = stack[-1]
+        if frame is not None and frame.module is module:
+            stack.pop()
+        else:
+            frame = self._pop(module)  # an inner call raised without our hook seeing it end
+        if frame is not None and not frame.wrapper and len(rest) == 2:
+            if self._hooked and id(module) in self._hooked:
+                self._hooks_of = module
+            self._retarget()
+            with _quiet():
+                self._ended(frame, module, rest[1])
+        else:
+            self._retarget()
+
+    def _ended(self, frame: _Frame, module: nn.Module, output: Any) -> None:
+        """A module call returned ``output``: record it, and what waited for it to end."""
+        if self._lean and type(output) is torch.Tensor:
+            self._keep(frame.key, frame, None, "output", output)
             if frame.children == 0 and module._modules and isinstance(module, _FASTPATH):
                 self._warn_fastpath(module, frame.name)
+            return
+        if frame.saved:
+            self._record_saved(f"{frame.key}:saved", frame, None)
+        if self._all or self.select(frame.key):
+            self._keep(frame.key, frame, None, "output", output)
+        if self.grads and torch.is_grad_enabled():
+            key = f"{frame.key}:grad"
+            if self.select(key):
+                self._watch_grads(key, frame, None, "grad", output)
+            if frame.grad_in is not None:
+                self._handles.extend(frame.grad_in.watch(output))
+        if frame.children == 0 and module._modules and isinstance(module, _FASTPATH):
+            self._warn_fastpath(module, frame.name)
 
     def _post_light(self, module: nn.Module, args: tuple[Any, ...], *rest: Any) -> None:
         """The only hook when nothing but module outputs is captured: no frames, no stack.
@@ -410,41 +451,18 @@ class _Session(AbstractContextManager[Snapshot]):
     # -- ops -------------------------------------------------------------------------------------
 
     def _on_op(self, func: Any, result: Any) -> None:
-        stack = self._stack
-        if not stack or stack[-1].quiet or self._hooks_of is not None:
-            return  # run by the code around the model or by hooks, not by a forward
-        frame = stack[-1]
-        name = self._op_name(func)
-        count = frame.ops.get(name, 0)
-        frame.ops[name] = count + 1
-        key = f"{frame.key}/{name}" if count == 0 else f"{frame.key}/{name}#{count}"
+        frame = self._target
+        if frame is None:
+            return  # run by the code around the model, by hooks, or inside a quiet call
+        name = _op_names.get(func) or self._op_name(func)
+        counts = frame.ops
+        count = counts.get(name, 0)
+        counts[name] = count + 1
+        key = frame.prefix + name if count == 0 else f"{frame.prefix}{name}#{count}"
         if frame.saved:
             self._record_saved(f"{key}:saved", frame, name)
         if self._all or self.select(key):
-            if (
-                self._fast
-                and type(result) is torch.Tensor
-                and not result.requires_grad
-                and result.is_contiguous()
-                and not torch.is_inference_mode_enabled()
-            ):
-                # the hot path, inlined: most ops return one fresh dense tensor
-                copy = result.clone()
-                self.snapshot._add(
-                    Record(
-                        key,
-                        frame.name,
-                        frame.call,
-                        name,
-                        "op",
-                        tuple(result.shape),
-                        copy.dtype,
-                        copy.nbytes,
-                    ),
-                    copy,
-                )
-            else:
-                self._record(key, frame.name, frame.call, name, "op", result)
+            self._keep(key, frame, name, "op", result)
         if self.grads and torch.is_grad_enabled():
             grad_key = f"{key}:grad"
             if self.select(grad_key):
@@ -490,6 +508,43 @@ class _Session(AbstractContextManager[Snapshot]):
         gradients = Gradients(self, key, frame, op, kind, value)
         self._handles.extend(gradients.handles)
 
+    def _keep(self, key: str, frame: _Frame, op: str | None, kind: str, value: Any) -> None:
+        """Copy and store the value of a key of this call; the path every op and output takes.
+
+        A plain tensor, or a tuple or list of them, is copied here with as few Python steps as
+        possible (an op costs about a microsecond on top of its clone); anything else goes
+        through :meth:`_record` and the copy engine.
+        """
+        if self._fast:
+            copy: Any
+            if type(value) is torch.Tensor:
+                if (
+                    not value.requires_grad
+                    and value.layout == torch.strided
+                    and value.is_contiguous()
+                    and not torch.is_inference_mode_enabled()
+                ):
+                    copy = value.clone()  # the hot path: most values are fresh dense tensors
+                    nbytes = copy.nbytes
+                else:
+                    copy = self._clone(value)
+                    nbytes = _storage_bytes(copy) if copy is not None else 0
+                shape: tuple[int, ...] | None = None if copy is None else tuple(copy.shape)
+                dtype: torch.dtype | None = None if copy is None else copy.dtype
+            elif type(value) is tuple or type(value) is list:
+                copy, nbytes = self._clone_items(value)
+                shape = dtype = None
+            else:
+                copy = None
+            if copy is not None:
+                self.snapshot._add(
+                    Record(key, frame.name, frame.call, op, kind, shape, dtype, nbytes), copy
+                )
+                if self.nonfinite is not None:
+                    self._check_finite(key, copy)
+                return
+        self._record(key, frame.name, frame.call, op, kind, value)
+
     def _record(
         self, key: str, name: str, call: int, op: str | None, kind: str, value: Any
     ) -> None:
@@ -516,7 +571,7 @@ class _Session(AbstractContextManager[Snapshot]):
                 return
         copy = self._clone(value)
         if copy is not None:
-            nbytes = copy.nbytes if copy._base is None else copy.untyped_storage().nbytes()
+            nbytes = _storage_bytes(copy)
             record = Record(key, name, call, op, kind, tuple(copy.shape), copy.dtype, nbytes)
         else:
             copy = self.copier.copy_value(value, root=f"snap[{key!r}]")
@@ -546,15 +601,16 @@ class _Session(AbstractContextManager[Snapshot]):
     def _clone(self, value: Any) -> torch.Tensor | None:
         """The fast path for one tensor alone; None for anything the copy engine must walk.
 
-        A dense tensor is cloned (``preserve_format`` keeps a dense layout's strides); a view
-        that does not cover its span (a slice, an expanded tensor) gets the span it can reach
-        copied once and viewed with its own strides, as ``snapshot`` does.
+        A dense tensor is cloned (``preserve_format`` keeps a dense layout's strides, a
+        transpose's too); a view that does not cover its span (a slice, an expanded tensor)
+        gets the span it can reach copied once and viewed with its own strides, as
+        ``snapshot`` does.
         """
         if not (
             self._plain
             and type(value) is torch.Tensor
-            and value.layout == torch.strided
-            and not torch.is_inference_mode_enabled()
+            and value.layout is _strided
+            and not _is_inference_mode()
         ):
             return None  # structures, subclasses, sparse, casts, devices, inference tensors
         if value.requires_grad:  # a clone must not join the graph
@@ -570,6 +626,61 @@ class _Session(AbstractContextManager[Snapshot]):
             return None
         span = value.as_strided((extent,), (1,), value.storage_offset()).clone()
         return span.as_strided(value.shape, value.stride())
+
+    def _clone_items(self, value: tuple[Any, ...] | list[Any]) -> tuple[Any, int]:
+        """Copies of a tuple or list of plain tensors (None allowed), and their bytes.
+
+        Tensors of one storage (``split``, ``chunk``, ``unbind``) become views of one copy of the
+        span they cover, as ``snapshot`` makes them. ``(None, 0)`` for anything else, or for
+        tensors whose storages only partly coincide: the copy engine takes those.
+        """
+        tensors = [item for item in value if item is not None]
+        if not tensors or not self._plain or _is_inference_mode():
+            return None, 0
+        storages = set()
+        for t in tensors:
+            if type(t) is not torch.Tensor or t.layout is not _strided:
+                return None, 0
+            storages.add(t.untyped_storage().data_ptr())
+        copies: list[torch.Tensor | None]
+        if len(storages) == len(tensors):  # each tensor alone in its storage
+            copies = [None if item is None else self._clone(item) for item in value]
+            if sum(c is not None for c in copies) < len(tensors):
+                return None, 0
+            nbytes = sum(_storage_bytes(c) for c in copies if c is not None)
+        elif len(storages) == 1:
+            span, start = self._clone_span(tensors)
+            if span is None:
+                return None, 0
+            copies = [
+                None
+                if item is None
+                else span.as_strided(item.shape, item.stride(), item.storage_offset() - start)
+                for item in value
+            ]
+            nbytes = span.nbytes
+        else:
+            return None, 0
+        return (tuple(copies) if type(value) is tuple else copies), nbytes
+
+    @staticmethod
+    def _clone_span(tensors: list[torch.Tensor]) -> tuple[torch.Tensor | None, int]:
+        """One flat copy of the elements from the first to the last that ``tensors`` reach.
+
+        Returns the copy and the storage offset it starts at; ``(None, 0)`` for tensors of
+        mixed dtypes, empty ones, or ones with conjugate, negative or quantized bits.
+        """
+        first = tensors[0]
+        start = end = first.storage_offset()
+        for t in tensors:
+            if t.dtype != first.dtype or t.numel() == 0 or t.is_conj() or t.is_neg():
+                return None, 0
+            offset = t.storage_offset()
+            start = min(start, offset)
+            end = max(end, offset + _tree.extent(t))
+        if first.is_quantized or first.is_meta:
+            return None, 0
+        return first.detach().as_strided((end - start,), (1,), start).clone(), int(start)
 
     @staticmethod
     def _make_record(
@@ -601,6 +712,60 @@ class _Session(AbstractContextManager[Snapshot]):
             )
 
 
+class _OpRecorder(OpMode):
+    """The function mode of ``capture(ops=True)``, with the common op recorded in place.
+
+    Most ops return one fresh dense tensor, and usually every key is selected with nothing else
+    (gradients, saved tensors, checks) waiting on it. Such an op is named, cloned and stored
+    right in this handler, about a microsecond beyond its clone; everything else goes through
+    :meth:`_Session._on_op`, which does the same with every option considered.
+    """
+
+    def __init__(self, session: _Session) -> None:
+        super().__init__(session._on_op)
+        self.session = session
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        result = func(*args, **kwargs) if kwargs else func(*args)
+        session = self.session
+        frame = session._target
+        if frame is None:
+            return result  # not run by a forward of the model's (see _Session._retarget)
+        if (
+            session._lean
+            and type(result) is torch.Tensor
+            and not _is_inference_mode()
+            and not others_listening()
+        ):
+            copy: torch.Tensor | None
+            if not result.requires_grad and result.layout is _strided and result.is_contiguous():
+                copy = result.clone()
+                nbytes = copy.nbytes
+            else:
+                copy = session._clone(result)
+                nbytes = 0 if copy is None else _storage_bytes(copy)
+            if copy is not None:
+                name = _op_names.get(func) or op_name(func)
+                counts = frame.ops
+                count = counts.get(name, 0)
+                counts[name] = count + 1
+                key = frame.prefix + name if count == 0 else f"{frame.prefix}{name}#{count}"
+                record = Record(
+                    key, frame.name, frame.call, name, "op", tuple(copy.shape), copy.dtype, nbytes
+                )
+                session.snapshot._add(record, copy)
+                return result
+        if isinstance(result, (torch.Tensor, tuple, list)) and type(result) is not torch.Size:
+            self.report(func, result)  # not x.size(), x.dtype or x.shape, which hold no tensor
+        return result
+
+
 class _Ignored:
     """One warnings filter, added for the block and removed exactly (other filters untouched)."""
 
@@ -629,6 +794,11 @@ class _DictEntry:
         table = getattr(self.owner, self.name, None)
         if table is not None:
             table.pop(self.key, None)
+
+
+def _storage_bytes(copy: torch.Tensor) -> int:
+    """Bytes a copy made by the fast paths holds: its own, or its span's when it is a view."""
+    return copy.nbytes if copy._base is None else copy.untyped_storage().nbytes()
 
 
 def _unpack(packed: tuple[torch.Tensor, int]) -> torch.Tensor:

@@ -626,7 +626,7 @@ def _reconstruct(
         state = _copy_state(c, state)
         if state_setter is not None:
             state_setter(result, state)
-        elif hasattr(result, "__setstate__"):
+        elif _has_setstate(result):
             result.__setstate__(state)
         else:
             slots = None
@@ -655,6 +655,31 @@ def _reconstruct(
             err.parts.append(key)
             raise
     return result
+
+
+# per class: True if it has __setstate__; None if its __getattr__ may make one up; else False
+_SETSTATE: dict[type, bool | None] = {}
+
+
+def _has_setstate(obj: Any) -> bool:
+    """``hasattr(obj, "__setstate__")``, as deepcopy asks it, answered by the class when it can.
+
+    A failed attribute lookup raises and catches an AttributeError (through a Python-level
+    ``__getattr__``, if the class has one); asked once per class, not once per object.
+    """
+    cls = type(obj)
+    known = _SETSTATE.get(cls, _MISSING)
+    if known is _MISSING:
+        known = (
+            True if hasattr(cls, "__setstate__") else None if hasattr(cls, "__getattr__") else False
+        )
+        _SETSTATE[cls] = known
+    if known is None:
+        return hasattr(obj, "__setstate__")
+    if known:
+        return True
+    own = getattr(obj, "__dict__", None)  # set on the instance itself, which is rare
+    return own is not None and "__setstate__" in own
 
 
 def _copy_state(c: Copier, state: Any) -> Any:

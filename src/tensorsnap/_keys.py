@@ -29,7 +29,9 @@ def _is_wrapper(module: nn.Module) -> str | None:
     return None
 
 
-def module_names(model: nn.Module, wrappers: set[int] | None = None) -> dict[int, str]:
+def module_names(
+    model: nn.Module, wrappers: set[int] | None = None, modules: list[nn.Module] | None = None
+) -> dict[int, str]:
     """Map ``id(module)`` to the name its keys use, for every module of ``model``.
 
     Names are those of ``model.named_modules()`` (the root is ``""``; a module registered twice
@@ -37,7 +39,8 @@ def module_names(model: nn.Module, wrappers: set[int] | None = None) -> dict[int
     or ``torch.compile`` wrapper takes the wrapper's name, and the wrapper itself is not
     recorded. The original qualified names (with ``module.`` or ``_fsdp_wrapped_module.``) are
     not kept anywhere: they describe how a run was wrapped, not what it computed, and the keys
-    are those of the unwrapped model. ``wrappers``, when given, receives the wrappers' ids.
+    are those of the unwrapped model. ``wrappers``, when given, receives the wrappers' ids, and
+    ``modules`` the named modules themselves, in the same order.
     """
     names: dict[int, str] = {}
 
@@ -57,6 +60,8 @@ def module_names(model: nn.Module, wrappers: set[int] | None = None) -> dict[int
                     visit(child, f"{name}.{child_name}" if name else child_name)
             return
         names[id(module)] = name
+        if modules is not None:
+            modules.append(module)
         for child_name, child in module._modules.items():
             if child is not None:
                 visit(child, f"{name}.{child_name}" if name else child_name)

@@ -14,7 +14,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["AtenMode", "OpMode", "aten_name", "op_name", "quiet"]
+__all__ = ["NAMES", "AtenMode", "OpMode", "aten_name", "op_name", "others_listening", "quiet"]
 
 
 class _Internal(threading.local):
@@ -23,6 +23,23 @@ class _Internal(threading.local):
 
 
 _internal = _Internal()
+
+# function modes below the one handling a call (it is popped while it runs)
+_stack_depth = torch._C._len_torch_function_stack
+
+# the ATen-level modes entered in any thread: while there are none, no dispatch mode of ours can
+# see our own torch calls (a set, so that adding and removing are atomic)
+_aten_modes: set[int] = set()
+
+
+def others_listening() -> bool:
+    """Whether a mode could see the torch calls that a function mode's handler makes now.
+
+    Inside a function mode's handler that mode is off, so with no function mode below it and
+    no ATen-level capture open, its own calls (the copies it takes) reach no mode at all and
+    need no :func:`quiet` around them.
+    """
+    return bool(_stack_depth() or _aten_modes)
 
 
 class _QuietAten:
@@ -51,7 +68,8 @@ def quiet() -> Any:
     return torch._C.DisableTorchFunction()
 
 
-_NAMES: dict[Any, str] = {}
+# op_name's answers, so that naming a torch-level op is one dict lookup
+NAMES: dict[Any, str] = {}
 
 
 def op_name(func: Any) -> str:
@@ -60,7 +78,7 @@ def op_name(func: Any) -> str:
     Dunder methods lose their underscores (``x + y`` is ``add``, ``x[i]`` is ``getitem``);
     properties are named after the attribute (``x.T`` is ``T``).
     """
-    name = _NAMES.get(func)
+    name = NAMES.get(func)
     if name is None:
         name = getattr(func, "__name__", None) or type(func).__name__
         if name in ("__get__", "__set__"):  # a property of Tensor, e.g. x.T or x.mT
@@ -69,7 +87,7 @@ def op_name(func: Any) -> str:
         if len(name) > 4 and name.startswith("__") and name.endswith("__"):
             name = name[2:-2]
         try:
-            _NAMES[func] = name
+            NAMES[func] = name
         except TypeError:  # an unhashable callable: name it every time
             pass
     return name
@@ -115,24 +133,37 @@ class OpMode(TorchFunctionMode):
         if self.before is not None:
             with torch._C.DisableTorchFunction():
                 self.before(func, args, kwargs)
-        result = func(*args, **(kwargs or {}))
-        if self.on_op is not None and (
-            isinstance(result, torch.Tensor)
-            or (isinstance(result, (tuple, list)) and has_tensor(result))
-        ):
-            # copies made while recording are not ops, for this mode or any mode below it
-            with torch._C.DisableTorchFunction():
-                self.on_op(func, result)
+        result = func(*args, **kwargs) if kwargs else func(*args)
+        self.report(func, result)
         return result
+
+    def report(self, func: Any, result: Any) -> None:
+        """Pass ``result`` to ``on_op`` if it holds tensors, hiding the copies it makes."""
+        on_op = self.on_op
+        if on_op is None:
+            return
+        if type(result) is torch.Tensor and not (_stack_depth() or _aten_modes):
+            on_op(func, result)  # the common case: see others_listening()
+        elif isinstance(result, torch.Tensor) or (
+            isinstance(result, (tuple, list))
+            and type(result) is not torch.Size  # x.size() and x.shape: no tensors in there
+            and has_tensor(result)
+        ):
+            # copies made while recording are not ops, for any mode below this one
+            with quiet():
+                on_op(func, result)
+
+
+_ATEN_NAMES: dict[Any, str] = {}
 
 
 def aten_name(func: Any) -> str:
     """``aten.addmm`` for ``torch.ops.aten.addmm.default``: the namespace, a dot, the op."""
-    name = _NAMES.get(func)
+    name = _ATEN_NAMES.get(func)
     if name is None:
         schema = getattr(func, "_schema", None)
         name = schema.name.replace("::", ".") if schema is not None else str(func)
-        _NAMES[func] = name
+        _ATEN_NAMES[func] = name
     return name
 
 
@@ -151,10 +182,12 @@ class AtenMode(TorchDispatchMode):
 
     def __enter__(self) -> AtenMode:
         _internal.aten_sessions += 1
+        _aten_modes.add(id(self))
         try:
             return super().__enter__()
         except BaseException:
             _internal.aten_sessions -= 1
+            _aten_modes.discard(id(self))
             raise
 
     def __exit__(self, *exc: Any) -> None:
@@ -162,6 +195,7 @@ class AtenMode(TorchDispatchMode):
             super().__exit__(*exc)
         finally:
             _internal.aten_sessions -= 1
+            _aten_modes.discard(id(self))
 
     def __torch_dispatch__(
         self,
