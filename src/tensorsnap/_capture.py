@@ -368,7 +368,7 @@ class _Session(AbstractContextManager[Snapshot]):
         if not stack or threading.get_ident() != self._thread:
             return
         frame: _Frame | None = stack[-1]
-        if frame is not None and frame.module is module:
+        if stack[-1].module is module:
             stack.pop()
         else:
             frame = self._pop(module)  # an inner call raised without our hook seeing it end
@@ -383,11 +383,6 @@ class _Session(AbstractContextManager[Snapshot]):
 
     def _ended(self, frame: _Frame, module: nn.Module, output: Any) -> None:
         """A module call returned ``output``: record it, and what waited for it to end."""
-        if self._lean and type(output) is torch.Tensor:
-            self._keep(frame.key, frame, None, "output", output)
-            if frame.children == 0 and module._modules and isinstance(module, _FASTPATH):
-                self._warn_fastpath(module, frame.name)
-            return
         if frame.saved:
             self._record_saved(f"{frame.key}:saved", frame, None)
         if self._all or self.select(frame.key):
