@@ -15,6 +15,14 @@ Columns:
   +nonfin   ``nonfinite="raise"`` on top of the capture, as a ratio to the capture
   lazy      ``capture(model, ops=True, lazy=True)``: references kept, copies only before a
             tracked write or at the end for values others can still reach (and its /floor)
+  skeleton  the interception alone: the plain forward under a function mode that only calls
+            through, with process-wide module pre- and post-hooks that only push and pop
+  naive     the least a Python-level recorder does, as a ratio to the floor: the skeleton,
+            plus a clone of every op result and module output stored under an f-string key
+            (no records, selection, threads, wrappers, tuples or checks)
+
+The last two are not tensorsnap: they show how much of the floor-relative cost is the
+interception itself, which any recorder built on a function mode and module hooks pays.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ from typing import Any
 import torch
 from _models import gpt2_tiny
 from torch import nn
+from torch.nn.modules import module as module_hooks
+from torch.overrides import TorchFunctionMode
 
 import tensorsnap
 from tensorsnap import _tree
@@ -127,6 +137,57 @@ def build(name: str) -> tuple[nn.Module, tuple[Any, ...]]:
     return model.eval(), args
 
 
+# -- references: the interception alone, and a naive recorder ---------------------------------
+
+
+class _Through(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        return func(*args, **kwargs) if kwargs else func(*args)
+
+
+class _Naive(TorchFunctionMode):
+    """Clones each op's tensor result into ``store`` under ``module/op#count``."""
+
+    def __init__(self, names: dict[int, str]) -> None:
+        super().__init__()
+        self.names = names
+        self.stack: list[tuple[str, dict[str, int]]] = []
+        self.store: dict[str, Any] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        result = func(*args, **kwargs) if kwargs else func(*args)
+        if type(result) is torch.Tensor and self.stack:
+            name, counts = self.stack[-1]
+            op = func.__name__
+            count = counts.get(op, 0)
+            counts[op] = count + 1
+            self.store[f"{name}/{op}#{count}"] = result.clone()
+        return result
+
+    def pre(self, module: nn.Module, args: Any) -> None:
+        self.stack.append((self.names.get(id(module), "?"), {}))
+
+    def post(self, module: nn.Module, args: Any, output: Any) -> None:
+        name, _ = self.stack.pop()
+        with torch._C.DisableTorchFunction():
+            if type(output) is torch.Tensor:
+                self.store[name] = output.clone()
+            else:
+                self.store[name] = tensorsnap.snapshot(output)
+
+
+def _hooked(pre: Callable[..., Any], post: Callable[..., Any], run: Callable[[], Any]) -> Any:
+    handles = [
+        module_hooks.register_module_forward_pre_hook(pre),
+        module_hooks.register_module_forward_hook(post),
+    ]
+    try:
+        return run()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 # -- timing -----------------------------------------------------------------------------------
 
 
@@ -167,12 +228,33 @@ def _variants(model: nn.Module, args: tuple[Any, ...]) -> dict[str, Callable[[],
             model(*args)
         return snap
 
+    stack: list[nn.Module] = []
+
+    def push(module: nn.Module, args: Any) -> None:
+        stack.append(module)
+
+    def pop(module: nn.Module, args: Any, output: Any) -> None:
+        stack.pop()
+
+    def skeleton() -> Any:
+        with _Through():
+            return _hooked(push, pop, lambda: model(*args))
+
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def naive() -> Any:
+        with _Naive(names) as mode:
+            _hooked(mode.pre, mode.post, lambda: model(*args))
+        return mode.store
+
     return {
         "plain": plain,
         "floor": floor,
         "capture": capture,
         "nonfinite": nonfinite,
         "lazy": lazy,
+        "skeleton": skeleton,
+        "naive": naive,
     }
 
 
@@ -208,6 +290,8 @@ def measure(name: str, repeats: int) -> dict[str, float]:
         "nonfinite": med["nonfinite"] / med["capture"],
         "lazy": med["lazy"] / med["plain"],
         "lazy_floor": med["lazy"] / med["floor"],
+        "skeleton": med["skeleton"] / med["plain"],
+        "naive_floor": med["naive"] / med["floor"],
         "keys": float(_floor_sources(model, args)[1]),
     }
 
@@ -286,6 +370,7 @@ def main() -> None:
     goals = {"mlp": 1.5, "resnet18": 1.1, "gpt2-tiny": 1.5, "encoder": 1.1}
     header = f"{'model':<10} {'plain ms':>9} {'keys':>5} {'capture':>8} {'floor':>6} "
     header += f"{'/floor':>7} {'goal':>5} {'+nonfin':>8} {'lazy':>6} {'/floor':>7}"
+    header += f" {'skeleton':>9} {'naive':>6}"
     if options.torchlens:
         header += f" {'torchlens':>10}"
     print(f"torch {torch.__version__}, 1 thread, {options.repeats} interleaved repeats, medians")
@@ -296,6 +381,7 @@ def main() -> None:
             f"{name:<10} {r['plain_ms']:>9.2f} {int(r['keys']):>5} {r['capture']:>7.2f}x "
             f"{r['floor']:>5.2f}x {r['vs_floor']:>6.2f}x {goals[name]:>4.1f}x "
             f"{r['nonfinite']:>7.2f}x {r['lazy']:>5.2f}x {r['lazy_floor']:>6.2f}x"
+            f" {r['skeleton']:>8.2f}x {r['naive_floor']:>5.2f}x"
         )
         if options.torchlens:
             tl = torchlens_ratio(name, max(3, options.repeats // 3))

@@ -182,3 +182,29 @@ def test_inf_in_a_complex_or_half_value_is_found() -> None:
 def test_nonfinite_option_is_validated() -> None:
     with pytest.raises(tensorsnap.TensorSnapError, match="nonfinite='warn'"):
         tensorsnap.capture(nn.Linear(2, 2), nonfinite="warn")
+
+
+class _Cache:
+    """A plain object holding tensors in its attributes, as transformers caches do."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys = keys
+        self.layers = [values]
+
+
+class _ReturnsCache(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, _Cache]:
+        return x + 1, _Cache(x * 2, torch.log(x))  # log: NaN where x < 0
+
+
+def test_a_nan_inside_an_objects_attributes_is_found_and_its_bytes_counted() -> None:
+    model = _ReturnsCache()
+    with tensorsnap.capture(model) as snap:
+        model(torch.tensor([1.0, 2.0]))
+    # the output tuple: x + 1, and the cache's two tensors, 8 bytes each
+    assert snap.records[0].nbytes == 3 * 8
+    with (
+        pytest.raises(tensorsnap.NonFiniteError, match=r"'' is the first"),
+        tensorsnap.capture(model, nonfinite="raise"),
+    ):
+        model(torch.tensor([1.0, -2.0]))

@@ -20,11 +20,14 @@ _WRAPPED = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
 
 def _is_wrapper(module: nn.Module) -> str | None:
     """The attribute holding the wrapped module, if ``module`` is a transparent wrapper."""
+    children = module._modules
+    if not children:  # most modules: a wrapper holds what it wraps
+        return None
     for name in _WRAPPED:
-        if name in module._modules:
+        if name in children:
             return name
     cls = type(module)
-    if cls.__name__ in ("DistributedDataParallel", "DataParallel") and "module" in module._modules:
+    if cls.__name__ in ("DistributedDataParallel", "DataParallel") and "module" in children:
         return "module"
     return None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import types
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -23,6 +24,10 @@ def extent(t: torch.Tensor) -> int:
     return int(count)
 
 
+# objects whose attributes are code, not data: never searched for tensors
+_OPAQUE = (type, types.ModuleType, types.FunctionType, types.MethodType, types.BuiltinFunctionType)
+
+
 def _children(value: Any) -> Iterator[Any] | None:
     if isinstance(value, (tuple, list)):
         return iter(value)
@@ -30,11 +35,17 @@ def _children(value: Any) -> Iterator[Any] | None:
         return iter(value.values())
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return (getattr(value, f.name) for f in dataclasses.fields(value))
+    attributes = getattr(value, "__dict__", None)
+    if type(attributes) is dict and attributes and not isinstance(value, _OPAQUE):
+        return iter(list(attributes.values()))  # a plain object, e.g. a transformers cache
     return None
 
 
 def tensors(value: Any) -> Iterator[torch.Tensor]:
-    """Every tensor inside ``value`` (containers, mappings, dataclasses), depth first."""
+    """Every tensor inside ``value`` (containers, mappings, dataclasses, objects' attributes).
+
+    Depth first; an object reached twice is searched once.
+    """
     if isinstance(value, torch.Tensor):
         yield value
         return
