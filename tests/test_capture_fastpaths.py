@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import clone_value
 from torch import nn
+from torch.nn.modules import module as module_hooks
 from torch.overrides import TorchFunctionMode
 
 import tensorsnap
@@ -174,3 +176,70 @@ def test_an_aten_capture_around_an_op_capture_does_not_record_its_copies() -> No
     aten_ops = {r.op for r in outer.records if r.kind == "op"}
     assert "aten.clone" not in aten_ops and "aten.as_strided" not in aten_ops
     assert aten_ops >= {"aten.addmm", "aten.relu"}
+
+
+class _CloneEveryOp(TorchFunctionMode):
+    """The reference: clones every torch-level result made inside a named module's forward.
+
+    Keys ``module#call/op#count`` come from process-wide module hooks of its own; values from
+    ``conftest.clone_value`` (detach + clone, containers rebuilt), taken when the op returns.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.stack: list[tuple[str, dict[str, int]]] = []
+        self.values: dict[str, Any] = {}
+        self.calls: dict[str, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        result = func(*args, **(kwargs or {}))
+        holds_tensor = isinstance(result, torch.Tensor) or (
+            isinstance(result, (tuple, list))
+            and any(isinstance(item, torch.Tensor) for item in result)
+        )
+        if self.stack and holds_tensor:
+            name, counts = self.stack[-1]
+            op = func.__name__
+            op = op[2:-2] if op.startswith("__") and op.endswith("__") else op  # x + y is add
+            count = counts.get(op, 0)
+            counts[op] = count + 1
+            self.values[f"{name}/{op}#{count}"] = clone_value(result)
+        return result
+
+    def pre(self, module: nn.Module, args: Any) -> None:
+        name = self.names[id(module)]
+        call = self.calls[name] = self.calls.get(name, -1) + 1
+        self.stack.append((name if call == 0 else f"{name}#{call}", {}))
+
+    def post(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.stack.pop()
+
+
+@pytest.mark.parametrize("build", ["tiny_gpt2", "tiny_bert", "tiny_llama", "tiny_t5"])
+def test_every_op_value_of_a_transformers_model_equals_a_clone_taken_when_it_ran(
+    build: str,
+) -> None:
+    import conftest
+
+    model = getattr(conftest, build)()
+    ids = conftest.token_ids()
+    kwargs: dict[str, Any] = {"decoder_input_ids": ids} if build == "tiny_t5" else {}
+    reference = _CloneEveryOp(model)
+    handles = [
+        module_hooks.register_module_forward_pre_hook(reference.pre),
+        module_hooks.register_module_forward_hook(reference.post),
+    ]
+    try:
+        with torch.no_grad(), reference:
+            model(ids, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    with torch.no_grad(), tensorsnap.capture(model, ops=True) as snap:
+        model(ids, **kwargs)
+    ops = [r for r in snap.records if r.kind == "op"]
+    assert len(ops) == len(reference.values) > 50
+    for record in ops:
+        key = record.key if "#" in record.key.rsplit("/", 1)[1] else f"{record.key}#0"
+        conftest.assert_same(snap[record.key], reference.values[key], path=record.key)
