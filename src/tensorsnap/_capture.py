@@ -515,9 +515,9 @@ class _Session(AbstractContextManager[Snapshot]):
             if type(value) is torch.Tensor:
                 if (
                     not value.requires_grad
-                    and value.layout == torch.strided
+                    and value.layout is _strided
                     and value.is_contiguous()
-                    and not torch.is_inference_mode_enabled()
+                    and not _is_inference_mode()
                 ):
                     copy = value.clone()  # the hot path: most values are fresh dense tensors
                     nbytes = copy.nbytes
@@ -663,12 +663,18 @@ class _Session(AbstractContextManager[Snapshot]):
         """One flat copy of the elements from the first to the last that ``tensors`` reach.
 
         Returns the copy and the storage offset it starts at; ``(None, 0)`` for tensors of
-        mixed dtypes, empty ones, or ones with conjugate, negative or quantized bits.
+        mixed dtypes or devices, empty ones, or ones with conjugate, negative or quantized bits.
         """
         first = tensors[0]
         start = end = first.storage_offset()
         for t in tensors:
-            if t.dtype != first.dtype or t.numel() == 0 or t.is_conj() or t.is_neg():
+            if (
+                t.dtype != first.dtype
+                or t.device != first.device
+                or t.numel() == 0
+                or t.is_conj()
+                or t.is_neg()
+            ):
                 return None, 0
             offset = t.storage_offset()
             start = min(start, offset)
