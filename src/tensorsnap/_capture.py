@@ -4,8 +4,10 @@ Module calls are seen through process-wide module hooks installed once per sessi
 module; only the forward hook when nothing but outputs is captured), filtered by module identity
 and thread; functional ops through a function or dispatch mode (:mod:`._ops`); gradients through
 tensor and graph-node hooks, which, unlike full backward hooks, do not break when a later op
-modifies an output in place. Every value goes through one path, :meth:`_Session._record`:
-select, copy, store.
+modifies an output in place. Every value is selected, copied and stored the same way: plain
+tensors and tuples of them by :mod:`._clones` (:meth:`_Session._keep`, and for the common op
+right in :class:`_OpRecorder`'s handler), everything else by the copy engine
+(:meth:`_Session._record`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 from torch.nn.modules import module as _module_hooks
 
 from . import _tree
+from ._clones import clone, clone_items, storage_bytes
 from ._copy import Copier
 from ._dtensor import local
 from ._errors import NonFiniteError, TensorSnapError, TensorSnapWarning
@@ -506,31 +509,19 @@ class _Session(AbstractContextManager[Snapshot]):
     def _keep(self, key: str, frame: _Frame, op: str | None, kind: str, value: Any) -> None:
         """Copy and store the value of a key of this call; the path every op and output takes.
 
-        A plain tensor, or a tuple or list of them, is copied here with as few Python steps as
-        possible (an op costs about a microsecond on top of its clone); anything else goes
-        through :meth:`_record` and the copy engine.
+        A plain tensor, or a tuple or list of them, is copied by :mod:`._clones` in a few
+        calls; anything else goes through :meth:`_record` and the copy engine.
         """
-        if self._fast:
-            copy: Any
+        if self._fast:  # _fast implies _plain: no cast or move between a value and its copy
+            copy: Any = None
+            shape: tuple[int, ...] | None = None
+            dtype: torch.dtype | None = None
             if type(value) is torch.Tensor:
-                if (
-                    not value.requires_grad
-                    and value.layout is _strided
-                    and value.is_contiguous()
-                    and not _is_inference_mode()
-                ):
-                    copy = value.clone()  # the hot path: most values are fresh dense tensors
-                    nbytes = copy.nbytes
-                else:
-                    copy = self._clone(value)
-                    nbytes = _storage_bytes(copy) if copy is not None else 0
-                shape: tuple[int, ...] | None = None if copy is None else tuple(copy.shape)
-                dtype: torch.dtype | None = None if copy is None else copy.dtype
+                copy = clone(value)
+                if copy is not None:
+                    shape, dtype, nbytes = tuple(copy.shape), copy.dtype, storage_bytes(copy)
             elif type(value) is tuple or type(value) is list:
-                copy, nbytes = self._clone_items(value)
-                shape = dtype = None
-            else:
-                copy = None
+                copy, nbytes = clone_items(value)
             if copy is not None:
                 self.snapshot._add(
                     Record(key, frame.name, frame.call, op, kind, shape, dtype, nbytes), copy
@@ -566,7 +557,7 @@ class _Session(AbstractContextManager[Snapshot]):
                 return
         copy = self._clone(value)
         if copy is not None:
-            nbytes = _storage_bytes(copy)
+            nbytes = storage_bytes(copy)
             record = Record(key, name, call, op, kind, tuple(copy.shape), copy.dtype, nbytes)
         else:
             copy = self.copier.copy_value(value, root=f"snap[{key!r}]")
@@ -594,94 +585,8 @@ class _Session(AbstractContextManager[Snapshot]):
         return copy
 
     def _clone(self, value: Any) -> torch.Tensor | None:
-        """The fast path for one tensor alone; None for anything the copy engine must walk.
-
-        A dense tensor is cloned (``preserve_format`` keeps a dense layout's strides, a
-        transpose's too); a view that does not cover its span (a slice, an expanded tensor)
-        gets the span it can reach copied once and viewed with its own strides, as
-        ``snapshot`` does.
-        """
-        if not (
-            self._plain
-            and type(value) is torch.Tensor
-            and value.layout is _strided
-            and not _is_inference_mode()
-        ):
-            return None  # structures, subclasses, sparse, casts, devices, inference tensors
-        if value.requires_grad:  # a clone must not join the graph
-            value = value.detach()
-        if value.is_contiguous():
-            return value.clone()
-        extent = _tree.extent(value)
-        if extent == value.numel():
-            copy = value.clone()
-            if copy.stride() == value.stride():
-                return copy
-        if value.is_conj() or value.is_neg() or value.is_quantized or value.is_meta:
-            return None
-        span = value.as_strided((extent,), (1,), value.storage_offset()).clone()
-        return span.as_strided(value.shape, value.stride())
-
-    def _clone_items(self, value: tuple[Any, ...] | list[Any]) -> tuple[Any, int]:
-        """Copies of a tuple or list of plain tensors (None allowed), and their bytes.
-
-        Tensors of one storage (``split``, ``chunk``, ``unbind``) become views of one copy of the
-        span they cover, as ``snapshot`` makes them. ``(None, 0)`` for anything else, or for
-        tensors whose storages only partly coincide: the copy engine takes those.
-        """
-        tensors = [item for item in value if item is not None]
-        if not tensors or not self._plain or _is_inference_mode():
-            return None, 0
-        storages = set()
-        for t in tensors:
-            if type(t) is not torch.Tensor or t.layout is not _strided:
-                return None, 0
-            storages.add(t.untyped_storage().data_ptr())
-        copies: list[torch.Tensor | None]
-        if len(storages) == len(tensors):  # each tensor alone in its storage
-            copies = [None if item is None else self._clone(item) for item in value]
-            if sum(c is not None for c in copies) < len(tensors):
-                return None, 0
-            nbytes = sum(_storage_bytes(c) for c in copies if c is not None)
-        elif len(storages) == 1:
-            span, start = self._clone_span(tensors)
-            if span is None:
-                return None, 0
-            copies = [
-                None
-                if item is None
-                else span.as_strided(item.shape, item.stride(), item.storage_offset() - start)
-                for item in value
-            ]
-            nbytes = span.nbytes
-        else:
-            return None, 0
-        return (tuple(copies) if type(value) is tuple else copies), nbytes
-
-    @staticmethod
-    def _clone_span(tensors: list[torch.Tensor]) -> tuple[torch.Tensor | None, int]:
-        """One flat copy of the elements from the first to the last that ``tensors`` reach.
-
-        Returns the copy and the storage offset it starts at; ``(None, 0)`` for tensors of
-        mixed dtypes or devices, empty ones, or ones with conjugate, negative or quantized bits.
-        """
-        first = tensors[0]
-        start = end = first.storage_offset()
-        for t in tensors:
-            if (
-                t.dtype != first.dtype
-                or t.device != first.device
-                or t.numel() == 0
-                or t.is_conj()
-                or t.is_neg()
-            ):
-                return None, 0
-            offset = t.storage_offset()
-            start = min(start, offset)
-            end = max(end, offset + _tree.extent(t))
-        if first.is_quantized or first.is_meta:
-            return None, 0
-        return first.detach().as_strided((end - start,), (1,), start).clone(), int(start)
+        """A copy of ``value`` by the fast path (see :mod:`._clones`), or None."""
+        return clone(value) if self._plain else None
 
     @staticmethod
     def _make_record(
@@ -749,8 +654,8 @@ class _OpRecorder(OpMode):
                 copy = result.clone()
                 nbytes = copy.nbytes
             else:
-                copy = session._clone(result)
-                nbytes = 0 if copy is None else _storage_bytes(copy)
+                copy = clone(result)
+                nbytes = 0 if copy is None else storage_bytes(copy)
             if copy is not None:
                 name = _op_names.get(func) or op_name(func)
                 counts = frame.ops
@@ -795,11 +700,6 @@ class _DictEntry:
         table = getattr(self.owner, self.name, None)
         if table is not None:
             table.pop(self.key, None)
-
-
-def _storage_bytes(copy: torch.Tensor) -> int:
-    """Bytes a copy made by the fast paths holds: its own, or its span's when it is a view."""
-    return copy.nbytes if copy._base is None else copy.untyped_storage().nbytes()
 
 
 def _unpack(packed: tuple[torch.Tensor, int]) -> torch.Tensor:
