@@ -316,6 +316,64 @@ def test_an_interrupted_out_does_not_load_and_refuses_a_fresh_run(tmp_path: Any)
         run(model, data(2), tmp_path / "out2", resume=True)
 
 
+def test_resuming_with_other_batches_is_refused_and_the_right_ones_still_resume(
+    tmp_path: Any,
+) -> None:
+    model = Net()
+    batches = data(5)
+
+    def failing(items: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        yield from items[:3]
+        raise RuntimeError("data loader broke")
+
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="data loader broke"):
+        run(model, failing(batches), out)
+    shuffled = [batches[1], batches[0], *batches[2:]]  # same shapes, same count, other order
+    with pytest.raises(TensorSnapError, match=r"the first 3 batches are not those .* same order"):
+        run(model, shuffled, out, resume=True)
+    changed = [*batches[:2], batches[2] + 1e-6, *batches[3:]]  # one value differs
+    with pytest.raises(TensorSnapError, match=r"the first 3 batches are not those"):
+        run(model, changed, out, resume=True)
+    got = run(model, batches, out, resume=True)  # the refusals changed nothing
+    assert torch.equal(got["fc2"], torch.cat(by_hand(model, batches)["fc2"]))
+
+
+def test_dict_batches_with_plain_values_have_a_stable_checksum() -> None:
+    from tensorsnap._extract import inputs_crc32
+
+    def batch(text: str) -> dict[str, Any]:
+        return {"ids": torch.arange(6).view(2, 3), "text": [text, "b"], "flag": True, "x": object()}
+
+    assert inputs_crc32(batch("a"), 0) == inputs_crc32(batch("a"), 0)  # object() by type only
+    assert inputs_crc32(batch("a"), 0) != inputs_crc32(batch("c"), 0)
+    ids = torch.arange(6)
+    assert inputs_crc32(ids.view(2, 3), 0) != inputs_crc32(ids.view(3, 2), 0)  # same bytes
+    assert inputs_crc32(ids, 0) != inputs_crc32(ids.float(), 0)
+    assert inputs_crc32({"a": ids, "b": ids}, 0) != inputs_crc32({"b": ids, "a": ids}, 0)
+
+
+def test_a_journal_without_an_inputs_checksum_still_resumes(tmp_path: Any) -> None:
+    import json
+
+    model = Net()
+    batches = data(5)
+
+    def failing() -> Iterator[torch.Tensor]:
+        yield from batches[:3]
+        raise RuntimeError("data loader broke")
+
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        run(model, failing(), out)
+    journal = out / "extract-journal.json"
+    state = json.loads(journal.read_text())
+    assert isinstance(state.pop("inputs_crc32"), int)
+    journal.write_text(json.dumps(state))  # as a journal written before the checksum existed
+    got = run(model, batches, out, resume=True)
+    assert torch.equal(got["fc2"], torch.cat(by_hand(model, batches)["fc2"]))
+
+
 # -- kill -9 and resume ----------------------------------------------------------------------------
 
 

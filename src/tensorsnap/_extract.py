@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import os
 import time
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sized
 from os import PathLike
 from typing import Any
@@ -28,7 +29,7 @@ from ._ranks import part_name, process_group, write_index
 from ._shards import dtype_name, fsync_dir
 from ._snapshot import Snapshot, human_bytes
 from ._store import parse_size
-from ._stream import TEMP, Writer, read_journal
+from ._stream import TEMP, Writer, read_journal, tensor_bytes
 
 __all__ = ["extract"]
 
@@ -81,10 +82,11 @@ def extract(
             number of batches in any case: each batch is written out before the next runs.
         progress: Show a progress bar (batches, samples/s, bytes written) when stderr is a
             terminal and ``rich`` is installed.
-        resume: Continue an interrupted run into ``out`` after its last journaled batch (the
-            batches are matched by position: pass the same batches in the same order), or
-            return a finished ``out`` written with the same options unchanged. A missing
-            ``out`` starts a new run.
+        resume: Continue an interrupted run into ``out`` after its last journaled batch (pass
+            the same batches in the same order: the ones already done are skipped, and their
+            inputs are checked against a checksum in the journal), or return a finished
+            ``out`` written with the same options unchanged. A missing ``out`` starts a new
+            run.
 
     Returns:
         ``tensorsnap.load(out)``.
@@ -93,7 +95,8 @@ def extract(
         TensorSnapError: A key is missing from a batch (or new in it), or its structure,
             dtype or shape beyond dim 0 differs from the first batch's (the message names
             the key and the batch index); ``out`` exists and ``resume`` is False; ``resume``
-            meets a run made with other options (the message names the option).
+            meets a run made with other options (the message names the option), or batches
+            other than those the interrupted run had done.
 
     Example:
         >>> import os, tempfile, torch, tensorsnap
@@ -188,16 +191,27 @@ def _run(
     total = len(batches) if isinstance(batches, Sized) else None
     bar = _Bar(progress, total)
     done = writer.batches
+    journaled = writer.inputs_crc32  # the inputs' checksum over those ``done`` batches
+    crc: int | None = 0 if done == 0 or journaled is not None else None
     seen = 0
     try:
         for index, batch in enumerate(batches):
             seen = index + 1
-            if index < done:  # finished before the interruption: matched by position
+            if crc is not None:
+                crc = inputs_crc32(batch, crc)
+            if index < done:  # finished before the interruption
                 bar.skip()
+                if index == done - 1 and crc is not None and crc != journaled:
+                    raise TensorSnapError(
+                        f"{writer.root}: the first {done} batches are not those the interrupted "
+                        "run extracted (their inputs' checksum differs); resume with the same "
+                        "batches in the same order (a shuffling loader needs its seed), or "
+                        "start over in a new out"
+                    )
                 continue
             snap = run(batch)
             try:
-                written = writer.add(index, snap)
+                written = writer.add(index, snap, crc)
             finally:
                 snap.close()
             writer.maybe_commit()
@@ -213,6 +227,32 @@ def _run(
         raise
     finally:
         bar.close()
+
+
+def inputs_crc32(batch: Any, crc: int) -> int:
+    """``crc`` continued over one batch: each tensor's dtype, shape and bytes, in order.
+
+    Plain values (str, numbers, bool, None) count by their repr and mapping keys by name; other
+    objects by their type only, since their repr may hold a memory address. Tensors on another
+    device are read back to the host for this.
+    """
+    stack = [batch]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            t = item.detach()
+            crc = zlib.crc32(f"{t.dtype}{tuple(t.shape)}".encode(), crc)
+            crc = zlib.crc32(tensor_bytes(t), crc)
+        elif isinstance(item, Mapping):
+            for key in reversed(list(item)):
+                stack.extend((item[key], str(key)))
+        elif isinstance(item, (tuple, list)):
+            stack.extend(reversed(item))
+        elif item is None or isinstance(item, (str, int, float, bool)):
+            crc = zlib.crc32(repr(item).encode(), crc)
+        else:
+            crc = zlib.crc32(type(item).__qualname__.encode(), crc)
+    return crc
 
 
 def _call(model: nn.Module, batch: Any) -> Any:

@@ -31,7 +31,7 @@ from ._manifest import JOURNAL, MANIFEST, Encoder, encode_manifest
 from ._shards import NATIVE, dtype_from_name, dtype_name, fsync_dir, write_all
 from ._snapshot import Record, Snapshot
 
-__all__ = ["TEMP", "Writer", "read_journal"]
+__all__ = ["TEMP", "Writer", "read_journal", "tensor_bytes"]
 
 _JOURNAL_FORMAT = "tensorsnap-extract-journal"
 _JOURNAL_VERSION = 1
@@ -125,6 +125,9 @@ class Writer:
         self.world_size = world_size
         self.keys: dict[str, _Key] = {}
         self.batches = 0
+        # running CRC-32 of the batches' inputs (see _extract.inputs_crc32); None when resumed
+        # from a journal written before it was kept
+        self.inputs_crc32: int | None = 0
         self.defined = False
         self._fds: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._dirty: set[str] = set()
@@ -132,8 +135,11 @@ class Writer:
 
     # -- one batch ------------------------------------------------------------------------
 
-    def add(self, index: int, snap: Snapshot) -> int:
-        """Check batch ``index``'s values against the first batch's, then append them."""
+    def add(self, index: int, snap: Snapshot, inputs_crc32: int | None = None) -> int:
+        """Check batch ``index``'s values against the first batch's, then append them.
+
+        ``inputs_crc32`` is the inputs' running checksum after this batch, journaled with it.
+        """
         values = []
         for record in snap.records:
             encoder = Encoder(f"batch {index}: snap[{record.key!r}]")
@@ -147,7 +153,7 @@ class Writer:
         updates = []
         for record, _, tensors in values:
             for leaf, t in zip(self.keys[record.key].leaves, tensors):
-                data = _bytes(t)
+                data = tensor_bytes(t)
                 fd = self._fd(leaf.file)
                 write_all(fd, data)
                 self._dirty.add(leaf.file)
@@ -160,6 +166,7 @@ class Writer:
             leaf.crc32 = crc
             written += nbytes
         self.batches = index + 1
+        self.inputs_crc32 = inputs_crc32
         return written
 
     def _define(self, values: list[tuple[Record, Any, list[torch.Tensor]]]) -> None:
@@ -251,6 +258,7 @@ class Writer:
             "options": self.options,
             "model": self.model,
             "batches": self.batches,
+            "inputs_crc32": self.inputs_crc32,
             "keys": [
                 {
                     "record": [
@@ -276,6 +284,8 @@ class Writer:
         path = os.path.join(self.root, JOURNAL)
         try:
             self.batches = int(state["batches"])
+            crc = state.get("inputs_crc32")
+            self.inputs_crc32 = None if crc is None else int(crc)
             known = set()
             if state["keys"] is not None:
                 for item in state["keys"]:
@@ -468,7 +478,7 @@ def _contiguous(shape: list[int]) -> list[int]:
     return stride[::-1]
 
 
-def _bytes(t: torch.Tensor) -> memoryview:
+def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The tensor's elements in row-major order, as bytes (copied only if not already so)."""
     if t.device.type != "cpu":
         t = t.cpu()
