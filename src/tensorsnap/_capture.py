@@ -84,6 +84,12 @@ class _Frame:
         self.quiet = False  # True while the module's own pre-hooks run: their ops are not its
         self.wrapper = False  # a DDP/FSDP/checkpoint wrapper's call: nothing in it is recorded
 
+    def op_key(self, op: str) -> str:
+        """The key of this call's next ``op``: ``C/op``, then ``C/op#1``, ``C/op#2``..."""
+        count = self.ops.get(op, 0)
+        self.ops[op] = count + 1
+        return self.prefix + op if count == 0 else f"{self.prefix}{op}#{count}"
+
 
 class _Session(AbstractContextManager[Snapshot]):
     """Hooks, mode and bookkeeping of one ``capture`` block."""
@@ -453,10 +459,7 @@ class _Session(AbstractContextManager[Snapshot]):
         if frame is None:
             return  # run by the code around the model, by hooks, or inside a quiet call
         name = _op_names.get(func) or self._op_name(func)
-        counts = frame.ops
-        count = counts.get(name, 0)
-        counts[name] = count + 1
-        key = frame.prefix + name if count == 0 else f"{frame.prefix}{name}#{count}"
+        key = frame.op_key(name)
         if frame.saved:
             self._record_saved(f"{key}:saved", frame, name)
         if self._all or self.select(key):
@@ -658,10 +661,7 @@ class _OpRecorder(OpMode):
                 nbytes = 0 if copy is None else storage_bytes(copy)
             if copy is not None:
                 name = _op_names.get(func) or op_name(func)
-                counts = frame.ops
-                count = counts.get(name, 0)
-                counts[name] = count + 1
-                key = frame.prefix + name if count == 0 else f"{frame.prefix}{name}#{count}"
+                key = frame.op_key(name)
                 record = Record(
                     key, frame.name, frame.call, name, "op", tuple(copy.shape), copy.dtype, nbytes
                 )
