@@ -351,6 +351,13 @@ def test_dict_batches_with_plain_values_have_a_stable_checksum() -> None:
     assert inputs_crc32(ids.view(2, 3), 0) != inputs_crc32(ids.view(3, 2), 0)  # same bytes
     assert inputs_crc32(ids, 0) != inputs_crc32(ids.float(), 0)
     assert inputs_crc32({"a": ids, "b": ids}, 0) != inputs_crc32({"b": ids, "a": ids}, 0)
+    # a large input counts by samples: a change at a sampled element shows, and the checksum
+    # is the same for a contiguous tensor and a transposed copy of its transpose
+    big = torch.randn(1024, 512)
+    changed = big.clone()
+    changed[0, 0] += 1
+    assert inputs_crc32(big, 0) != inputs_crc32(changed, 0)
+    assert inputs_crc32(big, 0) == inputs_crc32(big.t().contiguous().t(), 0)
 
 
 def test_a_journal_without_an_inputs_checksum_still_resumes(tmp_path: Any) -> None:
