@@ -793,6 +793,32 @@ def test_names_lists_the_gradient_keys_a_backward_pass_produces() -> None:
     assert "shared#2:grad_in" in listed and ":grad_in" in listed
 
 
+def test_names_lists_gradients_of_an_object_held_output_as_capture_produces_them() -> None:
+    class Holder:
+        def __init__(self, value: torch.Tensor) -> None:
+            self.value = value
+
+    class Inner(nn.Module):
+        def forward(self, x: torch.Tensor) -> Holder:
+            return Holder(x * 2)  # a tensor inside a plain object: no P:grad is watched
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = Inner()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x).value.sum()
+
+    model = Outer()
+    x = _x(2, 4, requires_grad=True)
+    listed = tensorsnap.names(model, x, grads=True)
+    with tensorsnap.capture(model, grads=True) as snap:
+        model(x).backward()
+    assert sorted(listed) == sorted(snap)
+    assert "inner" in listed and "inner:grad" not in listed and ":grad" in listed
+
+
 def test_snapshot_mapping_records_and_reprs() -> None:
     model = _net()
     x = _x(2, 4)

@@ -497,11 +497,14 @@ class _Session(AbstractContextManager[Snapshot]):
         )
         self._check_finite(key, tensors)
 
-    # -- the one recording path ------------------------------------------------------------------
+    # -- recording --------------------------------------------------------------------------------
 
     def _watch_grads(self, key: str, frame: _Frame, op: str | None, kind: str, value: Any) -> None:
         if self.dry:
-            if any(t.requires_grad for t in _tree.tensors(value)):
+            # the tensors Gradients watches: those in containers (map_tensors), not in objects
+            watched: list[torch.Tensor] = []
+            _tree.map_tensors(watched.append, value)
+            if any(t.requires_grad for t in watched):
                 self.snapshot._add(
                     self._make_record(key, frame.name, frame.call, op, kind, None), None
                 )
