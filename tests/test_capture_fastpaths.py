@@ -59,6 +59,8 @@ def _same_copy(got: Any, want: Any, live: Any) -> None:
         assert g.untyped_storage().nbytes() <= w.untyped_storage().nbytes()
     shared = [[_storage(a) == _storage(b) for b in got_parts] for a in got_parts]
     assert shared == [[_storage(a) == _storage(b) for b in want_parts] for a in want_parts]
+    same = [[a is b for b in got_parts] for a in got_parts]
+    assert same == [[a is b for b in want_parts] for a in want_parts]
 
 
 CASES: dict[str, Callable[[torch.Tensor], Any]] = {
@@ -74,20 +76,29 @@ CASES: dict[str, Callable[[torch.Tensor], Any]] = {
     "tuple with None": lambda x: (x.relu(), None),
     "list": lambda x: [x.sin(), x.cos()],
     "partly shared tuple": lambda x: (x[:2], x[2:], x.exp()),
+    "chunk along dim 0": lambda x: x.chunk(2, dim=0),
+    "first and last rows": lambda x: (x[0], x[-1]),
+    "one tensor twice": lambda x: (lambda y: (y, y))(x.relu()),
     "empty": lambda x: x[:0],
 }
 
 
+@pytest.mark.parametrize("ops", [False, True], ids=["outputs only", "with ops"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_captured_value_is_what_snapshot_makes_of_it(case: str) -> None:
+def test_a_captured_value_is_what_snapshot_makes_of_it(case: str, ops: bool) -> None:
+    # outputs alone take the light path; with ops, module calls are frames and outputs are
+    # copied like op values
     model = _Run(CASES[case])
     x = torch.randn(4, 6)
-    with tensorsnap.capture(model) as snap:
+    with tensorsnap.capture(model, ops=ops) as snap:
         out = model(x)
     _same_copy(snap[""], model.seen, out)
 
 
-@pytest.mark.parametrize("case", ["split", "transpose", "slice", "expand", "list"])
+@pytest.mark.parametrize(
+    "case",
+    ["split", "transpose", "slice", "expand", "list", "chunk along dim 0"],
+)
 def test_an_op_value_is_what_snapshot_makes_of_it(case: str) -> None:
     model = _Run(CASES[case])
     x = torch.randn(4, 6)

@@ -49,12 +49,13 @@ def clone(value: Any) -> torch.Tensor | None:
 def clone_items(value: tuple[Any, ...] | list[Any]) -> tuple[Any, int]:
     """Copies of a tuple or list of plain tensors (None allowed), and the bytes they hold.
 
-    Tensors of one storage (``split``, ``chunk``, ``unbind``) become views of one copy of the
-    span they cover, as ``snapshot`` makes them. ``(None, 0)`` for anything else, or for
-    tensors whose storages only partly coincide: the copy engine takes those.
+    Tensors whose spans of one storage overlap (``split`` along a last dim) become views of one
+    copy of the span they cover together, as ``snapshot`` makes them. ``(None, 0)`` for
+    anything else: tensors whose storages only partly coincide, disjoint parts of one storage
+    (``chunk`` along dim 0, which ``snapshot`` copies apart), or one tensor twice.
     """
     tensors = [item for item in value if item is not None]
-    if not tensors or _is_inference_mode():
+    if not tensors or _is_inference_mode() or len({id(t) for t in tensors}) < len(tensors):
         return None, 0
     storages = set()
     for t in tensors:
@@ -91,11 +92,13 @@ def storage_bytes(copy: torch.Tensor) -> int:
 def _clone_span(tensors: list[torch.Tensor]) -> tuple[torch.Tensor | None, int]:
     """One flat copy of the elements from the first to the last that ``tensors`` reach.
 
-    Returns the copy and the storage offset it starts at; ``(None, 0)`` for tensors of mixed
-    dtypes or devices, empty ones, or ones with conjugate, negative or quantized bits.
+    Returns the copy and the storage offset it starts at; ``(None, 0)`` unless the tensors'
+    spans, in order, each overlap the ones before (a gap or a mere touch would make
+    ``snapshot`` copy them apart), and for tensors of mixed dtypes or devices, empty ones, or
+    ones with conjugate, negative or quantized bits.
     """
     first = tensors[0]
-    start = end = first.storage_offset()
+    spans = []
     for t in tensors:
         if (
             t.dtype != first.dtype
@@ -105,9 +108,14 @@ def _clone_span(tensors: list[torch.Tensor]) -> tuple[torch.Tensor | None, int]:
             or t.is_neg()
         ):
             return None, 0
-        offset = t.storage_offset()
-        start = min(start, offset)
-        end = max(end, offset + extent(t))
+        offset = int(t.storage_offset())
+        spans.append((offset, offset + extent(t)))
     if first.is_quantized or first.is_meta:
         return None, 0
-    return first.detach().as_strided((end - start,), (1,), start).clone(), int(start)
+    spans.sort()
+    start, end = spans[0]
+    for lo, hi in spans[1:]:
+        if lo >= end:
+            return None, 0
+        end = max(end, hi)
+    return first.detach().as_strided((end - start,), (1,), start).clone(), start
