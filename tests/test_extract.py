@@ -339,6 +339,24 @@ def test_resuming_with_other_batches_is_refused_and_the_right_ones_still_resume(
     assert torch.equal(got["fc2"], torch.cat(by_hand(model, batches)["fc2"]))
 
 
+def test_a_refused_resume_names_inputs_the_model_changes_in_place(tmp_path: Any) -> None:
+    model = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(6, 2))
+    out = tmp_path / "out"
+
+    def shared() -> list[torch.Tensor]:
+        x = data(1)[0]
+        return [x, x, x]  # one tensor, rewritten by the in-place ReLU of every batch
+
+    def interrupted(batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        yield from batches[:2]
+        raise RuntimeError("stopped")
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        run(model, interrupted(shared()), out)
+    with pytest.raises(TensorSnapError, match=r"changes in place and that later batches reuse"):
+        run(model, shared(), out, resume=True)
+
+
 def test_dict_batches_with_plain_values_have_a_stable_checksum() -> None:
     from tensorsnap._extract import inputs_crc32
 
@@ -358,6 +376,42 @@ def test_dict_batches_with_plain_values_have_a_stable_checksum() -> None:
     changed[0, 0] += 1
     assert inputs_crc32(big, 0) != inputs_crc32(changed, 0)
     assert inputs_crc32(big, 0) == inputs_crc32(big.t().contiguous().t(), 0)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta:UserWarning")
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+def test_inputs_without_plain_values_are_accepted_and_large_ones_sampled_in_place(
+    tmp_path: Any,
+) -> None:
+    from tensorsnap._extract import inputs_crc32
+
+    class Graph(nn.Module):
+        """A graph layer taking a sparse adjacency matrix."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(6, 4)
+
+        def forward(self, adjacency: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return torch.sparse.mm(adjacency, self.lin(x))
+
+    adjacency = torch.eye(5).to_sparse()
+    batches = [(adjacency, x[:5]) for x in data(3, rows=5)]
+    got = run(Graph(), batches, tmp_path / "graph")
+    assert got["lin"].shape == (15, 4)
+    complex_values = torch.randn(3, dtype=torch.complex64)
+    unusual = [
+        torch.eye(3).to_sparse_csr(),
+        torch.nested.nested_tensor([torch.randn(2), torch.randn(3)]),
+        torch.empty(3, device="meta"),
+        complex_values.conj(),
+        torch.randn(1, 4096).expand(4096, 4096),  # 64 MiB seen, 16 KiB stored
+    ]
+    for value in unusual:
+        assert inputs_crc32({"x": value}, 0) == inputs_crc32({"x": value}, 0)
+    assert inputs_crc32(complex_values.conj(), 0) == inputs_crc32(
+        complex_values.conj().resolve_conj(), 0
+    )
 
 
 def test_a_journal_without_an_inputs_checksum_still_resumes(tmp_path: Any) -> None:

@@ -206,7 +206,9 @@ def _run(
                         f"{writer.root}: the first {done} batches are not those the interrupted "
                         "run extracted (their inputs' checksum differs); resume with the same "
                         "batches in the same order (a shuffling loader needs its seed), or "
-                        "start over in a new out"
+                        "start over in a new out. An input tensor that the model changes in "
+                        "place and that later batches reuse also differs once the batches "
+                        "before are skipped: give each batch its own"
                     )
                 continue
             snap = run(batch)
@@ -236,22 +238,34 @@ _INPUT_SAMPLES = 4096
 
 
 def inputs_crc32(batch: Any, crc: int) -> int:
-    """``crc`` continued over one batch: each tensor's dtype, shape and bytes, in order.
+    """``crc`` continued over one batch: each tensor's dtype, shape and values, in order.
 
-    Tensors over 1 MiB count by 4,096 evenly spaced elements (the same ones on any device),
-    which tells batches of real data apart at a fraction of the cost. Plain values (str,
-    numbers, bool, None) count by their repr and mapping keys by name; other objects by their
-    type only, since their repr may hold a memory address.
+    Tensors over 1 MiB count by 4,096 evenly spaced elements (the same ones on any device and
+    in any memory layout), which tells batches of real data apart at a fraction of the cost.
+    Tensors without plain strided values (sparse, nested, quantized, meta) count by their
+    layout, dtype and shape only. Plain values (str, numbers, bool, None) count by their repr
+    and mapping keys by name; other objects by their type only, since their repr may hold a
+    memory address.
     """
     stack = [batch]
     while stack:
         item = stack.pop()
         if isinstance(item, torch.Tensor):
             t = item.detach()
-            crc = zlib.crc32(f"{t.dtype}{tuple(t.shape)}".encode(), crc)
-            if t.nbytes > _WHOLE_INPUT_BYTES:
-                flat = t.reshape(-1)
-                t = flat[:: flat.numel() // _INPUT_SAMPLES][:_INPUT_SAMPLES]
+            if t.is_nested:  # has no single shape
+                crc = zlib.crc32(f"nested {t.layout}{t.dtype}".encode(), crc)
+                continue
+            crc = zlib.crc32(f"{t.layout}{t.dtype}{tuple(t.shape)}".encode(), crc)
+            if t.layout is not torch.strided or t.is_quantized or t.is_meta:
+                continue
+            t = t.resolve_conj().resolve_neg()
+            if t.numel() * t.element_size() > _WHOLE_INPUT_BYTES:
+                step = t.numel() // _INPUT_SAMPLES
+                if t.is_contiguous():
+                    t = t.view(-1)[::step][:_INPUT_SAMPLES]
+                else:  # gathered by index: an expanded or strided input is not materialised
+                    where = torch.arange(_INPUT_SAMPLES, device=t.device) * step
+                    t = t[torch.unravel_index(where, t.shape)]
             crc = zlib.crc32(tensor_bytes(t), crc)
         elif isinstance(item, Mapping):
             for key in reversed(list(item)):
