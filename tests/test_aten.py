@@ -71,3 +71,20 @@ def test_aten_sees_inside_a_python_level_torch_function() -> None:
 def test_ops_option_is_validated() -> None:
     with pytest.raises(tensorsnap.TensorSnapError, match="ops='dispatch'"):
         tensorsnap.capture(nn.Linear(2, 2), ops="dispatch")
+
+
+def test_aten_names_do_not_depend_on_an_earlier_torch_level_capture() -> None:
+    class Direct(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.ops.aten.relu.default(x) + 1  # an ATen op called by the model itself
+
+    model = Direct()
+    x = torch.randn(3)
+    with tensorsnap.capture(model, ops="aten") as before:
+        model(x)
+    with tensorsnap.capture(model, ops=True) as torch_level:
+        model(x)
+    with tensorsnap.capture(model, ops="aten") as after:
+        model(x)
+    assert list(before) == list(after) == ["/aten.relu", "/aten.add", ""]
+    assert "/add" in torch_level

@@ -590,3 +590,38 @@ def test_large_dense_cuda_tensor_is_staged_with_its_layout() -> None:
     assert result.stride() == x.stride() and torch.equal(result, x.cpu())
     half = tensorsnap.snapshot(x, device="cpu", dtype=torch.float16)
     assert half.dtype == torch.float16 and torch.equal(half, x.half().cpu())
+
+
+class _Registry(type):
+    """A metaclass that makes up class attributes: it answers for classes, not instances."""
+
+    def __getattr__(cls, name: str) -> Any:
+        if name == "__setstate__":
+            return lambda *args: None
+        raise AttributeError(name)
+
+
+class _Registered(metaclass=_Registry):
+    def __init__(self) -> None:
+        self.t = torch.ones(2)
+
+
+class _Forwarding:
+    """An object whose own __getattr__ supplies __setstate__ (deepcopy then calls it)."""
+
+    def __init__(self) -> None:
+        self.__dict__["t"] = torch.ones(2)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "__setstate__":
+            return lambda state: self.__dict__.update(state, restored=True)
+        raise AttributeError(name)
+
+
+@pytest.mark.parametrize("cls", [_Registered, _Forwarding])
+def test_setstate_is_found_where_deepcopy_finds_it(cls: type) -> None:
+    obj = cls()
+    want = copy.deepcopy(obj).__dict__
+    got = tensorsnap.snapshot(obj).__dict__
+    assert sorted(got) == sorted(want)
+    assert torch.equal(got["t"], want["t"]) and got.get("restored") == want.get("restored")

@@ -458,7 +458,7 @@ class _Session(AbstractContextManager[Snapshot]):
         frame = self._target
         if frame is None:
             return  # run by the code around the model, by hooks, or inside a quiet call
-        name = _op_names.get(func) or self._op_name(func)
+        name = self._op_name(func)  # torch-level or ATen naming, each with its own cache
         key = frame.op_key(name)
         if frame.saved:
             self._record_saved(f"{key}:saved", frame, name)

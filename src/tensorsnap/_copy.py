@@ -657,7 +657,9 @@ def _reconstruct(
     return result
 
 
-# per class: True if it has __setstate__; None if its __getattr__ may make one up; else False
+# per class: True if its MRO defines __setstate__; None if the answer can depend on the object
+# (a __getattr__ or __getattribute__ of the class's own); else False. A metaclass plays no part:
+# it answers for the class object, never for its instances.
 _SETSTATE: dict[type, bool | None] = {}
 
 
@@ -665,14 +667,22 @@ def _has_setstate(obj: Any) -> bool:
     """``hasattr(obj, "__setstate__")``, as deepcopy asks it, answered by the class when it can.
 
     A failed attribute lookup raises and catches an AttributeError (through a Python-level
-    ``__getattr__``, if the class has one); asked once per class, not once per object.
+    ``__getattr__``, if the class has one); for an ordinary class the answer is looked up once
+    in its MRO, not once per object.
     """
     cls = type(obj)
     known = _SETSTATE.get(cls, _MISSING)
     if known is _MISSING:
-        known = (
-            True if hasattr(cls, "__setstate__") else None if hasattr(cls, "__getattr__") else False
-        )
+        defined = [vars(k) for k in cls.__mro__]
+        if any("__setstate__" in names for names in defined):
+            known = True
+        elif (
+            any("__getattr__" in names for names in defined)
+            or cls.__getattribute__ is not object.__getattribute__
+        ):
+            known = None
+        else:
+            known = False
         _SETSTATE[cls] = known
     if known is None:
         return hasattr(obj, "__setstate__")
