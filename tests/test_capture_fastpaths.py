@@ -254,3 +254,28 @@ def test_every_op_value_of_a_transformers_model_equals_a_clone_taken_when_it_ran
     for record in ops:
         key = record.key if "#" in record.key.rsplit("/", 1)[1] else f"{record.key}#0"
         conftest.assert_same(snap[record.key], reference.values[key], path=record.key)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+def test_a_nested_tensor_twice_in_an_output_is_one_copy_twice() -> None:
+    class Twice(nn.Module):
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            nested = torch.nested.nested_tensor([a, b])
+            return nested, nested
+
+    model, a, b = Twice(), torch.randn(2), torch.randn(3)
+    with tensorsnap.capture(model, ops=True) as snap:
+        model(a, b)
+    first, second = snap[""]
+    assert first is second and first.is_nested
+    assert [torch.equal(p, q) for p, q in zip(first.unbind(), (a, b))] == [True, True]
+
+
+def test_an_unhashable_callable_is_still_named() -> None:
+    from tensorsnap._ops import op_name
+
+    class Unhashable:
+        __hash__ = None  # type: ignore[assignment]
+        __name__ = "custom_op"
+
+    assert op_name(Unhashable()) == "custom_op"

@@ -31,7 +31,6 @@ from ._errors import NonFiniteError, TensorSnapError, TensorSnapWarning
 from ._grads import Gradients, InputGradients
 from ._keys import Selector, module_names
 from ._lazy import Deferred
-from ._ops import NAMES as _op_names
 from ._ops import AtenMode, OpMode, aten_name, op_name, others_listening, quiet
 from ._snapshot import Record, Snapshot
 from ._store import MemoryStore, Store, parse_size
@@ -663,7 +662,7 @@ class _OpRecorder(OpMode):
                 copy = clone(result)
                 nbytes = 0 if copy is None else storage_bytes(copy)
             if copy is not None:
-                name = _op_names.get(func) or op_name(func)
+                name = op_name(func)
                 key = frame.op_key(name)
                 record = Record(
                     key, frame.name, frame.call, name, "op", tuple(copy.shape), copy.dtype, nbytes

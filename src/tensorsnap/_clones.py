@@ -29,8 +29,13 @@ def clone(value: Any) -> torch.Tensor | None:
     too); a view that does not cover its span (a slice, an expanded tensor) gets the span it
     can reach copied once and viewed with its own strides, as ``snapshot`` does.
     """
-    if not (type(value) is torch.Tensor and value.layout is _strided and not _is_inference_mode()):
-        return None  # structures, subclasses, sparse, inference tensors: the copy engine's
+    if not (
+        type(value) is torch.Tensor
+        and value.layout is _strided
+        and not value.is_nested
+        and not _is_inference_mode()
+    ):
+        return None  # structures, subclasses, sparse, nested, inference: the copy engine's
     if value.requires_grad:  # a clone must not join the graph
         value = value.detach()
     if value.is_contiguous():
@@ -59,7 +64,7 @@ def clone_items(value: tuple[Any, ...] | list[Any]) -> tuple[Any, int]:
         return None, 0
     storages = set()
     for t in tensors:
-        if type(t) is not torch.Tensor or t.layout is not _strided:
+        if type(t) is not torch.Tensor or t.layout is not _strided or t.is_nested:
             return None, 0
         storages.add(t.untyped_storage().data_ptr())
     copies: list[torch.Tensor | None]

@@ -375,6 +375,7 @@ class Copier:
                 type(t) is not torch.Tensor
                 or id(t) in self.memo
                 or t.layout != torch.strided
+                or t.is_nested
                 or t.is_quantized
                 or t.is_meta
                 or t.is_conj()

@@ -14,7 +14,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["NAMES", "AtenMode", "OpMode", "aten_name", "op_name", "others_listening", "quiet"]
+__all__ = ["AtenMode", "OpMode", "aten_name", "op_name", "others_listening", "quiet"]
 
 
 class _Internal(threading.local):
@@ -69,7 +69,7 @@ def quiet() -> Any:
 
 
 # op_name's answers, so that naming a torch-level op is one dict lookup
-NAMES: dict[Any, str] = {}
+_NAMES: dict[Any, str] = {}
 
 
 def op_name(func: Any) -> str:
@@ -78,7 +78,10 @@ def op_name(func: Any) -> str:
     Dunder methods lose their underscores (``x + y`` is ``add``, ``x[i]`` is ``getitem``);
     properties are named after the attribute (``x.T`` is ``T``).
     """
-    name = NAMES.get(func)
+    try:
+        name = _NAMES.get(func)
+    except TypeError:  # an unhashable callable: named below, every time
+        name = None
     if name is None:
         name = getattr(func, "__name__", None) or type(func).__name__
         if name in ("__get__", "__set__"):  # a property of Tensor, e.g. x.T or x.mT
@@ -87,7 +90,7 @@ def op_name(func: Any) -> str:
         if len(name) > 4 and name.startswith("__") and name.endswith("__"):
             name = name[2:-2]
         try:
-            NAMES[func] = name
+            _NAMES[func] = name
         except TypeError:  # an unhashable callable: name it every time
             pass
     return name
