@@ -279,3 +279,19 @@ def test_an_unhashable_callable_is_still_named() -> None:
         __name__ = "custom_op"
 
     assert op_name(Unhashable()) == "custom_op"
+
+
+def test_a_wrapper_subclass_output_is_captured_with_its_logical_bytes() -> None:
+    two = pytest.importorskip("torch.testing._internal.two_tensor")
+
+    class Wrap(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return two.TwoTensor(x, x * 2)
+
+    model, x = Wrap(), torch.randn(3)
+    with tensorsnap.capture(model) as snap:
+        model(x)
+    value = snap[""]
+    assert type(value) is two.TwoTensor
+    assert torch.equal(value.a, x) and torch.equal(value.b, x * 2)
+    assert snap.records[0].nbytes == 3 * 4  # no storage of its own: counted by its elements

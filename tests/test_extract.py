@@ -407,11 +407,30 @@ def test_inputs_without_plain_values_are_accepted_and_large_ones_sampled_in_plac
         complex_values.conj(),
         torch.randn(1, 4096).expand(4096, 4096),  # 64 MiB seen, 16 KiB stored
     ]
+    two = pytest.importorskip("torch.testing._internal.two_tensor")
+    cyclic: list[Any] = [torch.ones(2)]
+    cyclic.append(cyclic)
+    unusual += [
+        two.TwoTensor(torch.randn(2), torch.randn(2)),  # a wrapper subclass: no .numpy()
+        cyclic,  # a batch that refers to itself
+        10**5000,  # more digits than int-to-str allows
+    ]
     for value in unusual:
         assert inputs_crc32({"x": value}, 0) == inputs_crc32({"x": value}, 0)
     assert inputs_crc32(complex_values.conj(), 0) == inputs_crc32(
         complex_values.conj().resolve_conj(), 0
     )
+    # a large conjugate view is sampled as its values, not materialised
+    wide = torch.randn(1, 1 << 18, dtype=torch.complex64).expand(4, -1)
+    assert inputs_crc32(wide.conj(), 0) == inputs_crc32(wide.conj().resolve_conj().clone(), 0)
+    assert inputs_crc32({"a": 1}, 0) != inputs_crc32(["a", 1], 0)
+
+    class Unwrap(nn.Module):
+        def forward(self, x: Any) -> torch.Tensor:
+            return x.a + x.b
+
+    extracted = run(Unwrap(), [two.TwoTensor(torch.ones(2), torch.ones(2))], tmp_path / "two")
+    assert torch.equal(extracted[""], torch.full((2,), 2.0))
 
 
 def test_a_journal_without_an_inputs_checksum_still_resumes(tmp_path: Any) -> None:

@@ -625,3 +625,18 @@ def test_setstate_is_found_where_deepcopy_finds_it(cls: type) -> None:
     got = tensorsnap.snapshot(obj).__dict__
     assert sorted(got) == sorted(want)
     assert torch.equal(got["t"], want["t"]) and got.get("restored") == want.get("restored")
+
+
+def test_setstate_added_to_a_class_after_a_first_copy_is_then_called() -> None:
+    class Later:
+        def __init__(self) -> None:
+            self.t = torch.ones(2)
+
+    tensorsnap.snapshot(Later())  # the class is seen once without __setstate__
+
+    def setstate(self: Any, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, restored=True)
+
+    Later.__setstate__ = setstate  # type: ignore[attr-defined]
+    assert tensorsnap.snapshot(Later()).restored is True
+    assert copy.deepcopy(Later()).restored is True

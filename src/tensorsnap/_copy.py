@@ -658,37 +658,21 @@ def _reconstruct(
     return result
 
 
-# per class: True if its MRO defines __setstate__; None if the answer can depend on the object
-# (a __getattr__ or __getattribute__ of the class's own); else False. A metaclass plays no part:
-# it answers for the class object, never for its instances.
-_SETSTATE: dict[type, bool | None] = {}
-
-
 def _has_setstate(obj: Any) -> bool:
-    """``hasattr(obj, "__setstate__")``, as deepcopy asks it, answered by the class when it can.
+    """``hasattr(obj, "__setstate__")``, as deepcopy asks it, without a failed lookup's cost.
 
     A failed attribute lookup raises and catches an AttributeError (through a Python-level
-    ``__getattr__``, if the class has one); for an ordinary class the answer is looked up once
-    in its MRO, not once per object.
+    ``__getattr__``, if the class has one). When neither the class's MRO nor the instance
+    holds the name, and no ``__getattr__``/``__getattribute__`` of the class could make it up,
+    the answer is no without a lookup; otherwise the lookup is made. A metaclass plays no part:
+    it answers for the class object, never for its instances.
     """
     cls = type(obj)
-    known = _SETSTATE.get(cls, _MISSING)
-    if known is _MISSING:
-        defined = [vars(k) for k in cls.__mro__]
-        if any("__setstate__" in names for names in defined):
-            known = True
-        elif (
-            any("__getattr__" in names for names in defined)
-            or cls.__getattribute__ is not object.__getattribute__
-        ):
-            known = None
-        else:
-            known = False
-        _SETSTATE[cls] = known
-    if known is None:
+    if (
+        any("__setstate__" in vars(k) or "__getattr__" in vars(k) for k in cls.__mro__)
+        or cls.__getattribute__ is not object.__getattribute__
+    ):
         return hasattr(obj, "__setstate__")
-    if known:
-        return True
     own = getattr(obj, "__dict__", None)  # set on the instance itself, which is rare
     return own is not None and "__setstate__" in own
 

@@ -242,41 +242,66 @@ def inputs_crc32(batch: Any, crc: int) -> int:
 
     Tensors over 1 MiB count by 4,096 evenly spaced elements (the same ones on any device and
     in any memory layout), which tells batches of real data apart at a fraction of the cost.
-    Tensors without plain strided values (sparse, nested, quantized, meta) count by their
-    layout, dtype and shape only. Plain values (str, numbers, bool, None) count by their repr
-    and mapping keys by name; other objects by their type only, since their repr may hold a
-    memory address.
+    Tensors whose values cannot be read as plain strided memory (sparse, nested, quantized,
+    meta, wrapper subclasses such as DTensor) count by their type, layout, dtype and shape
+    only. Plain values (str, numbers, bool, None), mapping keys included, count by their value;
+    other objects by their type only, since their repr may hold a memory address. Never raises:
+    the check must not stop an extract that has nothing to resume.
     """
-    stack = [batch]
+    stack: list[Any] = [batch]
+    seen: set[int] = set()  # containers already counted: a batch may refer to itself
     while stack:
         item = stack.pop()
         if isinstance(item, torch.Tensor):
-            t = item.detach()
-            if t.is_nested:  # has no single shape
-                crc = zlib.crc32(f"nested {t.layout}{t.dtype}".encode(), crc)
+            crc = _tensor_crc32(item.detach(), crc)
+        elif isinstance(item, (Mapping, tuple, list)):
+            if id(item) in seen:
+                crc = zlib.crc32(b"cycle", crc)
                 continue
-            crc = zlib.crc32(f"{t.layout}{t.dtype}{tuple(t.shape)}".encode(), crc)
-            if t.layout is not torch.strided or t.is_quantized or t.is_meta:
-                continue
-            t = t.resolve_conj().resolve_neg()
-            if t.numel() * t.element_size() > _WHOLE_INPUT_BYTES:
-                step = t.numel() // _INPUT_SAMPLES
-                if t.is_contiguous():
-                    t = t.view(-1)[::step][:_INPUT_SAMPLES]
-                else:  # gathered by index: an expanded or strided input is not materialised
-                    where = torch.arange(_INPUT_SAMPLES, device=t.device) * step
-                    t = t[torch.unravel_index(where, t.shape)]
-            crc = zlib.crc32(tensor_bytes(t), crc)
-        elif isinstance(item, Mapping):
-            for key in reversed(list(item)):
-                stack.extend((item[key], str(key)))
-        elif isinstance(item, (tuple, list)):
-            stack.extend(reversed(item))
-        elif item is None or isinstance(item, (str, int, float, bool)):
+            seen.add(id(item))
+            if isinstance(item, Mapping):
+                crc = zlib.crc32(b"{", crc)
+                for key in reversed(list(item)):
+                    stack.extend((item[key], key))
+            else:
+                crc = zlib.crc32(b"[", crc)
+                stack.extend(reversed(item))
+        elif isinstance(item, int) and not isinstance(item, bool):
+            crc = zlib.crc32(format(item, "x").encode(), crc)  # hex: no digit limit
+        elif item is None or isinstance(item, (str, float, bool)):
             crc = zlib.crc32(repr(item).encode(), crc)
         else:
             crc = zlib.crc32(type(item).__qualname__.encode(), crc)
     return crc
+
+
+def _tensor_crc32(t: torch.Tensor, crc: int) -> int:
+    if t.is_nested:  # has no single shape
+        return zlib.crc32(f"nested {t.layout}{t.dtype}".encode(), crc)
+    crc = zlib.crc32(f"{type(t).__name__}{t.layout}{t.dtype}{tuple(t.shape)}".encode(), crc)
+    if type(t) is not torch.Tensor or t.layout is not torch.strided or t.is_quantized or t.is_meta:
+        return crc
+    try:
+        if t.numel() * t.element_size() > _WHOLE_INPUT_BYTES:
+            step = t.numel() // _INPUT_SAMPLES
+            if t.is_contiguous():
+                t = t.view(-1)[::step][:_INPUT_SAMPLES]
+            else:  # gathered by index: an expanded or strided input is not materialised
+                where = torch.unravel_index(
+                    torch.arange(_INPUT_SAMPLES, device=t.device) * step, t.shape
+                )
+                # indexing resolves a conjugate or negative bit over the whole input: gather
+                # from the view without it, then give the samples their bits back
+                conj, neg = t.is_conj(), t.is_neg()
+                plain = t.conj() if conj else t
+                plain = plain._neg_view() if neg else plain
+                t = plain[where]
+                t = t.neg() if neg else t
+                t = t.conj() if conj else t
+        # after sampling: a large conjugate view is not resolved whole
+        return zlib.crc32(tensor_bytes(t.resolve_conj().resolve_neg()), crc)
+    except (RuntimeError, NotImplementedError, TypeError):  # dtypes numpy cannot hold, etc.
+        return zlib.crc32(b"unreadable", crc)
 
 
 def _call(model: nn.Module, batch: Any) -> Any:

@@ -76,9 +76,14 @@ def nbytes(value: Any) -> int:
         if t.layout != torch.strided or t.is_meta or t.is_quantized:
             total += t.numel() * t.element_size()
             continue
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in seen or storage.data_ptr() == 0:
-            seen.add(storage.data_ptr())
+        try:
+            storage = t.untyped_storage()
+            address = storage.data_ptr()
+        except RuntimeError:  # a wrapper subclass (TwoTensor, float8 wrappers): no storage
+            total += t.numel() * t.element_size()
+            continue
+        if address not in seen or address == 0:
+            seen.add(address)
             total += storage.nbytes()
     return total
 
