@@ -4,10 +4,9 @@ Module calls are seen through process-wide module hooks installed once per sessi
 module; only the forward hook when nothing but outputs is captured), filtered by module identity
 and thread; functional ops through a function or dispatch mode (:mod:`._ops`); gradients through
 tensor and graph-node hooks, which, unlike full backward hooks, do not break when a later op
-modifies an output in place. Every value is selected, copied and stored the same way: plain
-tensors and tuples of them by :mod:`._clones` (:meth:`_Session._keep`, and for the common op
-right in :class:`_OpRecorder`'s handler), everything else by the copy engine
-(:meth:`_Session._record`).
+modifies an output in place. Every value goes through one path, :meth:`_Session._record`:
+select, copy (plain tensors and tuples of them by :mod:`._clones`, anything else by the copy
+engine), store.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from ._errors import NonFiniteError, TensorSnapError, TensorSnapWarning
 from ._grads import Gradients, InputGradients
 from ._keys import Selector, module_names
 from ._lazy import Deferred
-from ._ops import AtenMode, OpMode, aten_name, op_name, others_listening, quiet
+from ._ops import AtenMode, OpMode, aten_name, op_name, quiet
 from ._snapshot import Record, Snapshot
 from ._store import MemoryStore, Store, parse_size
 
@@ -48,9 +47,6 @@ _in_backward = torch._C._current_graph_task_id
 # torch classes whose fused fast path (eval, no grad) skips their submodules' forward calls
 # (not MultiheadAttention: it never calls its out_proj submodule, fast path or not)
 _FASTPATH = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
-
-_strided = torch.strided
-_is_inference_mode = torch.is_inference_mode_enabled
 
 
 class _Frame:
@@ -152,10 +148,6 @@ class _Session(AbstractContextManager[Snapshot]):
             store = MemoryStore()
         self.snapshot = Snapshot(store=store)
         self._deferred = Deferred(self._settled) if lazy and not dry and self._plain else None
-        # nothing between a value and a clone of it: no deferral, cast or move
-        self._fast = self._plain and self._deferred is None and not dry
-        # an op's value is a clone stored under its key, and nothing more (see _OpRecorder)
-        self._lean = self._fast and self._all and not (grads or saved) and nonfinite is None
         self.open = False
         self._used = False
         self._calls: dict[int, int] = {}
@@ -226,10 +218,9 @@ class _Session(AbstractContextManager[Snapshot]):
             if self.ops == "aten":
                 self._op_name = aten_name
                 self._enter(AtenMode(self._on_op))
-            elif self._deferred is not None:
-                self._enter(OpMode(self._on_op if self.ops else None, self._deferred.before))
-            elif self.ops:
-                self._enter(_OpRecorder(self))
+            elif self.ops or self._deferred is not None:
+                before = self._deferred.before if self._deferred is not None else None
+                self._enter(OpMode(self._on_op if self.ops else None, before))
         except BaseException:
             self._close()
             raise
@@ -335,8 +326,6 @@ class _Session(AbstractContextManager[Snapshot]):
             self._target = None
         else:
             self._target = None if self._hooks_of is not None else frame
-        if self._lean:
-            return None
         if self.saved:
             frame.saved = []
         if self.grads and torch.is_grad_enabled():
@@ -394,7 +383,7 @@ class _Session(AbstractContextManager[Snapshot]):
         if frame.saved:
             self._record_saved(f"{frame.key}:saved", frame, None)
         if self._all or self.select(frame.key):
-            self._keep(frame.key, frame, None, "output", output)
+            self._record(frame.key, frame.name, frame.call, None, "output", output)
         if self.grads and torch.is_grad_enabled():
             key = f"{frame.key}:grad"
             if self.select(key):
@@ -462,7 +451,7 @@ class _Session(AbstractContextManager[Snapshot]):
         if frame.saved:
             self._record_saved(f"{key}:saved", frame, name)
         if self._all or self.select(key):
-            self._keep(key, frame, name, "op", result)
+            self._record(key, frame.name, frame.call, name, "op", result)
         if self.grads and torch.is_grad_enabled():
             grad_key = f"{key}:grad"
             if self.select(grad_key):
@@ -511,31 +500,6 @@ class _Session(AbstractContextManager[Snapshot]):
         gradients = Gradients(self, key, frame, op, kind, value)
         self._handles.extend(gradients.handles)
 
-    def _keep(self, key: str, frame: _Frame, op: str | None, kind: str, value: Any) -> None:
-        """Copy and store the value of a key of this call; the path every op and output takes.
-
-        A plain tensor, or a tuple or list of them, is copied by :mod:`._clones` in a few
-        calls; anything else goes through :meth:`_record` and the copy engine.
-        """
-        if self._fast:  # _fast implies _plain: no cast or move between a value and its copy
-            copy: Any = None
-            shape: tuple[int, ...] | None = None
-            dtype: torch.dtype | None = None
-            if type(value) is torch.Tensor:
-                copy = clone(value)
-                if copy is not None:
-                    shape, dtype, nbytes = tuple(copy.shape), copy.dtype, storage_bytes(copy)
-            elif type(value) is tuple or type(value) is list:
-                copy, nbytes = clone_items(value)
-            if copy is not None:
-                self.snapshot._add(
-                    Record(key, frame.name, frame.call, op, kind, shape, dtype, nbytes), copy
-                )
-                if self.nonfinite is not None:
-                    self._check_finite(key, copy)
-                return
-        self._record(key, frame.name, frame.call, op, kind, value)
-
     def _record(
         self, key: str, name: str, call: int, op: str | None, kind: str, value: Any
     ) -> None:
@@ -560,11 +524,18 @@ class _Session(AbstractContextManager[Snapshot]):
                 if self.nonfinite is not None:
                     self._check_finite(key, alias)
                 return
-        copy = self._clone(value)
-        if copy is not None:
-            nbytes = storage_bytes(copy)
-            record = Record(key, name, call, op, kind, tuple(copy.shape), copy.dtype, nbytes)
-        else:
+        copy: Any = None
+        if self._plain:  # plain tensors and tuples of them: copied in a few calls
+            if type(value) is torch.Tensor:
+                copy = clone(value)
+                if copy is not None:
+                    shape, dtype = tuple(copy.shape), copy.dtype
+                    record = Record(key, name, call, op, kind, shape, dtype, storage_bytes(copy))
+            elif type(value) is tuple or type(value) is list:
+                copy, nbytes = clone_items(value)
+                if copy is not None:
+                    record = Record(key, name, call, op, kind, None, None, nbytes)
+        if copy is None:
             copy = self.copier.copy_value(value, root=f"snap[{key!r}]")
             record = self._make_record(key, name, call, op, kind, copy)
         self.snapshot._add(record, copy)
@@ -584,14 +555,10 @@ class _Session(AbstractContextManager[Snapshot]):
 
     def copy_value(self, value: Any, key: str) -> Any:
         """A copy of ``value`` as a capture keeps it (the fast clone, else the copy engine)."""
-        copy = self._clone(value)
+        copy = clone(value) if self._plain else None
         if copy is None:
             copy = self.copier.copy_value(value, root=f"snap[{key!r}]")
         return copy
-
-    def _clone(self, value: Any) -> torch.Tensor | None:
-        """A copy of ``value`` by the fast path (see :mod:`._clones`), or None."""
-        return clone(value) if self._plain else None
 
     @staticmethod
     def _make_record(
@@ -621,57 +588,6 @@ class _Session(AbstractContextManager[Snapshot]):
                 key=key,
                 snapshot=self.snapshot,
             )
-
-
-class _OpRecorder(OpMode):
-    """The function mode of ``capture(ops=True)``, with the common op recorded in place.
-
-    Most ops return one fresh dense tensor, and usually every key is selected with nothing else
-    (gradients, saved tensors, checks) waiting on it. Such an op is named, cloned and stored
-    right in this handler, about a microsecond beyond its clone; everything else goes through
-    :meth:`_Session._on_op`, which does the same with every option considered.
-    """
-
-    def __init__(self, session: _Session) -> None:
-        super().__init__(session._on_op)
-        self.session = session
-
-    def __torch_function__(
-        self,
-        func: Any,
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        result = func(*args, **kwargs) if kwargs else func(*args)
-        session = self.session
-        frame = session._target
-        if frame is None:
-            return result  # not run by a forward of the model's (see _Session._retarget)
-        if (
-            session._lean
-            and type(result) is torch.Tensor
-            and not _is_inference_mode()
-            and not others_listening()
-        ):
-            copy: torch.Tensor | None
-            if not result.requires_grad and result.layout is _strided and result.is_contiguous():
-                copy = result.clone()
-                nbytes = copy.nbytes
-            else:
-                copy = clone(result)
-                nbytes = 0 if copy is None else storage_bytes(copy)
-            if copy is not None:
-                name = op_name(func)
-                key = frame.op_key(name)
-                record = Record(
-                    key, frame.name, frame.call, name, "op", tuple(copy.shape), copy.dtype, nbytes
-                )
-                session.snapshot._add(record, copy)
-                return result
-        if isinstance(result, (torch.Tensor, tuple, list)) and type(result) is not torch.Size:
-            self.report(func, result)  # not x.size(), x.dtype or x.shape, which hold no tensor
-        return result
 
 
 class _Ignored:

@@ -14,7 +14,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["AtenMode", "OpMode", "aten_name", "op_name", "others_listening", "quiet"]
+__all__ = ["AtenMode", "OpMode", "aten_name", "op_name", "quiet"]
 
 
 class _Internal(threading.local):
@@ -27,19 +27,15 @@ _internal = _Internal()
 # function modes below the one handling a call (it is popped while it runs)
 _stack_depth = torch._C._len_torch_function_stack
 
-# the ATen-level modes entered in any thread: while there are none, no dispatch mode of ours can
-# see our own torch calls (a set, so that adding and removing are atomic)
-_aten_modes: set[int] = set()
 
-
-def others_listening() -> bool:
+def _others_listening() -> bool:
     """Whether a mode could see the torch calls that a function mode's handler makes now.
 
     Inside a function mode's handler that mode is off, so with no function mode below it and
-    no ATen-level capture open, its own calls (the copies it takes) reach no mode at all and
-    need no :func:`quiet` around them.
+    no ATen-level capture open in this thread, its own calls (the copies it takes) reach no
+    mode at all and need no :func:`quiet` around them.
     """
-    return bool(_stack_depth() or _aten_modes)
+    return bool(_stack_depth() or _internal.aten_sessions)
 
 
 class _QuietAten:
@@ -145,8 +141,8 @@ class OpMode(TorchFunctionMode):
         on_op = self.on_op
         if on_op is None:
             return
-        if type(result) is torch.Tensor and not (_stack_depth() or _aten_modes):
-            on_op(func, result)  # the common case: see others_listening()
+        if type(result) is torch.Tensor and not _others_listening():
+            on_op(func, result)  # the common case: a plain tensor, nothing to hide from
         elif isinstance(result, torch.Tensor) or (
             isinstance(result, (tuple, list))
             and type(result) is not torch.Size  # x.size() and x.shape: no tensors in there
@@ -185,12 +181,10 @@ class AtenMode(TorchDispatchMode):
 
     def __enter__(self) -> AtenMode:
         _internal.aten_sessions += 1
-        _aten_modes.add(id(self))
         try:
             return super().__enter__()
         except BaseException:
             _internal.aten_sessions -= 1
-            _aten_modes.discard(id(self))
             raise
 
     def __exit__(self, *exc: Any) -> None:
@@ -198,7 +192,6 @@ class AtenMode(TorchDispatchMode):
             super().__exit__(*exc)
         finally:
             _internal.aten_sessions -= 1
-            _aten_modes.discard(id(self))
 
     def __torch_dispatch__(
         self,

@@ -61,8 +61,6 @@ class Snapshot(Mapping[str, Any]):
         self._records: list[Record] = records if records is not None else []
         self._index: dict[str, int] = {r.key: i for i, r in enumerate(self._records)}
         self._store: Store = store if store is not None else MemoryStore()
-        # a capture adds a value per op: with values kept in memory, straight into their dict
-        self._memory = self._store._values if type(self._store) is MemoryStore else None
 
     # -- filled by the capture session -------------------------------------------------------
 
@@ -71,10 +69,7 @@ class Snapshot(Mapping[str, Any]):
         # raises; the key must stay readable
         self._index[record.key] = len(self._records)
         self._records.append(record)
-        if self._memory is not None:
-            self._memory[record.key] = value
-        else:
-            self._store.put(record.key, value, record.nbytes)
+        self._store.put(record.key, value, record.nbytes)
 
     def _replace(self, record: Record, value: Any) -> None:
         self._records[self._index[record.key]] = record
