@@ -8,11 +8,12 @@ import torch
 from torch import nn
 
 
-def gpt2_tiny() -> tuple[nn.Module, tuple[Any, ...]]:
-    """GPT-2 with 2 layers, d=128, seq 32, eager attention (so softmax is an op of its own)."""
+def gpt2(**overrides: Any) -> nn.Module:
+    """``GPT2LMHeadModel`` from a small config with eager attention (so softmax is an op of its
+    own): 2 layers, d=128, 4 heads, vocabulary 1000, unless ``overrides`` say otherwise."""
     import transformers
 
-    config = transformers.GPT2Config(
+    options: dict[str, Any] = dict(
         n_layer=2,
         n_embd=128,
         n_head=4,
@@ -22,4 +23,10 @@ def gpt2_tiny() -> tuple[nn.Module, tuple[Any, ...]]:
         eos_token_id=None,
         attn_implementation="eager",
     )
-    return transformers.GPT2LMHeadModel(config), (torch.randint(0, 1000, (1, 32)),)
+    options.update(overrides)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**options))
+
+
+def gpt2_tiny() -> tuple[nn.Module, tuple[Any, ...]]:
+    """The issue's GPT-2 tiny: 2 layers, d=128, sequence 32."""
+    return gpt2(), (torch.randint(0, 1000, (1, 32)),)

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from _models import gpt2
 
 import tensorsnap
 
@@ -104,20 +105,8 @@ def module_case(quick: bool, repeats: int) -> list[tuple[str, str, float, float,
 
 
 def gpt2_case(repeats: int) -> list[tuple[str, str, float, float, str]]:
-    import transformers
-
     torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=1000,
-        n_positions=128,
-        n_embd=64,
-        n_layer=4,
-        n_head=4,
-        bos_token_id=None,
-        eos_token_id=None,
-        attn_implementation="eager",
-    )
-    model = transformers.GPT2LMHeadModel(config).eval()
+    model = gpt2(n_layer=4, n_embd=64, n_positions=128).eval()
     ids = torch.randint(0, 1000, (2, 32))
     with torch.no_grad():
         out = model(ids, use_cache=True, output_hidden_states=True, output_attentions=True)
