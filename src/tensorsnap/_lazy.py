@@ -23,22 +23,14 @@ from ._ops import op_name
 
 __all__ = ["Deferred"]
 
-# where a functional op takes its ``inplace`` flag, by function; None when it has none
-_INPLACE_ARG: dict[Any, int | None] = {}
-
 
 def _inplace_index(func: Any) -> int | None:
-    if func in _INPLACE_ARG:
-        return _INPLACE_ARG[func]
-    index = None
+    """Where a functional op takes its ``inplace`` flag; None when it has none."""
     try:
         names = list(inspect.signature(func).parameters)
-        if "inplace" in names:
-            index = names.index("inplace")
     except (TypeError, ValueError):  # builtins without a signature have no inplace flag
-        pass
-    _INPLACE_ARG[func] = index
-    return index
+        return None
+    return names.index("inplace") if "inplace" in names else None
 
 
 # what a function writes into, by function: (its first argument, the index of its ``inplace``
@@ -47,14 +39,17 @@ _WRITES: dict[Any, tuple[bool, int | None]] = {}
 
 
 def _writes(func: Any) -> tuple[bool, int | None]:
-    found = _WRITES.get(func)
+    try:
+        found = _WRITES.get(func)
+    except TypeError:  # an unhashable callable: worked out below, every time
+        found = None
     if found is None:
         name = op_name(func)
         in_place = (name.endswith("_") and not name.startswith("_")) or name == "setitem"
         found = (in_place, _inplace_index(func))
         try:
             _WRITES[func] = found
-        except TypeError:  # an unhashable callable: work it out every time
+        except TypeError:
             pass
     return found
 
