@@ -13,6 +13,7 @@ format is described in ``docs/format.md``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
@@ -21,13 +22,14 @@ import shutil
 import stat
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from os import PathLike
 from typing import Any
 
 import torch
 
+from . import _validate
 from ._errors import BundleError, BundleWarning
 from ._manifest import (
     JOURNAL,
@@ -106,9 +108,19 @@ def save(
     """
     from . import __version__
 
-    target = os.path.abspath(os.fspath(path))
+    if not isinstance(snapshot, Snapshot):
+        raise BundleError(
+            f"save(snapshot=...) takes a tensorsnap.Snapshot, got {type(snapshot).__name__}"
+        )
+    target = os.path.abspath(_validate.path(path, "path"))
+    for name, number in (("rank", rank), ("world_size", world_size)):
+        if number is not None and (type(number) is not int or number < 0):
+            raise BundleError(f"{name}={number!r}: expected None or an int >= 0")
     parent, base = os.path.split(target)
-    _check_target(target)
+    try:
+        _check_target(target)
+    except OSError as err:
+        raise BundleError(f"cannot check the bundle path {target}: {err}") from err
     store = snapshot._store
     locate = getattr(store, "_locate", None)
     peek = getattr(store, "_peek", store.get)
@@ -124,7 +136,13 @@ def save(
         entries.append(_Entry(record, tree, encoder.tensors, spans, placements))
     shards = _assign_shards(entries)
 
-    os.makedirs(parent, exist_ok=True)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as err:
+        raise BundleError(
+            f"cannot create {parent}, the parent directory of the bundle {target} ({err}); "
+            "nothing was written. Save to a path whose parent is (or can be made) a directory"
+        ) from err
     temp = os.path.join(parent, f".{base}.tensorsnap-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         os.mkdir(temp)
@@ -250,7 +268,9 @@ def load(
     """
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
         raise BundleError(f"rank={rank!r}: expected None or a rank number (an int >= 0)")
-    root = os.path.realpath(os.fspath(path))
+    _validate.flag(assemble, "assemble")
+    _validate.flag(verify, "verify")
+    root = os.path.realpath(_validate.path(path, "path"))
     if not os.path.isdir(root):
         raise BundleError(f"no bundle at {root}: it is not a directory (write one with snap.save)")
     manifest_path = os.path.join(root, MANIFEST)
@@ -288,6 +308,11 @@ def _open(root: str, rank: int | None, assemble: bool = False, verify: bool = Tr
                 "was edited or damaged, re-create it"
             ) from err
     saved_rank = manifest.get("rank")
+    if assemble:
+        raise BundleError(
+            f"{root} was saved as one part (it is not a multi-rank bundle), so there is "
+            "nothing to assemble; call tensorsnap.load(path) without assemble=True"
+        )
     if rank is not None and saved_rank is None:
         raise BundleError(
             f"{root} was saved by a single process and has no ranks; call tensorsnap.load(path) "
@@ -378,16 +403,38 @@ class _BundleStore:
     def get(
         self, key: str, on_dtensor: Callable[[torch.Tensor, dict[str, Any]], Any] | None = None
     ) -> Any:
+        return self.decode(key, self.tensors(key), on_dtensor)
+
+    def tensors(self, key: str) -> list[torch.Tensor]:
+        """The distinct tensors of ``key``'s value, in the manifest's order (checked, mapped)."""
         entry = self._entries[key]
-        try:
+        with self._malformed(key):
             blobs = [self._blob(blob, key) for blob in entry["blobs"]]
-            tensors = [self._tensor(spec, blobs, key) for spec in entry["tensors"]]
-            return Decoder(key, tensors, on_dtensor).node(entry["value"])
+            return [self._tensor(spec, blobs, key) for spec in entry["tensors"]]
+
+    def tree(self, key: str) -> Any:
+        """``key``'s value tree as saved (JSON nodes whose tensor leaves index ``tensors``)."""
+        return self._entries[key]["value"]
+
+    def decode(
+        self,
+        key: str,
+        tensors: list[torch.Tensor],
+        on_dtensor: Callable[[torch.Tensor, dict[str, Any]], Any] | None = None,
+    ) -> Any:
+        """``key``'s value rebuilt around ``tensors`` (its own, or e.g. concatenated ones)."""
+        with self._malformed(key):
+            return Decoder(key, tensors, on_dtensor).node(self._entries[key]["value"])
+
+    @contextlib.contextmanager
+    def _malformed(self, key: str) -> Iterator[None]:
+        try:
+            yield
         except (BundleError, BundleWarning):
             raise
         except (
             KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError,
-            OverflowError, RecursionError,
+            OverflowError, RecursionError, MemoryError,
         ) as err:  # fmt: skip
             raise BundleError(
                 f"{self._manifest}: key {key!r}: the manifest entry is malformed "
@@ -455,17 +502,27 @@ class _BundleStore:
         ):
             raise BundleError(f"{where}: a tensor has a malformed shape, stride or offset")
         device = spec.get("device")
-        if spec["blob"] is None:
-            meta = device == "meta"
-            return torch.empty_strided(shape, stride, dtype=dtype, device="meta" if meta else "cpu")
-        storage, start, nbytes = blobs[spec["blob"]]
-        itemsize = dtype.itemsize
         numel = 1
         extent = 1
         for size, step in zip(shape, stride):
             numel *= size
             if size > 1:
                 extent += (size - 1) * step
+        blob = spec["blob"]
+        if blob is None:
+            # no bytes: only a zero-size or a meta tensor has none; anything else would be
+            # torch.empty memory, whatever the heap held
+            meta = device == "meta"
+            if numel != 0 and not meta:
+                raise BundleError(
+                    f"{where}: a tensor of shape {shape} has no blob (\"blob\": null), which "
+                    "only zero-size and meta tensors may have; the bundle was edited or damaged"
+                )
+            return torch.empty_strided(shape, stride, dtype=dtype, device="meta" if meta else "cpu")
+        if type(blob) is not int or not 0 <= blob < len(blobs):
+            raise BundleError(f"{where}: a tensor names blob {blob!r}, which is not listed")
+        storage, start, nbytes = blobs[blob]
+        itemsize = dtype.itemsize
         if numel == 0 or offset + extent * itemsize > nbytes:
             raise BundleError(f"{where}: a tensor reaches beyond the bytes stored for it")
         base = start + offset

@@ -11,6 +11,7 @@ entry and the whole ``manifest.json`` (with its SHA-256); ``read_manifest`` and
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import inspect
 import json
@@ -26,7 +27,7 @@ import torch
 
 from ._dtensor import is_distributed, layout, local
 from ._errors import BundleError, BundleWarning, attr, format_path
-from ._shards import Span, dtype_from_name, dtype_name
+from ._shards import Span, dtype_from_name, dtype_name, read_small_file
 from ._snapshot import KINDS, Record
 
 __all__ = [
@@ -49,7 +50,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 # What an unfinished ``extract`` keeps beside its shards instead of a manifest.
 JOURNAL = "extract-journal.json"
-_MAX_MANIFEST = 2**31
+# the most bytes read as a manifest (about two million keys)
+_MAX_MANIFEST = 2**30
 
 DIGEST_FIELD = "manifest_sha256"
 _ZERO_DIGEST = "0" * 64
@@ -308,9 +310,10 @@ def encode_manifest(
 
 def read_manifest(path: str) -> dict[str, Any]:
     try:
-        with open(path, "rb") as f:
-            data = f.read(_MAX_MANIFEST + 1)
+        data = read_small_file(path, _MAX_MANIFEST)
     except OSError as err:
+        if err.errno == errno.ELOOP:  # O_NOFOLLOW met a link
+            raise BundleError(f"{path} is a symbolic link; refusing to read it") from err
         raise BundleError(f"{path} cannot be read: {err}") from err
     damaged = f"{path} is damaged or was edited by hand"
     try:

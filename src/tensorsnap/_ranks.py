@@ -175,9 +175,11 @@ def open_ranks(
     world_size = manifest["world_size"]
     parts = manifest["parts"]
     concat = manifest.get("concat", False)
+    # the parts listed bound world_size: a list of a billion names is never built to compare
     if (
-        not isinstance(world_size, int)
-        or isinstance(world_size, bool)
+        type(world_size) is not int
+        or not isinstance(parts, list)
+        or not 1 <= world_size == len(parts)
         or parts != [part_name(r) for r in range(world_size)]
         or not isinstance(concat, bool)
     ):
@@ -277,6 +279,13 @@ def _concatenated(parts: list[Snapshot], root: str) -> Snapshot:
 
 
 class _ConcatStore:
+    """Data-parallel parts as one store: each key's tensors concatenated in rank order.
+
+    The value is rebuilt once, by the same decoder as a single part's (so no class code runs:
+    no ``__init__``, ``__setitem__`` or ``copy`` of a saved dict subclass or ModelOutput),
+    around tensors that are each the concatenation of that tensor on every rank.
+    """
+
     def __init__(self, parts: list[Snapshot], root: str) -> None:
         self._parts = parts
         self._root = root
@@ -289,38 +298,42 @@ class _ConcatStore:
             snap.close()
 
     def get(self, key: str) -> Any:
-        return _cat([snap[key] for snap in self._parts], f"snap[{key!r}]", self._root)
-
-
-def _cat(values: list[Any], where: str, root: str) -> Any:
-    first = values[0]
-    if isinstance(first, torch.Tensor):
-        if not all(isinstance(v, torch.Tensor) for v in values):
-            raise BundleError(f"{root}: {where} is a tensor on some ranks only")
-        if first.dim() == 0:
-            return torch.stack(values)
-        try:
-            return torch.cat(values)
-        except RuntimeError as err:
-            shapes = [tuple(v.shape) for v in values]
+        where = f"snap[{key!r}]"
+        stores: list[Any] = [snap._store for snap in self._parts]
+        first = stores[0]
+        tree = first.tree(key)
+        per_rank = []
+        for r, store in enumerate(stores):
+            if r and store.tree(key) != tree:
+                raise BundleError(
+                    f"{self._root}: {where} has a different structure (or different non-tensor "
+                    f"values) on rank {r} than on rank 0, so the ranks cannot be concatenated; "
+                    "read the ranks one by one with tensorsnap.load(path, rank=r)"
+                )
+            per_rank.append(store.tensors(key))
+        if any(len(t) != len(per_rank[0]) for t in per_rank):
             raise BundleError(
-                f"{root}: {where} has shapes {shapes} on ranks 0..{len(values) - 1}, which do "
-                "not concatenate along dim 0"
-            ) from err
-    if isinstance(first, (tuple, list)) and all(
-        type(v) is type(first) and len(v) == len(first) for v in values
-    ):
-        items = [_cat([v[i] for v in values], f"{where}[{i}]", root) for i in range(len(first))]
-        if isinstance(first, list):
-            return items
-        if hasattr(first, "_fields"):
-            return type(first)(*items)
-        return type(first)(items)
-    if isinstance(first, dict) and all(
-        isinstance(v, dict) and list(v) == list(first) for v in values
-    ):
-        result = first.copy()
-        for k in first:
-            result[k] = _cat([v[k] for v in values], f"{where}[{k!r}]", root)
-        return result
-    return first
+                f"{self._root}: {where} holds a different number of tensors on some ranks; read "
+                "the ranks one by one with tensorsnap.load(path, rank=r)"
+            )
+        joined = [
+            _cat([tensors[i] for tensors in per_rank], f"{where} (tensor {i})", self._root)
+            for i in range(len(per_rank[0]))
+        ]
+        return first.decode(key, joined)
+
+
+def _cat(values: list[torch.Tensor], where: str, root: str) -> torch.Tensor:
+    if values[0].dim() == 0:
+        try:
+            return torch.stack(values)
+        except RuntimeError as err:
+            raise BundleError(f"{root}: {where} cannot be stacked across ranks ({err})") from err
+    try:
+        return torch.cat(values)
+    except RuntimeError as err:
+        shapes = [tuple(v.shape) for v in values]
+        raise BundleError(
+            f"{root}: {where} has shapes {shapes} on ranks 0..{len(values) - 1}, which do "
+            "not concatenate along dim 0"
+        ) from err

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import struct
 import zlib
 from collections.abc import Callable, Iterator
@@ -36,6 +37,7 @@ __all__ = [
     "link_or_copy",
     "map_file",
     "plan_spans",
+    "read_small_file",
     "write_all",
     "write_file",
     "write_shard",
@@ -69,6 +71,11 @@ NATIVE: dict[torch.dtype, str] = {
     torch.float8_e4m3fn: "F8_E4M3",
     torch.float8_e5m2: "F8_E5M2",
 }
+
+# how a shard is opened for reading: never through a link, never blocking on a FIFO
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_BINARY = getattr(os, "O_BINARY", 0)
 
 SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
 # -- dtypes ---------------------------------------------------------------------------------
@@ -268,39 +275,154 @@ class ShardFile:
         self.storage: torch.UntypedStorage | None = None
         self.header: dict[str, Any] = {}
         self.data_start = 0
+        self._identity: tuple[int, ...] | None = None
 
     def open(self, key: str) -> torch.UntypedStorage:
         if self.storage is not None:
+            self.check(key)
             return self.storage
+        where = f"{self.path} (used by key {key!r})"
         try:
-            size = os.stat(self.path).st_size
-            with open(self.path, "rb") as f:
-                head = f.read(8)
+            # O_NONBLOCK: a FIFO put in the shard's place must not block the open
+            fd = os.open(self.path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | _BINARY)
+            try:
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):
+                    raise BundleError(f"{where} is not a regular file; refusing to read it")
+                size = info.st_size
+                head = _read_exactly(fd, 8)
                 length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
                 if not 2 <= length <= min(_MAX_HEADER, size - 8):
                     raise BundleError(
-                        f"{self.path} (used by key {key!r}): the safetensors header length is "
-                        "damaged; the shard is truncated or corrupted, re-create the bundle"
+                        f"{where}: the safetensors header length is damaged; the shard is "
+                        "truncated or corrupted, re-create the bundle"
                     )
-                header = json.loads(f.read(length))
+                header = json.loads(_read_exactly(fd, length))
+            finally:
+                os.close(fd)
         except OSError as err:
-            raise BundleError(f"{self.path} (used by key {key!r}) cannot be read: {err}") from err
-        except (ValueError, UnicodeDecodeError) as err:
+            raise BundleError(f"{where} cannot be read: {err}") from err
+        except (ValueError, UnicodeDecodeError, RecursionError) as err:
             raise BundleError(
-                f"{self.path} (used by key {key!r}): the safetensors header is not valid JSON "
-                f"({err}); the shard is damaged, re-create the bundle"
+                f"{where}: the safetensors header is not valid JSON ({err}); the shard is "
+                "damaged, re-create the bundle"
             ) from err
         if size != self.nbytes:
             raise BundleError(
-                f"{self.path} (used by key {key!r}) has {size} bytes, the manifest says "
-                f"{self.nbytes}; the shard is truncated or was replaced, re-create the bundle"
+                f"{where} has {size} bytes, the manifest says {self.nbytes}; the shard is "
+                "truncated or was replaced, re-create the bundle"
             )
         if not isinstance(header, dict):
-            raise BundleError(f"{self.path} (used by key {key!r}): the header is not an object")
+            raise BundleError(f"{where}: the header is not an object")
+        _check_coverage(header, size - 8 - length, where)
         self.header = header
         self.data_start = 8 + length
         self.storage = map_file(self.path, size)
+        self._identity = _identity(info)
         return self.storage
+
+    def check(self, key: str) -> None:
+        """Raise if the mapped file was truncated, replaced or rewritten since it was mapped.
+
+        Reading pages of a mapped file that was cut shorter kills the process (SIGBUS), so
+        every read of a key checks first. A change after this check and before the pages are
+        touched (or to tensors already handed out) is not caught: see docs/format.md.
+        """
+        try:
+            now = _identity(os.stat(self.path))
+        except OSError as err:
+            raise BundleError(
+                f"{self.path} (used by key {key!r}) disappeared while the bundle was open "
+                f"({err}); re-load the bundle"
+            ) from err
+        if now != self._identity:
+            raise BundleError(
+                f"{self.path} (used by key {key!r}) changed on disk while the bundle was open "
+                "(its size, inode or modification time differ from when it was mapped); "
+                "refusing to read it: re-load the bundle, and do not modify bundles in place"
+            )
+
+
+def _identity(info: os.stat_result) -> tuple[int, ...]:
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+def _read_exactly(fd: int, count: int) -> bytes:
+    parts = []
+    while count > 0:
+        piece = os.read(fd, min(count, 2**24))
+        if not piece:
+            break
+        parts.append(piece)
+        count -= len(piece)
+    return b"".join(parts)
+
+
+def _check_coverage(header: dict[str, Any], data_size: int, where: str) -> None:
+    """The header's blobs must tile the data section exactly, as safetensors' reader demands.
+
+    This is what catches a damaged header length even with ``verify=False``: a length that is
+    off shifts where the data starts, and the blobs no longer end at the end of the file.
+    """
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(v) is int for v in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise BundleError(
+                f"{where}: header entry {name!r} has malformed data_offsets; the shard is "
+                "damaged, re-create the bundle"
+            )
+        spans.append((offsets[0], offsets[1]))
+    spans.sort()
+    end = 0
+    for lo, hi in spans:
+        if lo != end:
+            break
+        end = hi
+    if end != data_size:
+        raise BundleError(
+            f"{where}: the safetensors header does not cover the data exactly (its blobs end "
+            f"at byte {end} of a {data_size}-byte data section, or leave gaps); the header or "
+            "its length field is damaged, re-create the bundle"
+        )
+
+
+def read_small_file(path: str, limit: int) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes (a manifest, a journal).
+
+    Links are not followed, a FIFO or device in its place is refused without blocking on it,
+    and nothing beyond ``limit`` is read.
+
+    Raises:
+        OSError: It cannot be opened or read.
+        BundleError: It is not a regular file, or is larger than ``limit``.
+    """
+    fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | _BINARY)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BundleError(
+                f"{path} is not a regular file (a link, FIFO, device or directory); refusing "
+                "to read it"
+            )
+        if info.st_size > limit:
+            raise BundleError(
+                f"{path} has {info.st_size} bytes, more than the {limit} this reader accepts; "
+                "it is not a file tensorsnap wrote"
+            )
+        data = _read_exactly(fd, limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:  # it grew while being read
+        raise BundleError(f"{path} grew past {limit} bytes while it was read")
+    return data
 
 
 def link_or_copy(source: str, file: str) -> int:
