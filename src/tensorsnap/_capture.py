@@ -107,6 +107,7 @@ class _Session(AbstractContextManager[Snapshot]):
         spill_dir: str | None = None,
         gather: bool = False,
         dry: bool = False,
+        rows: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TensorSnapError(
@@ -138,6 +139,8 @@ class _Session(AbstractContextManager[Snapshot]):
         self.dry = dry
         self.copier = Copier(device=device, dtype=dtype, gather=gather)
         self._plain = device is None and dtype is None
+        if rows is not None:  # extract(per_token=True): a _rows.RowCopier cuts token rows
+            self.copier, self._plain = rows, False
         budget = parse_size(max_memory, "max_memory")
         store: Store
         if budget is not None and not dry:

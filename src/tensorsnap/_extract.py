@@ -27,7 +27,7 @@ from ._errors import TensorSnapError
 from ._manifest import JOURNAL, MANIFEST, read_manifest
 from ._ranks import part_name, process_group, write_index
 from ._shards import dtype_name, fsync_dir
-from ._snapshot import Snapshot, human_bytes
+from ._snapshot import Record, Snapshot, human_bytes
 from ._store import parse_size
 from ._stream import TEMP, Writer, read_journal, tensor_bytes
 
@@ -48,6 +48,7 @@ def extract(
     max_memory: int | str | None = None,
     progress: bool = True,
     resume: bool = False,
+    per_token: bool = False,
 ) -> Snapshot:
     """Run ``model`` over ``batches`` and stream the selected captures into one bundle.
 
@@ -87,6 +88,19 @@ def extract(
             inputs are checked against a checksum in the journal), or return a finished
             ``out`` written with the same options unchanged. A missing ``out`` starts a new
             run.
+        per_token: Store token rows, the layout trainers of sparse autoencoders and probes
+            read: each batch is a Mapping with ``input_ids`` (B, S) and optionally
+            ``attention_mask`` (B, S) of 0 and 1; every selected tensor with leading dims
+            (B, S) is stored as rows (n_kept, ...) of the positions where the mask is 1 (all
+            positions without a mask), batch-major, concatenated over batches, and the kept
+            token ids as rows under the key ``"input_ids"``. Selected values without those
+            leading dims (pooled outputs, position embeddings, attention weights, caches)
+            raise, listing the keys to exclude. Rows are cut while the model runs, straight from
+            the live tensors into staging buffers reused across batches (pinned when the model
+            is on an accelerator; ``device`` says where they are staged, the host by default);
+            with ``max_memory`` the buffers kept take up to half of it and rows beyond spill.
+            ``load(out)[key]`` is a memory-mapped (n_tokens, ...) tensor: see
+            ``docs/training-data.md`` for DataLoader, numpy and HF datasets recipes.
 
     Returns:
         ``tensorsnap.load(out)``.
@@ -112,13 +126,17 @@ def extract(
         model, include=include, exclude=exclude, ops=ops, inputs=inputs, device=device, dtype=dtype
     )
     parse_size(max_memory, "max_memory")
+    if not isinstance(per_token, bool):
+        raise TensorSnapError(
+            f"per_token={per_token!r}: pass True to store token rows (padding dropped), or False"
+        )
     if isinstance(batches, (torch.Tensor, Mapping)):
         raise TensorSnapError(
             f"batches={type(batches).__name__}: expected an iterable of batches (a list, a "
             "DataLoader, a generator); wrap a single batch in a list: batches=[batch]"
         )
 
-    def run(batch: Any) -> Snapshot:
+    def whole(batch: Any, index: int) -> Snapshot:
         with (
             torch.no_grad(),
             capture(
@@ -135,7 +153,12 @@ def extract(
             _call(model, batch)
         return snap
 
-    options = _options(include, exclude, ops, inputs, dtype)
+    run = (
+        _token_run(model, include, exclude, ops, inputs, device, dtype, max_memory)
+        if per_token
+        else whole
+    )
+    options = _options(include, exclude, ops, inputs, dtype, per_token)
     root = os.path.abspath(os.fspath(out))
     group = process_group()
     if group is not None:
@@ -156,7 +179,7 @@ def _extract_ranks(
     batches: Iterable[Any],
     resume: bool,
     progress: bool,
-    run: Callable[[Any], Snapshot],
+    run: Callable[[Any, int], Snapshot],
 ) -> Snapshot:
     """Data-parallel extract: each rank streams its own batches into ``root/rank-0000r/``.
 
@@ -186,7 +209,7 @@ def _extract_ranks(
 
 
 def _run(
-    writer: Writer, batches: Iterable[Any], run: Callable[[Any], Snapshot], progress: bool
+    writer: Writer, batches: Iterable[Any], run: Callable[[Any, int], Snapshot], progress: bool
 ) -> None:
     total = len(batches) if isinstance(batches, Sized) else None
     bar = _Bar(progress, total)
@@ -211,7 +234,7 @@ def _run(
                         "before are skipped: give each batch its own"
                     )
                 continue
-            snap = run(batch)
+            snap = run(batch, index)
             try:
                 written = writer.add(index, snap, crc)
             finally:
@@ -325,11 +348,70 @@ def _rows(batch: Any) -> int:
     return 1
 
 
+# -- per_token: token rows ---------------------------------------------------------------------
+
+
+def _token_run(
+    model: nn.Module,
+    include: Any,
+    exclude: Any,
+    ops: bool | str,
+    inputs: bool,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+    max_memory: int | str | None,
+) -> Callable[[Any, int], Snapshot]:
+    """``run`` for ``per_token=True``: one batch's token rows, ``input_ids`` first.
+
+    The rows are cut by a :class:`~tensorsnap._rows.RowCopier` in place of the capture's copies;
+    its staging buffers live as long as the run, so each batch reuses the previous one's (it has
+    been written by then). With ``max_memory`` the buffers kept take half of it and the spill
+    store the other half, so that the rows of one batch stay within it.
+    """
+    from ._capture import _Session
+    from ._rows import IDS_KEY, RowCopier, positions
+
+    budget = parse_size(max_memory, "max_memory")
+    half = None if budget is None else budget // 2
+    rows = RowCopier(device=device, dtype=dtype, budget=half)
+
+    def run(batch: Any, index: int) -> Snapshot:
+        pos = positions(batch, index)
+        session = _Session(
+            model,
+            include=include,
+            exclude=exclude,
+            ops=ops,
+            inputs=inputs,
+            max_memory=half,
+            rows=rows,
+        )
+        try:
+            with torch.no_grad(), session as snap:
+                ids = rows.begin(pos)
+                record = Record(IDS_KEY, "", 0, None, "input", tuple(ids.shape), ids.dtype, 0)
+                snap._add(record._replace(nbytes=ids.nbytes), ids)
+                _call(model, batch)
+            rows.end()  # raises for values that have no token rows, naming them all
+        except BaseException:
+            rows.abort()
+            session.snapshot.close()
+            raise
+        return snap
+
+    return run
+
+
 # -- options and the model: what a resumed run must share ----------------------------------
 
 
 def _options(
-    include: Any, exclude: Any, ops: bool | str, inputs: bool, dtype: torch.dtype | None
+    include: Any,
+    exclude: Any,
+    ops: bool | str,
+    inputs: bool,
+    dtype: torch.dtype | None,
+    per_token: bool = False,
 ) -> dict[str, Any]:
     def patterns(value: Any) -> list[str] | None:
         return None if value is None else [value] if isinstance(value, str) else list(value)
@@ -340,6 +422,7 @@ def _options(
         "ops": ops,
         "inputs": bool(inputs),
         "dtype": dtype_name(dtype) if dtype is not None else None,
+        "per_token": per_token,
     }
 
 
@@ -358,7 +441,8 @@ def _check_same(root: str, saved: Any, options: dict[str, Any], model: dict[str,
     if not isinstance(saved, dict) or not isinstance(saved.get("options"), dict):
         raise TensorSnapError(f"{root}: the extract options saved there are missing or damaged")
     for name, value in options.items():
-        before = saved["options"].get(name)
+        # runs journaled before per_token existed stored values whole
+        before = saved["options"].get(name, False if name == "per_token" else None)
         if before != value:
             raise TensorSnapError(
                 f"{root} was extracted with {name}={_show(name, before)}, this call passes "
