@@ -275,7 +275,7 @@ class RowCopier:
         )
 
     def _refuse(self, root: str, path: list[object], t: torch.Tensor) -> None:
-        what = f"{type(t).__name__} of shape {tuple(t.shape)}"
+        what = f"a tensor of shape {tuple(t.shape)}"
         if type(t) is not torch.Tensor or t.layout is not torch.strided:
             what += f" ({type(t).__name__}, {t.layout}: only plain strided tensors)"
         self._wrong.append((root, f"{format_path(root, path)} is {what}"))
