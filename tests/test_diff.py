@@ -142,8 +142,10 @@ def test_nested_values_leaf_by_leaf() -> None:
     assert "3 vs 4 at ['hidden'][1]" in out.problems
     # container types are not compared: a list with the same leaves matches a tuple
     assert tensorsnap.diff({"k": (torch.ones(1), 2)}, {"k": [torch.ones(1), 2]}).equal
-    missing = tensorsnap.diff({"k": (torch.ones(1), torch.ones(1))}, {"k": (torch.ones(1),)})
-    assert missing["k"].problems == ("[1] only in a",)
+    # a leaf one side lacks is a note, not a difference (SPEC §4: values pair by leaves)
+    missing = tensorsnap.diff({"k": (torch.ones(1), torch.ones(2))}, {"k": (torch.ones(1),)})
+    assert missing["k"].close and missing["k"].problems == ()
+    assert missing["k"].notes[-1] == "a[1] (2,) has no leaf of that shape in b"
 
 
 def test_complex_errors() -> None:
@@ -197,7 +199,17 @@ def test_max_errors_match_numpy(values: list[float], deltas: list[float]) -> Non
     assert result.max_abs == pytest.approx(err.max())
     assert result.max_rel == pytest.approx(rel.max())
     expected_bad = int((err > 1e-8 + 1e-5 * np.abs(y.astype(np.float64))).sum())
-    assert result.mismatched == expected_bad
+    given_tolerances = tensorsnap.diff(
+        {"k": torch.from_numpy(x)}, {"k": torch.from_numpy(y)}, rtol=1e-5, atol=1e-8
+    )["k"]
+    assert given_tolerances.mismatched == expected_bad
+    # defaults for float32: torch.testing's rtol, atol at least rtol * RMS of the reference
+    ref = np.abs(y.astype(np.float64))
+    atol = max(1e-5, 1.3e-6 * float(np.sqrt(np.mean(ref**2))))
+    assert result.mismatched == int((err > atol + 1.3e-6 * ref).sum())
+    assert result.rel_l2 == pytest.approx(
+        np.sqrt((err**2).sum() / (ref**2).sum()) if (ref**2).sum() else (0.0 if not err.any() else math.inf)
+    )
 
 
 @pytest.mark.filterwarnings("ignore::tensorsnap._errors.BundleWarning")  # caches load as dicts

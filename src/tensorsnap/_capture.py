@@ -32,6 +32,7 @@ from ._keys import Selector, module_names
 from ._lazy import Deferred
 from ._ops import AtenMode, OpMode, aten_name, op_name, quiet
 from ._snapshot import Record, Snapshot
+from ._stats import Stats, stats_session
 from ._store import MemoryStore, Store, parse_size
 
 __all__ = ["capture", "names"]
@@ -107,6 +108,7 @@ class _Session(AbstractContextManager[Snapshot]):
         spill_dir: str | None = None,
         gather: bool = False,
         dry: bool = False,
+        stats: bool = False,
         rows: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -137,13 +139,16 @@ class _Session(AbstractContextManager[Snapshot]):
         self.ops, self.inputs, self.grads, self.saved = ops, inputs, grads, saved
         self.nonfinite = nonfinite
         self.dry = dry
-        self.copier = Copier(device=device, dtype=dtype, gather=gather)
+        self.copier: Any = Copier(device=device, dtype=dtype, gather=gather)
         self._plain = device is None and dtype is None
         if rows is not None:  # extract(per_token=True): a _rows.RowCopier cuts token rows
             self.copier, self._plain = rows, False
         budget = parse_size(max_memory, "max_memory")
         store: Store
-        if budget is not None and not dry:
+        if stats and not dry:  # statistics records instead of copies, made where copies are
+            self.copier, store = stats_session(lazy, nonfinite, device, dtype, budget)
+            self._plain = False
+        elif budget is not None and not dry:
             from ._spill import SpillStore
 
             store = SpillStore(budget, spill_dir)
@@ -567,7 +572,7 @@ class _Session(AbstractContextManager[Snapshot]):
     def _make_record(
         key: str, module: str, call: int, op: str | None, kind: str, value: Any
     ) -> Record:
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, (torch.Tensor, Stats)):
             shape: tuple[int, ...] | None = tuple(value.shape)
             dtype: torch.dtype | None = value.dtype
         else:
@@ -663,6 +668,7 @@ def capture(
     max_memory: int | str | None = None,
     spill_dir: str | None = None,
     gather: bool = False,
+    stats: bool = False,
 ) -> AbstractContextManager[Snapshot]:
     """Copy the tensors ``model`` produces inside the block, each at the moment it is produced.
 
@@ -706,6 +712,12 @@ def capture(
             rank's local tensor, with no communication; ``to_local()`` and ``placements`` read
             it, and ``tensorsnap.load(path, assemble=True)`` rebuilds full tensors from a saved
             multi-rank bundle.
+        stats: Keep a :class:`tensorsnap.Stats` record (shape, dtype, min, max, mean, std,
+            absmax, L2 norm, NaN and Inf counts, a digest of the bytes) in place of every
+            captured tensor, and no tensor: memory grows with the number of keys, not with their
+            sizes. The reductions stay on the tensors' devices and are read back together at
+            the end of the block. Not with ``lazy``, ``nonfinite``, ``device``, ``dtype`` or
+            ``max_memory``, which are about copies.
 
     Returns:
         A context manager whose ``__enter__`` returns the :class:`Snapshot`, filled as the
@@ -738,6 +750,7 @@ def capture(
         max_memory=max_memory,
         spill_dir=spill_dir,
         gather=gather,
+        stats=stats,
     )
 
 

@@ -29,6 +29,7 @@ from ._dtensor import is_distributed, layout, local
 from ._errors import BundleError, BundleWarning, attr, format_path
 from ._shards import Span, dtype_from_name, dtype_name, read_small_file
 from ._snapshot import KINDS, Record
+from ._stats import Stats, stats_from_node, stats_node
 
 __all__ = [
     "DIGEST_FIELD",
@@ -109,6 +110,8 @@ class Encoder:
             return {"type": "device", "value": str(x)}
         if isinstance(x, torch.Size):
             return {"type": "size", "value": [int(s) for s in x]}
+        if cls is Stats:  # a stats=True capture's record of a tensor: numbers, no bytes
+            return stats_node(x)
         if id(x) in self._active:
             raise self.fail(
                 parts, "the value contains a reference cycle, which bundles cannot store"
@@ -455,6 +458,9 @@ class Decoder:
 
     def _device(self, n: dict[str, Any]) -> torch.device:
         return torch.device(_typed(n["value"], str))
+
+    def _stats(self, n: dict[str, Any]) -> Stats:
+        return stats_from_node(n, f"snap[{self.key!r}]")
 
     def _size(self, n: dict[str, Any]) -> torch.Size:
         return torch.Size([_typed(s, int) for s in n["value"]])
