@@ -7,7 +7,9 @@ values computed by hand), not against the code's own output.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -38,6 +40,23 @@ class Pair(nn.Module):
 
     def forward(self, a, b):
         return {"sum": self.fc(a) + b}
+
+
+class Boom(nn.Module):
+    def forward(self, x):
+        raise ValueError("boom inside forward")
+
+
+def failing(width=4):
+    raise RuntimeError(f"no model of width {width}")
+
+
+def log_of(x=None):
+    class Log(nn.Module):
+        def forward(self, x):
+            return torch.log(x) * 2
+
+    return nn.Sequential(nn.Identity(), Log(), nn.Identity())
 
 
 NOT_A_MODEL = 3
@@ -225,7 +244,32 @@ def test_capture_transformers_config_with_grads(
         (["{m}:build", "--input", "gauss:2x3"], "is not understood"),
         (["{m}:build", "--input", "x.safetensors"], "no such file"),
         (["{m}:build", "--input", "randn:2x3", "--include", "fc9"], "matched no key"),
-        (["{m}:build", "--input", "randn:2x4"], "running the model failed"),
+        (
+            ["{m}:build", "--input", "randn:2x4"],
+            r"the model raised during forward: RuntimeError: mat1 and mat2 shapes cannot be "
+            r"multiplied \(2x4 and 3x4\) \(in module '0' \(Linear\)\); its inputs were 2x4 "
+            r"float32",
+        ),
+        (
+            ["{m}:Boom", "--input", "randn:2x3"],
+            r"the model raised during forward: ValueError: boom inside forward \(in module '' "
+            r"\(Boom\); at tsmodels_\d+\.py:\d+, in forward\)",
+        ),
+        (
+            ["{m}:failing", "--arg", "width=7"],
+            r"{m}:failing raised while building the model \(check the --arg values\): "
+            r"RuntimeError: no model of width 7 \(at tsmodels_\d+\.py:\d+, in failing\)",
+        ),
+        (
+            ["{m}:build", "--arg", "widht=3"],
+            r"--arg widht=\.\.\.: {m}:build takes no argument 'widht'; closest: width",
+        ),
+        (
+            ["{m}:build", "--input", "randn:2x3", "--input", "randn:2x3"],
+            r"the --input specs do not fit Sequential\.forward\(input\): too many positional",
+        ),
+        (["{m}:build", "--device", "cdua"], r"--device 'cdua' is not a device; closest: cuda"),
+        (["{m}:build", "--device", "cuda:0x"], r"--device 'cuda:0x' is not a device"),
         (["{m}:build"], "no --input given"),
     ],
 )
@@ -239,12 +283,65 @@ def test_capture_errors_exit_2_without_traceback(
     argv = [a.replace("{m}", factory) for a in argv]
     assert main(["capture", *argv, "-o", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("tensorsnap capture: error: ")
-    import re
-
-    assert re.search(message, last), last
+    assert len(err.strip().splitlines()) == 1, err  # one line, no traceback
+    assert err.startswith("tensorsnap capture: error: ")
+    assert re.search(message.replace("{m}", factory), err), err
     assert not (tmp_path / "out").exists()
+
+
+def test_device_without_a_backend_is_refused_before_building(
+    factory: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    argv = ["capture", f"{factory}:build", "--device", "cuda", "-o", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert re.search(r"--device 'cuda': torch \S+ \(.*\) has no usable cuda device here", err)
+
+
+def test_traceback_flag_prints_the_models_own_traceback(
+    factory: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["capture", f"{factory}:Boom", "--input", "randn:2x3", "-o", str(tmp_path / "out")]
+    assert main([*argv, "--traceback"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):")
+    assert 'raise ValueError("boom inside forward")' in err
+    assert err.strip().splitlines()[-1].startswith("tensorsnap capture: error: the model raised")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["capture", "m:f", "--opps", "-o", "x"],
+            "unrecognized option '--opps'; did you mean --ops?",
+        ),
+        (
+            ["diff", "a", "b", "--rtoll", "1e-3"],
+            "unrecognized option '--rtoll'; did you mean --rtol?",
+        ),
+        (["diff", "a", "b", "--rtoll=1e-3"], "unrecognized option '--rtoll'; did you mean --rtol?"),
+        (["ls", "a", "--no-stat"], None),  # an unambiguous prefix is accepted by argparse
+        (["ls", "a", "b"], "unexpected argument\\(s\\) 'b'"),
+        (["dmeo"], "unknown command 'dmeo'; did you mean 'demo'\\?"),
+        (["capture", "m:f"], "the following arguments are required: -o/--output"),
+    ],
+)
+def test_argument_errors_are_one_line_with_the_closest_option(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str | None
+) -> None:
+    code = main(argv)
+    err = capsys.readouterr().err
+    if message is None:  # parsed; fails later because bundle 'a' does not exist
+        assert code == 2 and "unrecognized" not in err
+        return
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+    assert err.startswith(f"tensorsnap{' ' + argv[0] if argv[0] != 'dmeo' else ''}: error: ")
 
 
 def test_capture_refuses_an_existing_bundle(
@@ -267,20 +364,123 @@ def test_ls_lists_keys_with_stats(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["ls", bundle]) == 0
     lines = capsys.readouterr().out.splitlines()
     header = lines[0].split()
-    assert header == ["key", "kind", "shape", "dtype", "bytes", "min", "max", "mean"]
-    assert lines[1].split() == ["fc1", "output", "2x2", "float32", "16", "B", "-2", "4", "1.5"]
-    assert lines[2].split() == ["ids", "output", "2", "int32", "8", "B", "7", "9", "8"]
-    assert lines[3] == "2 keys, 24 B"
+    assert header == ["key", "kind", "shape", "dtype", "bytes", "min", "max", "mean", "nan", "inf"]
+    fc1 = ["fc1", "output", "2x2", "float32", "16", "B", "-2", "4", "1.5", "0", "0"]
+    assert lines[1].split() == fc1
+    assert lines[2].split() == ["ids", "output", "2", "int32", "8", "B", "7", "9", "8", "0", "0"]
+    assert lines[3] == "2 keys, 24 B; min/max/mean over finite elements; no NaN or Inf"
 
     assert main(["ls", bundle, "-k", "id*", "--no-stats"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["key", "kind", "shape", "dtype", "bytes"]
     assert [line.split()[0] for line in lines[1:-1]] == ["ids"]
 
+    assert lines[-1] == "1 keys, 8 B"
     assert main(["ls", bundle, "-k", "nothing*"]) == 2
     assert "matched none of the 2 keys" in capsys.readouterr().err
     assert main(["ls", str(tmp_path / "missing")]) == 2
     assert "no bundle at" in capsys.readouterr().err
+
+
+def test_ls_counts_nans_and_names_the_first_nonfinite_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 1/log(x) of 64 values, 24 of them NaN (log of a negative), 2 of them Inf (log(1) = 0)
+    x = torch.cat([torch.full((24,), -2.0), torch.ones(2), torch.full((38,), 4.0)])
+    bundle = _bundle(
+        tmp_path / "b", fine=torch.tensor([1.0, -1.0]), inv_log=1 / torch.log(x), later=1 / x
+    )
+    assert main(["ls", bundle]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    inv = lines[2].split()
+    assert inv[0] == "inv_log" and inv[-2:] == ["24", "2"]
+    # statistics over the 38 finite values, all 1/log(4)
+    assert float(inv[6]) == pytest.approx(1 / math.log(4), rel=1e-3)
+    assert lines[-1].endswith("first non-finite: inv_log (24 NaN, 2 Inf of 64)")
+    assert lines[3].split()[-2:] == ["0", "0"]
+
+
+def test_ls_keys_keeps_every_kind(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
+    with tensorsnap.capture(model, ops=True, inputs=True, grads=True, saved=True) as snap:
+        model(torch.randn(2, 3, requires_grad=True)).sum().backward()
+    kinds = {r.key: r.kind for r in snap.records}
+    assert set(kinds.values()) == {"output", "input", "op", "grad", "grad_in", "op_grad", "saved"}
+    snap.save(tmp_path / "b")
+    assert main(["ls", str(tmp_path / "b"), "-k", "0*", "--no-stats"]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:-1]
+    listed: dict[str, set[str]] = {}
+    for line in lines:
+        tokens = line.split()
+        at = 1
+        while tokens[at].startswith("["):  # leaf rows of nested values: "KEY [0] KIND ..."
+            at += 1
+        listed.setdefault(tokens[0], set()).add(tokens[at])
+    expected = {k: {v} for k, v in kinds.items() if k.startswith("0")}
+    assert listed == expected
+    assert len(set.union(*expected.values())) >= 5  # not just "output"
+
+
+# -- names ----------------------------------------------------------------------------------
+
+
+def test_names_lists_the_keys_a_capture_would_produce(
+    factory: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [f"{factory}:build", "--input", "randn:2x3", "--ops"]
+    assert main(["names", *argv]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == ["0/linear", "0", "1/relu", "1", "2/linear", "2", '""']
+    assert captured.err.strip().endswith("7 keys")
+    assert main(["names", *argv, "--include", "*linear"]) == 0
+    assert capsys.readouterr().out.split() == ["0/linear", "2/linear"]
+    # the same keys as a capture's bundle
+    assert main(["capture", *argv, "-o", str(tmp_path / "run")]) == 0
+    assert list(tensorsnap.load(tmp_path / "run")) == [
+        "0/linear",
+        "0",
+        "1/relu",
+        "1",
+        "2/linear",
+        "2",
+        "",
+    ]
+
+
+def test_include_error_suggests_near_misses_and_the_names_command(
+    factory: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["capture", f"{factory}:build", "--input", "randn:2x3", "--ops", "-o", "out"]
+    assert main([*argv, "--include", "0.linear"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "include pattern '0.linear' matched no key; closest: '0/linear', '2/linear' (list the "
+        f"keys with 'tensorsnap names {factory}:build ... --ops')"
+    ) in err
+    assert "tensorsnap.names" not in err and "''" not in err  # never the root as a near miss
+
+
+# -- nonfinite ------------------------------------------------------------------------------
+
+
+def test_capture_nonfinite_raise_stops_and_keeps_what_came_before(
+    factory: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["capture", f"{factory}:log_of", "--input", "randn:8x8", "-o", str(tmp_path / "run")]
+    assert main([*argv, "--nonfinite", "raise"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "'1' is the first captured value with a NaN or Inf" in err
+    assert f"the 2 keys captured up to it are saved in {tmp_path / 'run'}" in err
+    partial = tensorsnap.load(tmp_path / "run")
+    torch.manual_seed(0)
+    x = torch.randn(8, 8)
+    assert list(partial) == ["0", "1"]
+    assert torch.equal(partial["0"], x)
+    assert torch.allclose(partial["1"], torch.log(x) * 2, equal_nan=True)
+    # without the flag the same run completes
+    assert main([*argv[:-1], str(tmp_path / "all")]) == 0
+    assert len(tensorsnap.load(tmp_path / "all")) == 4
 
 
 # -- diff -----------------------------------------------------------------------------------

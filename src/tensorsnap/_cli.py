@@ -10,35 +10,35 @@ exit with 2.
 from __future__ import annotations
 
 import argparse
-import ast
 import difflib
 import fnmatch
-import importlib
 import math
 import os
 import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn
 
-import torch
-from torch import nn
+from . import _factory
+from ._errors import BundleWarning, NonFiniteError, SelectionError, TensorSnapError
 
-from ._errors import BundleWarning, TensorSnapError
-from ._snapshot import human_bytes
+# torch is imported inside the commands that need it, never at module level: 'tensorsnap
+# --help' and '--version' must not pay its import (seconds). A test runs them and checks that
+# torch stayed unimported; a new command imports torch (and _snapshot, _bundle ...) locally.
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_DIFFERENT, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_DIFFERENT, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 3
 
 _EPILOG = """\
 exit codes:
   0  success (for diff: equal within tolerance)
   1  diff found differences
   2  usage or input error: bad arguments, factory path, input spec or pattern, an unreadable
-     bundle, or a missing optional dependency
+     bundle, a missing optional dependency, or an error raised by the model itself
+  3  an unexpected error inside tensorsnap (a bug: the traceback is printed)
 
 Run 'tensorsnap COMMAND --help' for a command's options."""
 
@@ -69,15 +69,8 @@ capture the same values. The model runs in eval mode (--train keeps train mode).
 backward runs from the output's 'loss' when it has one, else from the sum of all floating
 output tensors."""
 
-_DTYPES = {
-    name: value
-    for name, value in vars(torch).items()
-    if isinstance(value, torch.dtype) and not name.startswith("_")
-}
 
-
-class _UsageError(TensorSnapError):
-    """A command-line argument that cannot be used as given."""
+_UsageError = _factory.UsageError
 
 
 # -- optional dependencies ------------------------------------------------------------------
@@ -126,6 +119,8 @@ def _num(value: float) -> str:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
     from . import _demo
     from ._report import write_report
 
@@ -153,6 +148,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _print_summary(console: Any, snap: Any, title: str) -> None:
+    from ._snapshot import human_bytes
+
     table = _table("kind", "keys", "bytes", "first keys", title=title, right=("keys", "bytes"))
     groups: dict[str, list[Any]] = {}
     for record in snap.records:
@@ -166,238 +163,49 @@ def _print_summary(console: Any, snap: Any, title: str) -> None:
     console.print(table)
 
 
-# -- capture ------------------------------------------------------------------------------
+# -- capture and names ----------------------------------------------------------------------
 
 
-def _resolve(target: str) -> Any:
-    module_name, sep, attr_path = target.partition(":")
-    if not sep or not module_name or not attr_path:
-        raise _UsageError(
-            f"{target!r} is not MODULE:FACTORY; expected for example mypkg.models:build or "
-            "transformers:GPT2Config"
-        )
-    # like 'python -m', make modules in the current directory importable
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name is not None and (module_name + ".").startswith(err.name + "."):
-            raise _UsageError(
-                f"cannot import module {module_name!r} (from {target!r}): no such module in the "
-                "current directory or the installed packages"
-            ) from err
-        raise _UsageError(f"importing {module_name!r} failed: {err}") from err
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            names = [n for n in dir(obj) if not n.startswith("_")]
-            near = difflib.get_close_matches(part, names, n=3)
-            hint = f"; closest: {', '.join(near)}" if near else ""
-            raise _UsageError(
-                f"{getattr(obj, '__name__', module_name)!r} has no attribute {part!r} "
-                f"(from {target!r}){hint}"
-            )
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise _UsageError(f"{target!r} is a {type(obj).__name__}, not a factory to call")
-    return obj
+def _model_and_inputs(args: argparse.Namespace, status: Any) -> tuple[Any, list[Any], dict]:
+    """Build the model and its inputs from the arguments shared by capture and names."""
+    import torch
 
-
-def _literal(text: str) -> Any:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def _parse_args_kv(pairs: list[str]) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.isidentifier():
-            raise _UsageError(f"--arg {pair!r}: expected KEY=VALUE, for example n_layer=2")
-        kwargs[key] = _literal(value)
-    return kwargs
-
-
-def _transformers_kind(obj: Any) -> str | None:
-    transformers = sys.modules.get("transformers")
-    if transformers is None or not isinstance(obj, type):
-        return None
-    if issubclass(obj, transformers.PretrainedConfig):
-        return "config"
-    if issubclass(obj, transformers.PreTrainedModel):
-        return "model"
-    return None
-
-
-def _build(factory: Any, kwargs: dict[str, Any], auto_class: str, target: str) -> nn.Module:
-    kind = _transformers_kind(factory)
-    if kind == "config":
-        import transformers
-
-        auto = getattr(transformers, auto_class, None)
-        if auto is None or not hasattr(auto, "from_config"):
-            raise _UsageError(
-                f"--auto-class {auto_class!r} is not a transformers auto class; use for "
-                "example AutoModel or AutoModelForCausalLM"
-            )
-        model = auto.from_config(factory(**kwargs))
-    elif kind == "model":
-        model = factory(factory.config_class(**kwargs))
-    else:
-        model = factory(**kwargs)
-    if not isinstance(model, nn.Module):
-        raise _UsageError(
-            f"{target!r} returned a {type(model).__name__}, expected a torch.nn.Module"
-        )
-    return model
-
-
-def _shape(text: str, spec: str) -> tuple[int, ...]:
-    try:
-        dims = tuple(int(d) for d in text.split("x"))
-    except ValueError:
-        dims = ()
-    if not dims or any(d < 0 for d in dims):
-        raise _UsageError(
-            f"input spec {spec!r}: shape {text!r} is not dims joined by x, e.g. 1x3x224x224"
-        )
-    return dims
-
-
-def _dtype(text: str | None, default: torch.dtype, spec: str) -> torch.dtype:
-    if text is None:
-        return default
-    if text not in _DTYPES:
-        near = difflib.get_close_matches(text, list(_DTYPES), n=3)
-        hint = f"; closest: {', '.join(near)}" if near else ""
-        raise _UsageError(f"input spec {spec!r}: {text!r} is not a torch dtype{hint}")
-    return _DTYPES[text]
-
-
-def _make_input(spec: str, device: str) -> list[tuple[str | None, torch.Tensor]]:
-    """Tensors for one ``--input`` spec, each with its keyword name (None: positional)."""
-    name: str | None = None
-    body = spec
-    head, sep, rest = spec.partition("=")
-    if sep and head.isidentifier():
-        name, body = head, rest
-    kind, _, params = body.partition(":")
-    fields = params.split(":") if params else []
-    if body.endswith(".safetensors") or ".safetensors:" in body:
-        return _file_input(name, body, spec, device)
-    if kind in ("randn", "rand", "zeros", "ones"):
-        if len(fields) not in (1, 2):
-            raise _UsageError(f"input spec {spec!r}: expected {kind}:SHAPE[:DTYPE]")
-        shape = _shape(fields[0], spec)
-        dtype = _dtype(fields[1] if len(fields) == 2 else None, torch.float32, spec)
-        if not (dtype.is_floating_point or dtype.is_complex) and kind in ("randn", "rand"):
-            raise _UsageError(f"input spec {spec!r}: {kind} needs a floating-point dtype")
-        make: Callable[..., torch.Tensor] = getattr(torch, kind)
-        return [(name, make(shape, dtype=dtype, device=device))]
-    if kind == "randint":
-        if len(fields) not in (2, 3):
-            raise _UsageError(f"input spec {spec!r}: expected randint:LOW-HIGH:SHAPE[:DTYPE]")
-        low_text, dash, high_text = fields[0].partition("-")
-        try:
-            low, high = int(low_text), int(high_text)
-        except ValueError:
-            dash = ""
-        if not dash or low >= high:
-            raise _UsageError(
-                f"input spec {spec!r}: range {fields[0]!r} is not LOW-HIGH with LOW < HIGH, "
-                "e.g. randint:0-1000:1x32 (HIGH excluded)"
-            )
-        shape = _shape(fields[1], spec)
-        dtype = _dtype(fields[2] if len(fields) == 3 else None, torch.int64, spec)
-        return [(name, torch.randint(low, high, shape, dtype=dtype, device=device))]
-    raise _UsageError(
-        f"input spec {spec!r} is not understood; use randn:SHAPE, rand:SHAPE, zeros:SHAPE, "
-        "ones:SHAPE, randint:LOW-HIGH:SHAPE (each with an optional :DTYPE) or "
-        "FILE.safetensors[:TENSOR], optionally as NAME=SPEC (see tensorsnap capture --help)"
+    torch.manual_seed(args.seed)
+    model = _factory.build(args.factory, args.kwargs, args.auto_class, args.target)
+    model.train(args.train)
+    model.to(args.device)
+    positional, keywords = _factory.make_inputs(
+        args.input or _factory.default_inputs(model), args.device
     )
+    _factory.check_call(model, positional, keywords)
+    parameters = sum(p.numel() for p in model.parameters())
+    status.update(f"running {type(model).__name__} ({parameters:,} parameters)...")
+    return model, positional, keywords
 
 
-def _file_input(
-    name: str | None, body: str, spec: str, device: str
-) -> list[tuple[str | None, torch.Tensor]]:
-    path, _, tensor_name = body.partition(".safetensors")
-    path += ".safetensors"
-    tensor_name = tensor_name.removeprefix(":")
-    if not os.path.isfile(path):
-        raise _UsageError(f"input spec {spec!r}: no such file {os.path.abspath(path)}")
-    try:
-        from safetensors import safe_open
-    except ImportError as err:
-        raise _UsageError(
-            "reading .safetensors inputs needs safetensors: pip install 'tensorsnap[cli]'"
-        ) from err
-    try:
-        with safe_open(path, framework="pt", device=device) as f:
-            names = list(f.keys())
-            if tensor_name:
-                if tensor_name not in names:
-                    near = difflib.get_close_matches(tensor_name, names, n=3)
-                    hint = f"; closest: {', '.join(near)}" if near else ""
-                    raise _UsageError(
-                        f"input spec {spec!r}: {path} has no tensor {tensor_name!r}{hint}"
-                    )
-                return [(name, f.get_tensor(tensor_name))]
-            if len(names) == 1:
-                return [(name, f.get_tensor(names[0]))]
-            if name is not None or not names:
-                raise _UsageError(
-                    f"input spec {spec!r}: {path} holds {len(names)} tensors "
-                    f"({', '.join(names[:5])}); pick one with {path}:TENSOR"
-                )
-            return [(n, f.get_tensor(n)) for n in names]
-    except _UsageError:
-        raise
-    except Exception as err:  # safetensors raises its own error types for damaged files
-        raise _UsageError(f"input spec {spec!r}: cannot read {path}: {err}") from err
+def _check_model_args(args: argparse.Namespace) -> None:
+    """Everything cheap, before a possibly large model is built."""
+    args.factory = _factory.resolve(args.target)
+    args.kwargs = _factory.parse_kwargs(args.arg)
+    _factory.check_kwargs(args.factory, args.kwargs, args.target)
+    _factory.check_device(args.device)
 
 
-def _default_inputs(model: nn.Module) -> list[str]:
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if isinstance(vocab, int) and vocab > 0:
-        return [f"input_ids=randint:0-{vocab}:1x16"]
-    raise _UsageError(
-        "no --input given and the model has no config.vocab_size to draw token ids from; "
-        "pass inputs, e.g. --input randn:1x3x224x224 (see tensorsnap capture --help)"
+def _model_raised(err: Exception, what: str, model: Any, inputs: tuple[list, dict]) -> _UsageError:
+    # the model's own error, where it was raised, and what it was given: a shape mismatch is
+    # usually an --input spec that does not fit, any other error the model's own
+    return _UsageError(
+        f"the model raised during {what}: {_factory.own_error(err, model)}; its inputs were "
+        f"{_factory.describe_inputs(*inputs)} (--traceback prints the full traceback)"
     )
-
-
-def _backward_target(output: Any) -> torch.Tensor:
-    from ._diff import leaves
-
-    loss = None
-    if isinstance(output, Mapping) and isinstance(output.get("loss"), torch.Tensor):
-        loss = output["loss"]
-    elif isinstance(getattr(output, "loss", None), torch.Tensor):
-        loss = output.loss
-    if loss is not None and loss.requires_grad:
-        return loss.sum()
-    parts = [
-        leaf.float().sum()
-        for _, leaf in leaves(output)
-        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and leaf.requires_grad
-    ]
-    if not parts:
-        raise _UsageError(
-            "--grads: the model's output holds no floating-point tensor that requires grad, so "
-            "there is nothing to run backward from (drop --grads, or use --train)"
-        )
-    return torch.stack(parts).sum()
 
 
 def _cmd_capture(args: argparse.Namespace) -> int:
     from ._capture import capture
+    from ._snapshot import human_bytes
 
     out, err = _console(), _console(stderr=True)
-    # validate everything cheap before building a possibly large model
-    factory = _resolve(args.target)
-    kwargs = _parse_args_kv(args.arg)
+    _check_model_args(args)
     if os.path.lexists(args.output):
         raise _UsageError(
             f"{os.path.abspath(args.output)} already exists; bundles are never overwritten. "
@@ -405,59 +213,82 @@ def _cmd_capture(args: argparse.Namespace) -> int:
         )
     started = time.perf_counter()
     with err.status(f"building {args.target}...") as status:
-        torch.manual_seed(args.seed)
-        try:
-            model = _build(factory, kwargs, args.auto_class, args.target)
-        except TensorSnapError:
-            raise
-        except Exception as error:
-            traceback.print_exc()
-            raise _UsageError(f"building the model with {args.target!r} failed: {error}") from error
-        model.train(args.train)
-        model.to(args.device)
-        specs = args.input or _default_inputs(model)
-        positional: list[torch.Tensor] = []
-        keywords: dict[str, torch.Tensor] = {}
-        for spec in specs:
-            for name, tensor in _make_input(spec, args.device):
-                if name is None:
-                    if keywords:
-                        raise _UsageError(
-                            f"input spec {spec!r}: positional inputs must come before keyword "
-                            "inputs (NAME=SPEC)"
-                        )
-                    positional.append(tensor)
-                else:
-                    if name in keywords:
-                        raise _UsageError(f"input spec {spec!r}: keyword {name!r} given twice")
-                    keywords[name] = tensor
-        parameters = sum(p.numel() for p in model.parameters())
-        status.update(f"running {type(model).__name__} ({parameters:,} parameters)...")
-        with capture(
+        model, positional, keywords = _model_and_inputs(args, status)
+        session = capture(
             model,
             include=args.include or None,
             exclude=args.exclude or None,
             ops=args.ops,
             grads=args.grads,
             inputs=args.inputs,
-        ) as snap:
-            try:
+            nonfinite=args.nonfinite,
+        )
+        try:
+            with session as snap:
+                what = "forward"
                 output = model(*positional, **keywords)
                 if args.grads:
+                    what = "backward"
                     status.update(f"running backward ({len(snap)} keys so far)...")
-                    _backward_target(output).backward()
-            except TensorSnapError:
-                raise
-            except Exception as error:
-                traceback.print_exc()
-                raise _UsageError(
-                    f"running the model failed: {type(error).__name__}: {error} (check the "
-                    "--input specs against the model's forward signature)"
-                ) from error
+                    _factory.backward_target(output).backward()
+        except NonFiniteError as error:
+            partial = error.snapshot
+            status.update(f"saving the {len(partial)} keys captured up to {error.key!r}...")
+            partial.save(args.output)
+            raise _UsageError(
+                f"{error}; the {len(partial)} keys captured up to it are saved in "
+                f"{os.path.abspath(args.output)}"
+            ) from error
+        except SelectionError as error:
+            raise _UsageError(_cli_hint(str(error), args)) from error
+        except TensorSnapError:
+            raise
+        except Exception as error:
+            raise _model_raised(error, what, model, (positional, keywords)) from error
         status.update(f"saving {len(snap)} keys ({human_bytes(snap.nbytes)})...")
         snap.save(args.output)
     _print_summary(out, snap, f"captured {args.target} in {time.perf_counter() - started:.1f} s")
     out.print(f"\nbundle: {os.path.abspath(args.output)}")
+    return EXIT_OK
+
+
+def _cli_hint(message: str, args: argparse.Namespace) -> str:
+    """An include error's discovery hint, as the command that lists the keys."""
+    from ._keys import DISCOVERY_HINT
+
+    flags = " ".join(f"--{o}" for o in ("ops", "inputs", "grads") if getattr(args, o))
+    command = f"tensorsnap names {args.target} ... {flags}".rstrip()
+    return message.replace(DISCOVERY_HINT, f" (list the keys with '{command}')")
+
+
+def _cmd_names(args: argparse.Namespace) -> int:
+    from ._capture import names
+
+    _check_model_args(args)
+    err = _console(stderr=True)
+    with err.status(f"building {args.target}...") as status:
+        model, positional, keywords = _model_and_inputs(args, status)
+        try:
+            keys = names(
+                model,
+                *positional,
+                include=args.include or None,
+                exclude=args.exclude or None,
+                ops=args.ops,
+                inputs=args.inputs,
+                grads=args.grads,
+                **keywords,
+            )
+        except SelectionError as error:
+            raise _UsageError(_cli_hint(str(error), args)) from error
+        except TensorSnapError:
+            raise
+        except Exception as error:
+            raise _model_raised(error, "forward", model, (positional, keywords)) from error
+    # one key per line on stdout, so that it pipes into grep or wc; the root module is ""
+    for key in keys:
+        print(key or '""')
+    print(f"{len(keys)} keys", file=sys.stderr)
     return EXIT_OK
 
 
@@ -466,7 +297,8 @@ def _cmd_capture(args: argparse.Namespace) -> int:
 
 def _cmd_ls(args: argparse.Namespace) -> int:
     from ._bundle import load
-    from ._report import rows
+    from ._report import first_nonfinite, rows
+    from ._snapshot import human_bytes
 
     out = _console()
     snap = load(args.bundle)
@@ -477,25 +309,39 @@ def _cmd_ls(args: argparse.Namespace) -> int:
                 f"--keys {' '.join(args.keys)!r} matched none of the {len(snap)} keys in "
                 f"{args.bundle} (run 'tensorsnap ls {args.bundle}' to list them)"
             )
-        subset = _Subset(snap, chosen)
-        view: Mapping[str, Any] = subset
-        records = subset.records
+        view: Any = _Subset(snap, chosen)
     else:
-        view, records = snap, list(snap.records)
+        view = snap
     columns = ["key", "kind", "shape", "dtype", "bytes"]
     if not args.no_stats:
-        columns += ["min", "max", "mean"]
-    table = _table(*columns, right=("bytes", "min", "max", "mean"))
-    for row in rows(view, stats=not args.no_stats, hist=False):
+        columns += ["min", "max", "mean", "nan", "inf"]
+    table = _table(*columns, right=("bytes", "min", "max", "mean", "nan", "inf"))
+    listed = rows(view, stats=not args.no_stats, hist=False)
+    for row in listed:
         shape = "x".join(map(str, row.shape)) if row.shape is not None else "-"
         cells = [row.label, row.record.kind, shape, row.dtype, human_bytes(row.nbytes)]
+        style = None
         if not args.no_stats:
             s = row.stats
-            cells += [_num(s.min), _num(s.max), _num(s.mean)] if s else [row.text, "", ""]
-        table.add_row(*cells)
+            if s is None:
+                cells += [row.text, "", "", "", ""]
+            else:
+                cells += [_num(s.min), _num(s.max), _num(s.mean), str(s.nans), str(s.infs)]
+                style = "red" if s.nans or s.infs else None
+        table.add_row(*cells, style=style)
     out.print(table)
-    out.print(f"{len(view)} keys, {human_bytes(sum(r.nbytes for r in records))}")
+    footer = f"{len(view)} keys, {human_bytes(sum(r.nbytes for r in view.records))}"
+    if not args.no_stats:
+        bad = first_nonfinite(listed)
+        found = f"first non-finite: {bad.label} ({_nonfinite_text(bad)})" if bad else ""
+        footer += "; min/max/mean over finite elements; " + (found or "no NaN or Inf")
+    out.print(footer)
     return EXIT_OK
+
+
+def _nonfinite_text(row: Any) -> str:
+    s = row.stats
+    return f"{s.nans} NaN, {s.infs} Inf of {s.numel}"
 
 
 class _Subset(Mapping[str, Any]):
@@ -599,11 +445,93 @@ def _add_tolerances(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments that build and run a model (capture and names)."""
+    parser.add_argument("target", metavar="MODULE:FACTORY", help="e.g. mypkg.models:build")
+    parser.add_argument(
+        "--arg", action="append", default=[], metavar="KEY=VALUE",
+        help="keyword argument for the factory or config (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--input", action="append", default=[], metavar="[NAME=]SPEC",
+        help="a model input (repeatable; see below)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--include", action="append", default=[], metavar="PATTERN",
+        help="glob over keys to capture (repeatable; default: all)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--exclude", action="append", default=[], metavar="PATTERN",
+        help="glob over keys not to capture (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--ops", action="store_true", help="capture functional ops (C/op keys)")
+    parser.add_argument("--grads", action="store_true", help="run backward and capture gradients")
+    parser.add_argument("--inputs", action="store_true", help="capture module inputs (P:in)")
+    parser.add_argument("--seed", type=int, default=0, help="torch.manual_seed (default: 0)")
+    parser.add_argument("--train", action="store_true", help="keep train mode (default: eval)")
+    parser.add_argument(
+        "--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, mps ... "
+        "(default: cpu)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--auto-class", default="AutoModel", metavar="NAME",
+        help="transformers auto class for config targets (default: AutoModel)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--traceback", action="store_true",
+        help="when the model or factory raises, also print its full traceback",
+    )  # fmt: skip
+
+
+class _ArgumentError(Exception):
+    """argparse rejected the command line; ``main`` prints it as one line."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, with the closest choice for a typo."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _ArgumentError(self.prog, _suggest(self, message))
+
+
+def _suggest(parser: argparse.ArgumentParser, message: str) -> str:
+    """argparse's ``message``, plus the closest command for an invalid one."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and "invalid choice:" in message:
+            word = message.split("invalid choice:", 1)[1].split("'")[1]
+            near = difflib.get_close_matches(word, list(action.choices), n=1)
+            commands = ", ".join(action.choices)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            return f"unknown command {word!r}{hint} (commands: {commands})"
+    return f"{message} (see '{parser.prog} --help')"
+
+
+def _unrecognized(parser: argparse.ArgumentParser, command: str, extra: list[str]) -> str:
+    """The message for arguments no option took, naming the closest option of the command."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[
+        command
+    ]
+    options = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
+    for word in extra:
+        if word.startswith("-") and len(word) > 1:
+            flag = word.split("=", 1)[0]
+            near = difflib.get_close_matches(flag, options, n=1, cutoff=0.6)
+            hint = f"; did you mean {near[0]}?" if near else ""
+            return f"unrecognized option {flag!r}{hint} (see 'tensorsnap {command} --help')"
+    return (
+        f"unexpected argument(s) {' '.join(map(repr, extra))} (see 'tensorsnap {command} --help')"
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
     raw = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tensorsnap",
         description="Capture, inspect, compare and report the tensors a PyTorch model creates.",
         epilog=_EPILOG,
@@ -636,37 +564,28 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_CAPTURE_HELP + "\n\n" + _EPILOG,
         formatter_class=raw,
     )
-    cap.add_argument("target", metavar="MODULE:FACTORY", help="e.g. mypkg.models:build")
     cap.add_argument(
         "-o", "--output", required=True, metavar="BUNDLE", help="bundle directory to write (new)"
     )
+    _add_model_arguments(cap)
     cap.add_argument(
-        "--arg", action="append", default=[], metavar="KEY=VALUE",
-        help="keyword argument for the factory or config (repeatable)",
-    )  # fmt: skip
-    cap.add_argument(
-        "--input", action="append", default=[], metavar="[NAME=]SPEC",
-        help="a model input (repeatable; see below)",
-    )  # fmt: skip
-    cap.add_argument(
-        "--include", action="append", default=[], metavar="PATTERN",
-        help="glob over keys to capture (repeatable; default: all)",
-    )  # fmt: skip
-    cap.add_argument(
-        "--exclude", action="append", default=[], metavar="PATTERN",
-        help="glob over keys not to capture (repeatable)",
-    )  # fmt: skip
-    cap.add_argument("--ops", action="store_true", help="capture functional ops (C/op keys)")
-    cap.add_argument("--grads", action="store_true", help="run backward and capture gradients")
-    cap.add_argument("--inputs", action="store_true", help="capture module inputs (P:in)")
-    cap.add_argument("--seed", type=int, default=0, help="torch.manual_seed (default: 0)")
-    cap.add_argument("--train", action="store_true", help="keep train mode (default: eval)")
-    cap.add_argument("--device", default="cpu", help="where the model runs (default: cpu)")
-    cap.add_argument(
-        "--auto-class", default="AutoModel", metavar="NAME",
-        help="transformers auto class for config targets (default: AutoModel)",
+        "--nonfinite", choices=["raise"], default=None,
+        help="stop at the first captured value holding a NaN or Inf, name its key, and save "
+        "what was captured up to it",
     )  # fmt: skip
     cap.set_defaults(func=_cmd_capture)
+
+    nam = sub.add_parser(
+        "names",
+        help="list the keys a capture would produce, one per line (copies nothing)",
+        description="Build the model and run it once like 'tensorsnap capture' (same "
+        "arguments, no -o), and print the keys the capture would produce, one per line, in "
+        'execution order (the root module is ""). Gradient keys are listed in forward order.',
+        epilog=_CAPTURE_HELP + "\n\n" + _EPILOG,
+        formatter_class=raw,
+    )
+    _add_model_arguments(nam)
+    nam.set_defaults(func=_cmd_names)
 
     ls = sub.add_parser(
         "ls",
@@ -724,17 +643,27 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``tensorsnap`` command line; returns the exit code (0 ok, 1 differ, 2 error).
+    """Run the ``tensorsnap`` command line; returns the exit code.
+
+    0 success, 1 ``diff`` found differences, 2 a usage or input error (one line on stderr), 3 a
+    bug in tensorsnap (with its traceback).
 
     Args:
         argv: The arguments without the program name (default: ``sys.argv[1:]``).
     """
     parser = _parser()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as stop:  # --help, --version and argparse's own usage errors
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            raise _ArgumentError(
+                f"tensorsnap {args.command}", _unrecognized(parser, args.command, extra)
+            )
+    except SystemExit as stop:  # --help and --version
         code = stop.code
         return code if isinstance(code, int) else (0 if code is None else EXIT_USAGE)
+    except _ArgumentError as err:
+        print(f"{err.prog}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         # a bundle read here brings classes back as plain containers when their modules are
         # not imported (the CLI imports none); say so once instead of once per value
@@ -755,8 +684,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         return int(code)
     except TensorSnapError as err:
+        if getattr(args, "traceback", False) and err.__cause__ is not None:
+            traceback.print_exception(err.__cause__)
         print(f"tensorsnap {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"tensorsnap {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # not the user's to fix: keep the traceback for the bug report
+        traceback.print_exc()
+        print(
+            f"tensorsnap {args.command}: internal error: {type(err).__name__}: {err} (this is "
+            "a bug in tensorsnap; please report it with the traceback above)",
+            file=sys.stderr,
+        )
+        return EXIT_BUG

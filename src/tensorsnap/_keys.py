@@ -11,7 +11,14 @@ from torch import nn
 from ._errors import SelectionError, TensorSnapError
 from ._snapshot import closest
 
-__all__ = ["Selector", "module_names"]
+__all__ = ["DISCOVERY_HINT", "Selector", "module_names"]
+
+# The end of an include error: how to see the keys that exist. The command line replaces it
+# with the command that lists them.
+DISCOVERY_HINT = (
+    " (list the keys with tensorsnap.names(model, *args); inputs, grads and ops keys exist "
+    "only when inputs=, grads= or ops= is on)"
+)
 
 # Attribute names under which wrappers hold the module they wrap. The wrapped module takes the
 # wrapper's name, so keys never carry them.
@@ -130,10 +137,7 @@ class Selector:
             hint = closest(pattern, seen)
             near = f"; closest: {', '.join(map(repr, hint))}" if hint else ""
             parts.append(f"include pattern {pattern!r} matched no key{near}")
-        raise SelectionError(
-            "; ".join(parts) + " (list the keys with tensorsnap.names(model, *args); "
-            "inputs, grads and ops keys exist only when inputs=, grads= or ops= is on)"
-        )
+        raise SelectionError("; ".join(parts) + DISCOVERY_HINT)
 
 
 def _compile(patterns: list[str]) -> re.Pattern[str]:

@@ -22,9 +22,9 @@ import torch
 
 from ._diff import DiffResult, format_error, leaves
 from ._errors import TensorSnapError, format_path
-from ._snapshot import Record, Snapshot, human_bytes
+from ._snapshot import Record, human_bytes
 
-__all__ = ["Row", "Stats", "rows", "tensor_stats", "write_report"]
+__all__ = ["Row", "Stats", "first_nonfinite", "rows", "tensor_stats", "write_report"]
 
 _ROOT = '""'  # how the root module's key is shown
 # Bins of every histogram (table sparklines and plots).
@@ -123,10 +123,16 @@ def rows(snap: Mapping[str, Any], *, stats: bool = True, hist: bool = True) -> l
 
 
 def _records(snap: Mapping[str, Any]) -> list[Record]:
-    if isinstance(snap, Snapshot):
-        return list(snap.records)
+    records = getattr(snap, "records", None)
+    if records is not None:  # a Snapshot, a loaded bundle, or a subset of one (ls -k)
+        return list(records)
     # plain mappings (tests, hand-built comparisons) get minimal records
     return [Record(k, k, 0, None, "output", None, None, 0) for k in snap]
+
+
+def first_nonfinite(table: list[Row]) -> Row | None:
+    """The first row, in execution order, whose tensor holds a NaN or Inf."""
+    return next((r for r in table if r.stats and (r.stats.nans or r.stats.infs)), None)
 
 
 # -- HTML ------------------------------------------------------------------------------------

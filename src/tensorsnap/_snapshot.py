@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import html
+import re
 from collections.abc import Iterator, Mapping
 from os import PathLike
 from typing import Any, NamedTuple
@@ -44,11 +45,52 @@ class Record(NamedTuple):
 
 
 def closest(key: str, keys: list[str], count: int = 3) -> list[str]:
-    """The existing keys most like ``key``, for error messages."""
-    found = difflib.get_close_matches(key, keys, n=count, cutoff=0.5)
-    if not found:
-        found = [k for k in keys if key and (key in k or k in key)][:count]
-    return found
+    """The existing keys most like ``key`` (a key or a glob pattern), for error messages.
+
+    Keys are compared by structure: ``key`` (without its glob characters) against every key and
+    every tail of it that starts at a part boundary (``.``, ``/``, ``:``, ``#``), so that a
+    pattern missing its leading module path (``h.0.mlp`` for ``transformer.h.0.mlp``) or
+    carrying a kind that was not captured (``fc1:grad`` without grads) still finds its key. The
+    root key ``""`` is suggested only for an empty ``key``; nothing is suggested when no key is
+    alike (an unrelated suggestion misleads more than none).
+
+    Example:
+        >>> closest("h.0.mlpp", ["transformer.h.0.attn", "transformer.h.0.mlp", ""])
+        ['transformer.h.0.mlp']
+    """
+    core = key.replace("*", "").replace("?", "").strip("./:#")
+    if not core:
+        return [k for k in keys if k == ""][:count] if key == "" else []
+    # the pattern itself, and (a little lower) without a ':kind' that may not have been captured
+    wanted = [(core, 1.0)]
+    if ":" in core and core.split(":")[0]:
+        wanted.append((core.split(":")[0], 0.95))
+    matchers = []
+    for text, weight in wanted:
+        matcher = difflib.SequenceMatcher(autojunk=False)
+        matcher.set_seq2(text)
+        matchers.append((matcher, weight))
+    scored: list[tuple[float, int, str]] = []
+    for index, candidate in enumerate(dict.fromkeys(keys)):
+        if not candidate:
+            continue
+        starts = [0] + [m.end() for m in _BOUNDARY.finditer(candidate)]
+        best = 0.0
+        for start in starts:
+            for matcher, weight in matchers:
+                matcher.set_seq1(candidate[start:])
+                # the quick upper bounds skip most candidates without the full comparison
+                if (
+                    matcher.real_quick_ratio() * weight > best
+                    and matcher.quick_ratio() * weight > best
+                ):
+                    best = max(best, matcher.ratio() * weight)
+        if best >= 0.6:
+            scored.append((-best, index, candidate))
+    return [candidate for _, _, candidate in sorted(scored)[:count]]
+
+
+_BOUNDARY = re.compile(r"[./:#]")
 
 
 class Snapshot(Mapping[str, Any]):
