@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import pytest
@@ -276,3 +277,88 @@ def _assert_same_fixture() -> Callable[..., None]:
 @pytest.fixture(name="reference_outputs")
 def _reference_outputs_fixture() -> Callable[..., Any]:
     return reference_outputs
+
+
+# -- an independent gradient reference ------------------------------------------------------------
+
+
+def tensor_paths(
+    value: Any, path: str = "", seen: set[int] | None = None
+) -> Iterator[tuple[str, Any]]:
+    """``(path, tensor)`` for every tensor in ``value``: containers, mappings, dataclasses and
+    plain objects' attributes, walked in order (a path like ``[0].layers[1].keys``)."""
+    seen = set() if seen is None else seen
+    if isinstance(value, torch.Tensor):
+        yield path, value
+        return
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes, nn.Module)):
+        return
+    if id(value) in seen:
+        return
+    seen.add(id(value))
+    if isinstance(value, (tuple, list)):
+        for i, item in enumerate(value):
+            yield from tensor_paths(item, f"{path}[{i}]", seen)
+    elif isinstance(value, Mapping):
+        for k, item in value.items():
+            yield from tensor_paths(item, f"{path}[{k!r}]", seen)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            yield from tensor_paths(getattr(value, f.name), f"{path}.{f.name}", seen)
+    elif not isinstance(value, type) and not callable(value):
+        for k, item in getattr(value, "__dict__", {}).items():
+            yield from tensor_paths(item, f"{path}.{k}", seen)
+
+
+class GradReference:
+    """Plain process-wide module hooks that put a cloning tensor hook on every tensor of every
+    module output (``P:grad`` keys, paths inside the value as :func:`tensor_paths` names them).
+
+    A tensor hook fires with the gradient w.r.t. that tensor, so ``grads[key][path]`` is what
+    ``P:grad`` must hold at ``path``; a path with no entry got no gradient (None).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.calls: dict[int, int] = {}
+        self.grads: dict[str, dict[str, torch.Tensor]] = {}
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> GradReference:
+        from torch.nn.modules import module as module_hooks
+
+        self.handles.append(module_hooks.register_module_forward_hook(self._post))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        name = self.names.get(id(module))
+        if name is None:
+            return
+        call = self.calls.get(id(module), 0)
+        self.calls[id(module)] = call + 1
+        key = f"{name if call == 0 else f'{name}#{call}'}:grad"
+        for path, t in tensor_paths(output):
+            if t.requires_grad:
+                self.handles.append(t.register_hook(partial(self._arrived, key, path)))
+
+    def _arrived(self, key: str, path: str, grad: torch.Tensor) -> None:
+        self.grads.setdefault(key, {})[path] = grad.detach().clone()
+
+
+def assert_grads_match(snap: Mapping[str, Any], reference: GradReference) -> None:
+    """Every ``P:grad`` of ``snap`` holds exactly the reference's gradients, None elsewhere, and
+    every reference key is in ``snap``."""
+    module_keys = {k for k in snap if k.endswith(":grad") and "/" not in k}
+    assert module_keys == set(reference.grads), (
+        f"only in capture: {sorted(module_keys - set(reference.grads))}; "
+        f"only in reference: {sorted(set(reference.grads) - module_keys)}"
+    )
+    for key, expected in reference.grads.items():
+        got = dict(tensor_paths(snap[key]))
+        assert set(got) == set(expected), f"{key}: {sorted(got)} != {sorted(expected)}"
+        for path, grad in expected.items():
+            assert torch.equal(got[path], grad), f"{key}{path}: values differ"

@@ -800,7 +800,7 @@ def test_names_lists_gradients_of_an_object_held_output_as_capture_produces_them
 
     class Inner(nn.Module):
         def forward(self, x: torch.Tensor) -> Holder:
-            return Holder(x * 2)  # a tensor inside a plain object: no P:grad is watched
+            return Holder(x * 2)  # a tensor inside a plain object: P:grad is a Holder too
 
     class Outer(nn.Module):
         def __init__(self) -> None:
@@ -816,7 +816,9 @@ def test_names_lists_gradients_of_an_object_held_output_as_capture_produces_them
     with tensorsnap.capture(model, grads=True) as snap:
         model(x).backward()
     assert sorted(listed) == sorted(snap)
-    assert "inner" in listed and "inner:grad" not in listed and ":grad" in listed
+    assert "inner" in listed and "inner:grad" in listed and ":grad" in listed
+    assert type(snap["inner:grad"]) is Holder
+    assert torch.equal(snap["inner:grad"].value, torch.ones(2, 4))
 
 
 def test_snapshot_mapping_records_and_reprs() -> None:

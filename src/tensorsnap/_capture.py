@@ -22,12 +22,12 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module_hooks
 
-from . import _tree
+from . import _tree, _validate
 from ._clones import clone, clone_items, storage_bytes
 from ._copy import Copier
 from ._dtensor import local
 from ._errors import NonFiniteError, TensorSnapError, TensorSnapWarning
-from ._grads import Gradients, InputGradients
+from ._grads import Gradients, InputGradients, Reach
 from ._keys import Selector, module_names
 from ._lazy import Deferred
 from ._ops import AtenMode, OpMode, aten_name, op_name, quiet
@@ -116,6 +116,10 @@ class _Session(AbstractContextManager[Snapshot]):
                 f"capture(model=...) takes a torch.nn.Module, got {type(model).__name__}; "
                 "wrap a plain function in an nn.Module, or use tensorsnap.snapshot() for values"
             )
+        _validate.capture_options(
+            ops=ops, nonfinite=nonfinite, spill=spill_dir, inputs=inputs, grads=grads,
+            saved=saved, lazy=lazy, gather=gather,
+        )  # fmt: skip
         if ops not in (True, False, "aten"):
             raise TensorSnapError(
                 f"ops={ops!r}: pass True to capture torch-level ops (relu, add, linear), "
@@ -170,6 +174,7 @@ class _Session(AbstractContextManager[Snapshot]):
         self._op_name = op_name
         self._hooked: set[int] = set()  # modules with forward hooks of their own
         self._hooks_of: nn.Module | None = None  # whose forward hooks are running now
+        self._reach = Reach()  # names(): which gradient keys a backward pass would produce
 
     # -- entering and leaving ------------------------------------------------------------------
 
@@ -347,11 +352,8 @@ class _Session(AbstractContextManager[Snapshot]):
             return
         key = f"{frame.key}:grad_in"
         if self.select(key):
-            if self.dry:
-                record = self._make_record(key, frame.name, frame.call, None, "grad_in", None)
-                self.snapshot._add(record, None)
-                return
-            frame.grad_in = InputGradients(self, key, frame, args)
+            sink = None if self.dry else self  # names(): what would carry them is noted at _ended
+            frame.grad_in = InputGradients(sink, key, frame.name, frame.call, args)
 
     def _on_inputs(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not self._stack or self._stack[-1].module is not module or self._stack[-1].wrapper:
@@ -396,8 +398,16 @@ class _Session(AbstractContextManager[Snapshot]):
             key = f"{frame.key}:grad"
             if self.select(key):
                 self._watch_grads(key, frame, None, "grad", output)
-            if frame.grad_in is not None:
-                self._handles.extend(frame.grad_in.watch(output))
+            grad_in = frame.grad_in
+            if grad_in is None:
+                pass
+            elif not self.dry:
+                self._handles.extend(grad_in.watch(output))
+            elif self._reach.inputs(grad_in.key, grad_in, output):
+                record = self._make_record(
+                    grad_in.key, frame.name, frame.call, None, "grad_in", None
+                )
+                self.snapshot._add(record, None)
         if frame.children == 0 and module._modules and isinstance(module, _FASTPATH):
             self._warn_fastpath(module, frame.name)
 
@@ -497,15 +507,12 @@ class _Session(AbstractContextManager[Snapshot]):
 
     def _watch_grads(self, key: str, frame: _Frame, op: str | None, kind: str, value: Any) -> None:
         if self.dry:
-            # the tensors Gradients watches: those in containers (map_tensors), not in objects
-            watched: list[torch.Tensor] = []
-            _tree.map_tensors(watched.append, value)
-            if any(t.requires_grad for t in watched):
+            if self._reach.value(key, value):
                 self.snapshot._add(
                     self._make_record(key, frame.name, frame.call, op, kind, None), None
                 )
             return
-        gradients = Gradients(self, key, frame, op, kind, value)
+        gradients = Gradients(self, key, frame.name, frame.call, op, kind, value)
         self._handles.extend(gradients.handles)
 
     def _record(
@@ -768,8 +775,9 @@ def names(
     """List the keys ``capture`` would produce for ``model(*args, **kwargs)``, copying nothing.
 
     The model runs once (under ``no_grad`` unless ``grads`` or ``saved`` is set). Gradient keys
-    are listed for every value that requires grad, in forward order; a real backward pass
-    produces them in its own order.
+    are listed, in forward order, for the values that a backward pass from the model's output
+    reaches (a real backward pass produces them in its own order, and only for the values its
+    loss depends on).
 
     Example:
         >>> import torch, tensorsnap
@@ -789,5 +797,6 @@ def names(
     )
     grad_mode = nullcontext() if grads or saved else torch.no_grad()
     with grad_mode, session as snap:
-        model(*args, **kwargs)
-    return list(snap)
+        output = model(*args, **kwargs)
+    unreached = session._reach.unreached(output)
+    return [key for key in snap if key not in unreached]
