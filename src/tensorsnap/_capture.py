@@ -48,6 +48,13 @@ _in_backward = torch._C._current_graph_task_id
 # torch classes whose fused fast path (eval, no grad) skips their submodules' forward calls
 # (not MultiheadAttention: it never calls its out_proj submodule, fast path or not)
 _FASTPATH = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+# torch classes that refuse their fused kernels while any function mode is active
+_FUSED = (
+    nn.TransformerEncoder,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+    nn.MultiheadAttention,
+)
 
 
 class _Frame:
@@ -63,6 +70,7 @@ class _Frame:
         "ops",
         "prefix",
         "quiet",
+        "resumes",
         "saved",
         "wrapper",
     )
@@ -79,6 +87,7 @@ class _Frame:
         self.grad_in: InputGradients | None = None
         self.quiet = False  # True while the module's own pre-hooks run: their ops are not its
         self.wrapper = False  # a DDP/FSDP/checkpoint wrapper's call: nothing in it is recorded
+        self.resumes: Any = None  # our function mode, taken off the stack for this call
 
     def op_key(self, op: str) -> str:
         """The key of this call's next ``op``: ``C/op``, then ``C/op#1``, ``C/op#2``..."""
@@ -175,6 +184,9 @@ class _Session(AbstractContextManager[Snapshot]):
         self._hooked: set[int] = set()  # modules with forward hooks of their own
         self._hooks_of: nn.Module | None = None  # whose forward hooks are running now
         self._reach = Reach()  # names(): which gradient keys a backward pass would produce
+        self._inputs_at_pre: set[int] = set()  # modules whose inputs the pre-hook records
+        self._mode: OpMode | None = None
+        self._suspended = 0  # calls running without our function mode (lazy=True only)
 
     # -- entering and leaving ------------------------------------------------------------------
 
@@ -190,9 +202,8 @@ class _Session(AbstractContextManager[Snapshot]):
         try:
             light = not (self.ops or self.inputs or self.grads or self.saved or self._deferred)
             if not light:
-                self._handles.append(
-                    _module_hooks.register_module_forward_pre_hook(self._pre)  # type: ignore[arg-type]
-                )
+                pre = _module_hooks.register_module_forward_pre_hook(self._pre)
+                self._handles.append(pre)
             post = _module_hooks.register_module_forward_hook(
                 self._post_light if light else self._post, with_kwargs=True, always_call=True
             )
@@ -205,17 +216,13 @@ class _Session(AbstractContextManager[Snapshot]):
             if self.ops:
                 self._guard_user_hooks()
             if self.inputs:
-                # the process-wide pre-hook does not see keyword arguments; these do
-                for module in self._modules:
-                    self._handles.append(
-                        module.register_forward_pre_hook(self._on_inputs, with_kwargs=True)
-                    )
+                self._watch_module_inputs(pre.id)
             if _compiling_possible():
                 # compiled code would skip our hooks silently, and a compiled wrapper around the
                 # model (or a `model.compile()` call) need not be inside `model`: run all
                 # compiled code eagerly while capturing
                 if hasattr(torch.compiler, "set_stance"):
-                    self._enter(torch.compiler.set_stance("force_eager"))
+                    self._enter(_ForceEager())
                 elif _has_compiled_parts(self.model):  # torch < 2.6
                     raise TensorSnapError(
                         f"the model holds torch.compile'd modules, and this torch "
@@ -233,7 +240,8 @@ class _Session(AbstractContextManager[Snapshot]):
                 self._enter(AtenMode(self._on_op))
             elif self.ops or self._deferred is not None:
                 before = self._deferred.before if self._deferred is not None else None
-                self._enter(OpMode(self._on_op if self.ops else None, before))
+                self._mode = OpMode(self._on_op if self.ops else None, before)
+                self._enter(self._mode)
         except BaseException:
             self._close()
             raise
@@ -255,13 +263,35 @@ class _Session(AbstractContextManager[Snapshot]):
                     module.register_forward_hook(self._hooks_done, always_call=True)
                 )
 
+    def _watch_module_inputs(self, pre_hook: int) -> None:
+        """Have ``P:in``/``P:kwargs`` recorded when each call of the model's modules starts.
+
+        The process-wide pre-hook sees keyword arguments of the modules whose
+        ``_forward_pre_hooks_with_kwargs`` holds its id (torch looks the id up there for global
+        hooks too). Per-module hooks would do the same, but fused kernels (the encoder layer,
+        MultiheadAttention) refuse to run when a module has hooks of its own, and the capture
+        must keep the kernels a plain run uses. A module that does have pre-hooks gets one more
+        of ours, registered last, so that its inputs are what its forward receives.
+        """
+        for module in self._modules:
+            if module._forward_pre_hooks:
+                self._handles.append(
+                    module.register_forward_pre_hook(self._on_inputs, with_kwargs=True)
+                )
+            else:
+                module._forward_pre_hooks_with_kwargs[pre_hook] = True
+                self._handles.append(_DictEntry(module, "_forward_pre_hooks_with_kwargs", pre_hook))
+                self._inputs_at_pre.add(id(module))
+
     def _forward_starts(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if threading.get_ident() != self._thread:
+            return
         if self._stack and self._stack[-1].module is module:
             self._stack[-1].quiet = False
             self._retarget()
 
     def _hooks_done(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if self._hooks_of is module:
+        if self._hooks_of is module and threading.get_ident() == self._thread:
             self._hooks_of = None
             self._retarget()
 
@@ -300,6 +330,8 @@ class _Session(AbstractContextManager[Snapshot]):
 
     def _close(self) -> None:
         self.open = False
+        for frame in reversed(self._stack):
+            self._resume(frame)  # our mode goes back on the stack before its context exits
         while self._contexts:
             self._contexts.pop().__exit__(None, None, None)
         for handle in self._handles:
@@ -312,7 +344,9 @@ class _Session(AbstractContextManager[Snapshot]):
 
     # -- module calls ----------------------------------------------------------------------------
 
-    def _pre(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    def _pre(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None
+    ) -> None:
         name = self.names.get(id(module))
         if name is None or threading.get_ident() != self._thread or _in_backward() != -1:
             if threading.get_ident() == self._thread and (
@@ -344,6 +378,11 @@ class _Session(AbstractContextManager[Snapshot]):
         if self.grads and torch.is_grad_enabled():
             with _quiet():
                 self._watch_inputs(frame, args)
+        if self._inputs_at_pre and id(module) in self._inputs_at_pre:
+            with _quiet():
+                self._record_inputs(frame, args, kwargs)
+        if self._deferred is not None and not self.ops and isinstance(module, _FUSED):
+            self._suspend(frame)
         return None
 
     def _watch_inputs(self, frame: _Frame, args: tuple[Any, ...]) -> None:
@@ -356,17 +395,24 @@ class _Session(AbstractContextManager[Snapshot]):
             frame.grad_in = InputGradients(sink, key, frame.name, frame.call, args)
 
     def _on_inputs(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if not self._stack or self._stack[-1].module is not module or self._stack[-1].wrapper:
-            return  # not this call's frame, or a wrapper's or a checkpoint re-run's
+        if threading.get_ident() != self._thread or not self._stack:
+            return  # another thread's call of a model this session watches
         frame = self._stack[-1]
+        if frame.module is not module or frame.wrapper:
+            return  # not this call's frame, or a wrapper's or a checkpoint re-run's
         with _quiet():
-            key = f"{frame.key}:in"
+            self._record_inputs(frame, args, kwargs)
+
+    def _record_inputs(
+        self, frame: _Frame, args: tuple[Any, ...], kwargs: dict[str, Any] | None
+    ) -> None:
+        key = f"{frame.key}:in"
+        if self.select(key):
+            self._record(key, frame.name, frame.call, None, "input", args)
+        if kwargs:
+            key = f"{frame.key}:kwargs"
             if self.select(key):
-                self._record(key, frame.name, frame.call, None, "input", args)
-            if kwargs:
-                key = f"{frame.key}:kwargs"
-                if self.select(key):
-                    self._record(key, frame.name, frame.call, None, "kwargs", kwargs)
+                self._record(key, frame.name, frame.call, None, "kwargs", kwargs)
 
     def _post(self, module: nn.Module, args: tuple[Any, ...], *rest: Any) -> None:
         # torch calls always_call hooks with (module, args, result) when forward raised, and
@@ -379,6 +425,8 @@ class _Session(AbstractContextManager[Snapshot]):
             stack.pop()
         else:
             frame = self._pop(module)  # an inner call raised without our hook seeing it end
+        if frame is not None and frame.resumes is not None:
+            self._resume(frame)
         if frame is not None and not frame.wrapper and len(rest) == 2:
             if self._hooked and id(module) in self._hooked:
                 self._hooks_of = module
@@ -441,9 +489,34 @@ class _Session(AbstractContextManager[Snapshot]):
         for i in range(len(stack) - 1, -1, -1):
             if stack[i].module is module:
                 frame = stack[i]
+                for inner in stack[i + 1 :]:
+                    self._resume(inner)
                 del stack[i:]
                 return frame
         return None
+
+    def _suspend(self, frame: _Frame) -> None:
+        """Let a fused kernel run as in a plain run: take our function mode off for the call.
+
+        ``lazy=True`` watches writes through a function mode, and any active mode makes the
+        encoder layer and MultiheadAttention refuse their fused kernels (a different kernel,
+        different last bits). When ours is the only mode, it is off until the call ends, and
+        values captured meanwhile are copied at once: writes inside the call go unseen.
+        """
+        if self._mode is None or torch._C._len_torch_function_stack() != 1:
+            return  # another mode is active: a plain run would not use the fused kernel either
+        mode = torch._C._pop_torch_function_stack()
+        if mode is not self._mode:
+            torch._C._push_on_torch_function_stack(mode)
+            return
+        frame.resumes = mode
+        self._suspended += 1
+
+    def _resume(self, frame: _Frame) -> None:
+        if frame.resumes is not None:
+            torch._C._push_on_torch_function_stack(frame.resumes)
+            frame.resumes = None
+            self._suspended -= 1
 
     def _warn_fastpath(self, module: nn.Module, name: str) -> None:
         if id(module) in self._warned:
@@ -522,19 +595,10 @@ class _Session(AbstractContextManager[Snapshot]):
             record = self._make_record(key, name, call, op, kind, value)
             self.snapshot._add(record, None)
             return
-        if self._deferred is not None:
+        if self._deferred is not None and not self._suspended:
             alias = self._deferred.hold(key, value)
             if alias is not None:
-                record = Record(
-                    key,
-                    name,
-                    call,
-                    op,
-                    kind,
-                    tuple(alias.shape),
-                    alias.dtype,
-                    alias.nbytes,
-                )
+                record = self._make_record(key, name, call, op, kind, alias)
                 self.snapshot._add(record, alias)
                 if self.nonfinite is not None:
                     self._check_finite(key, alias)
@@ -580,7 +644,9 @@ class _Session(AbstractContextManager[Snapshot]):
         key: str, module: str, call: int, op: str | None, kind: str, value: Any
     ) -> Record:
         if isinstance(value, (torch.Tensor, Stats)):
-            shape: tuple[int, ...] | None = tuple(value.shape)
+            # a nested tensor has no single shape: its parts' shapes are in the value
+            nested = isinstance(value, torch.Tensor) and value.is_nested
+            shape: tuple[int, ...] | None = None if nested else tuple(value.shape)
             dtype: torch.dtype | None = value.dtype
         else:
             shape = dtype = None
@@ -603,6 +669,32 @@ class _Session(AbstractContextManager[Snapshot]):
                 key=key,
                 snapshot=self.snapshot,
             )
+
+
+class _ForceEager:
+    """``torch.compiler.set_stance("force_eager")`` shared by every open capture block.
+
+    The stance is process-wide, and each ``set_stance`` restores what it found: two blocks
+    overlapping in two threads (A enters, B enters, A exits, B exits) would leave it at
+    "force_eager" for good. The first block in sets it, the last one out restores it.
+    """
+
+    _lock = threading.Lock()
+    _open = 0
+    _stance: Any = None
+
+    def __enter__(self) -> None:
+        with _ForceEager._lock:
+            if _ForceEager._open == 0:
+                _ForceEager._stance = torch.compiler.set_stance("force_eager")
+            _ForceEager._open += 1
+
+    def __exit__(self, *exc: Any) -> None:
+        with _ForceEager._lock:
+            _ForceEager._open -= 1
+            if _ForceEager._open == 0:
+                stance, _ForceEager._stance = _ForceEager._stance, None
+                stance.__exit__(None, None, None)
 
 
 class _Ignored:

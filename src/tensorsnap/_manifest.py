@@ -91,6 +91,8 @@ class Encoder:
         if isinstance(x, torch.Tensor):
             if type(x) is not torch.Tensor and is_distributed(type(x)):
                 return self.distributed(x, parts)
+            if x.is_nested and type(x) is torch.Tensor:
+                return self.nested(x, parts)
             return {"type": "tensor", "index": self.tensor(x, parts)}
         if isinstance(x, bool):
             return {"type": "bool", "value": bool(x)}
@@ -195,6 +197,19 @@ class Encoder:
         if spec is None:  # another torch.distributed tensor class: refused by tensor()
             return {"type": "tensor", "index": self.tensor(t, parts)}
         return {"type": "dtensor", "index": self.tensor(local(t), parts), "layout": spec}
+
+    def nested(self, t: torch.Tensor, parts: list[object]) -> dict[str, Any]:
+        """A nested tensor: its parts, each a plain tensor, and its layout."""
+        if not self.strict:
+            return {"type": "tensor", "index": -1}  # spill stores keep it in memory
+        layout = {torch.strided: "strided", torch.jagged: "jagged"}.get(t.layout)
+        if layout is None:
+            raise self.fail(parts, f"cannot store a nested tensor of layout {t.layout}")
+        items = [
+            {"type": "tensor", "index": self.tensor(part, [*parts, i])}
+            for i, part in enumerate(t.unbind())
+        ]
+        return {"type": "nested", "layout": layout, "items": items}
 
     def tensor(self, t: torch.Tensor, parts: list[object]) -> int:
         found = self._index.get(id(t))
@@ -474,6 +489,23 @@ class Decoder:
     def _dtensor(self, n: dict[str, Any]) -> Any:
         t = self._tensor(n)
         return self.on_dtensor(t, n["layout"]) if self.on_dtensor is not None else t
+
+    def _nested(self, n: dict[str, Any]) -> torch.Tensor:
+        layouts = {"strided": torch.strided, "jagged": torch.jagged}
+        layout = layouts.get(n["layout"]) if isinstance(n["layout"], str) else None
+        if layout is None:
+            raise ValueError(f"unknown nested-tensor layout {n['layout']!r}")
+        parts = [self.node(v) for v in n["items"]]
+        if not parts or not all(isinstance(p, torch.Tensor) for p in parts):
+            raise ValueError("a nested tensor's items must be one or more tensors")
+        with warnings.catch_warnings():  # torch calls the nested-tensor API a prototype
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                return torch.nested.as_nested_tensor(parts, layout=layout)
+            except RuntimeError as err:  # parts of mixed dtypes or dimensions
+                raise ValueError(
+                    f"the parts of a nested tensor do not fit together: {err}"
+                ) from err
 
     def _tuple(self, n: dict[str, Any]) -> tuple[Any, ...]:
         return tuple(self.node(v) for v in n["items"])
