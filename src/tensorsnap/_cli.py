@@ -1,10 +1,11 @@
-"""The ``tensorsnap`` command: demo, capture, ls, diff and report.
+"""The ``tensorsnap`` command: demo, capture, names, ls, diff and report.
 
-Tables and progress are drawn with rich (the ``cli`` extra); the report's plots need matplotlib
-(the ``report`` extra). Both are imported only when a command runs, and a missing one is named
-with the ``pip install`` line that brings it. Errors that are the user's to fix (a bad factory
-path, input spec or pattern, an unreadable bundle) print one message without a traceback and
-exit with 2.
+Tables and progress are drawn with rich (the ``cli`` extra), imported only when a command runs;
+without it the error names the ``pip install`` line that brings it. The report needs nothing
+more (its charts are drawn by the page itself). Errors that are the user's to fix (a bad
+argument, factory path, input spec or pattern, an unreadable bundle, an error raised by the
+model) print one line without a traceback and exit with 2; an option typo names the closest
+option. torch is imported by the commands, not by this module, so that ``--help`` is instant.
 """
 
 from __future__ import annotations
@@ -297,7 +298,7 @@ def _cmd_names(args: argparse.Namespace) -> int:
 
 def _cmd_ls(args: argparse.Namespace) -> int:
     from ._bundle import load
-    from ._report import first_nonfinite, rows
+    from ._report import first_nonfinite, rows, stored_bytes
     from ._snapshot import human_bytes
 
     out = _console()
@@ -330,7 +331,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
                 style = "red" if s.nans or s.infs else None
         table.add_row(*cells, style=style)
     out.print(table)
-    footer = f"{len(view)} keys, {human_bytes(sum(r.nbytes for r in view.records))}"
+    footer = f"{len(view)} keys, {stored_bytes(view, listed)}"
     if not args.no_stats:
         bad = first_nonfinite(listed)
         found = f"first non-finite: {bad.label} ({_nonfinite_text(bad)})" if bad else ""
@@ -626,9 +627,12 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser(
         "report",
         help="write a self-contained HTML report of a bundle",
-        description="Write one self-contained HTML page: a sortable table of per-tensor "
-        "statistics (mean, std, min/max, zeros, NaN/Inf), histograms, a per-layer statistics "
-        "plot and, with --against, the diff against a second bundle. Needs matplotlib.",
+        description="Write one self-contained HTML page that works offline: a sortable, "
+        "filterable table of per-tensor statistics (mean, std, min/max, zeros, NaN/Inf), "
+        "interactive per-layer charts (hover names the key, drag zooms, a click adds its "
+        "histogram), histograms of any key, cache and state tensors kept apart from "
+        "activations, the first non-finite key and, with --against, the diff against a second "
+        "bundle.",
         epilog=_EPILOG,
         formatter_class=raw,
     )

@@ -1,19 +1,20 @@
 """Reading a snapshot at a glance: per-tensor statistics, and one self-contained HTML report.
 
-The report is a single page with no external resources: a sortable, filterable statistics table
-(small inline script), a per-layer statistics plot and histograms drawn with matplotlib (Agg,
-embedded as base64 PNG), and, given a second snapshot, the diff against it. matplotlib is
-imported only when a report is written; without it the error says which extra to install.
+The report is a single page with no external resources and no plotting library: a sortable,
+filterable statistics table, per-layer charts and histograms drawn as SVG in the browser by an
+inline script (``_report.js``) from statistics embedded as JSON, and, given a second snapshot,
+the diff against it. Cache and state tensors (a transformers ``past_key_values``) are grouped
+apart from activations.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import html
-import io
+import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from os import PathLike
 from typing import Any
@@ -21,16 +22,27 @@ from typing import Any
 import torch
 
 from ._diff import DiffResult, format_error, leaves
-from ._errors import TensorSnapError, format_path
+from ._errors import format_path
 from ._snapshot import Record, human_bytes
 
-__all__ = ["Row", "Stats", "first_nonfinite", "rows", "tensor_stats", "write_report"]
+__all__ = [
+    "STATE",
+    "Row",
+    "Stats",
+    "first_nonfinite",
+    "group",
+    "rows",
+    "stored_bytes",
+    "tensor_stats",
+    "write_report",
+]
 
 _ROOT = '""'  # how the root module's key is shown
 # Bins of every histogram (table sparklines and plots).
 _BINS = 32
-# Histograms drawn as plots; more keys are sampled evenly in execution order.
-_MAX_HISTOGRAMS = 16
+# Histograms the page opens with (module outputs sampled evenly in execution order); any other
+# key's histogram can be added on the page.
+_INITIAL_HISTOGRAMS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +147,45 @@ def first_nonfinite(table: list[Row]) -> Row | None:
     return next((r for r in table if r.stats and (r.stats.nans or r.stats.infs)), None)
 
 
+# -- grouping ---------------------------------------------------------------------------------
+
+_GROUPS = {
+    "output": "module outputs",
+    "op": "op outputs",
+    "grad": "gradients",
+    "op_grad": "op gradients",
+    "grad_in": "input gradients",
+    "input": "module inputs",
+    "kwargs": "module inputs",
+    "saved": "saved for backward",
+}
+STATE = "cache and state"
+# A leaf whose path inside its value names a cache (transformers' past_key_values, a Cache
+# object's layers, a 'present' tuple) is state carried between steps, not an activation: its
+# values (keys and values of every earlier position) would crowd the per-layer plots.
+_STATE_PATH = re.compile(r"cache|past_key_values?|\bpresents?\b|\bpast\b", re.IGNORECASE)
+
+
+def group(row: Row) -> str:
+    """What a row is, for the report's plots and filters: a kind's plural, or ``STATE``."""
+    if row.path and _STATE_PATH.search(row.path):
+        return STATE
+    return _GROUPS.get(row.record.kind, row.record.kind)
+
+
+def stored_bytes(snap: Mapping[str, Any], table: list[Row]) -> str:
+    """The total that ``ls``, ``capture`` and the report print: bytes the copies hold.
+
+    A view is stored with the span of its base it can reach, so the copies can hold more than
+    the tensors' own elements; then both are said.
+    """
+    held = sum(r.nbytes for r in _records(snap))
+    own = sum(r.nbytes for r in table)
+    if own == held:
+        return human_bytes(held)
+    return f"{human_bytes(held)} stored (tensors {human_bytes(own)}; views keep their base's span)"
+
+
 # -- HTML ------------------------------------------------------------------------------------
 
 
@@ -151,6 +202,10 @@ def write_report(
 ) -> str:
     """Write one self-contained HTML page describing ``snap`` (and its diff with ``against``).
 
+    The page needs no network and no library: its charts are SVG drawn by a small inline
+    script from data embedded in the page (hover names the key, drag zooms, a click adds the
+    key's histogram), and its tables sort and filter in place.
+
     Args:
         snap: The snapshot to describe.
         path: Where the page goes (parent directories are created).
@@ -165,10 +220,8 @@ def write_report(
         The absolute path of the page.
 
     Raises:
-        TensorSnapError: matplotlib is missing (the message names the extra to install), or a
-            bundle cannot be read.
+        TensorSnapError: A bundle cannot be read.
     """
-    _require_matplotlib()
     from . import __version__
     from ._diff import diff
 
@@ -182,12 +235,11 @@ def write_report(
     if result is not None:
         parts.append(_diff_section(result, against_source))
     parts.append("<h2>Per-layer statistics</h2>")
-    layer_plot = _layer_plot(table)
-    parts.append(layer_plot or "<p>No module outputs with finite values to plot.</p>")
-    parts.append("<h2>Histograms</h2>")
-    parts.append(_histograms(table) or "<p>No tensors with finite values.</p>")
+    parts.append(_layer_plot(table) or "<p>No tensors with statistics to plot.</p>")
+    parts.append(_histograms(table))
     parts.append(_stats_table(table))
-    parts.append(_SCRIPT)
+    parts.append(_data("ts-rows", _row_data(table)))
+    parts.append("<script>\n" + _script() + "\n</script>")
     parts.append("</body></html>\n")
     target = os.path.abspath(os.fspath(path))
     os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -196,32 +248,54 @@ def write_report(
     return target
 
 
-def _require_matplotlib() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError as err:
-        raise TensorSnapError(
-            "the HTML report draws its plots with matplotlib, which is not installed: "
-            "pip install 'tensorsnap[report]'"
-        ) from err
+def _script() -> str:
+    # beside this module so that it can be read and linted as JavaScript; inlined in the page
+    with open(os.path.join(os.path.dirname(__file__), "_report.js"), encoding="utf-8") as f:
+        return f.read().replace("</", "<\\/")
+
+
+def _data(name: str, value: Any) -> str:
+    """``value`` as JSON in the page; '<' escaped, so no key can end the script element."""
+    text = json.dumps(value, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
+    return f'<script type="application/json" id="{name}">{text}</script>'
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def _summary(snap: Mapping[str, Any], table: list[Row], source: str, version: str) -> str:
-    total = sum(r.nbytes for r in table)
     nans = sum(r.stats.nans for r in table if r.stats)
     infs = sum(r.stats.infs for r in table if r.stats)
     kinds: dict[str, int] = {}
     for record in _records(snap):
         kinds[record.kind] = kinds.get(record.kind, 0) + 1
     kind_text = ", ".join(f"{n} {k}" for k, n in kinds.items())
-    alarm = ' class="bad"' if nans or infs else ""
     src = f"<code>{html.escape(source)}</code>, " if source else ""
-    return (
+    out = [
         f'<p class="meta">{src}{len(snap)} keys ({html.escape(kind_text)}), '
-        f"{len(table)} leaves, {human_bytes(total)}; "
-        f"<span{alarm}>{nans} NaN and {infs} Inf elements</span>; tensorsnap {version}, "
+        f"{len(table)} leaves, {html.escape(stored_bytes(snap, table))}; tensorsnap {version}, "
         f"torch {html.escape(torch.__version__)}</p>"
-    )
+    ]
+    bad = first_nonfinite(table)
+    if bad is not None and bad.stats is not None:
+        n = table.index(bad)
+        out.append(
+            f'<p class="bad">{nans} NaN and {infs} Inf elements; first non-finite: '
+            f'<a href="#row-{n}"><code>{html.escape(bad.label)}</code></a> '
+            f"({bad.stats.nans} NaN, {bad.stats.infs} Inf of {bad.stats.numel} elements)</p>"
+        )
+    else:
+        out.append('<p class="ok">0 NaN and 0 Inf elements</p>')
+    state = [r for r in table if group(r) == STATE and r.shape is not None]
+    if state:
+        out.append(
+            f'<p class="meta">{len(state)} cache and state tensors '
+            f"({human_bytes(sum(r.nbytes for r in state))}) are kept apart from the "
+            "activations: the plots and the table show them as the group "
+            f"&ldquo;{STATE}&rdquo;.</p>"
+        )
+    return "\n".join(out)
 
 
 def _diff_section(result: DiffResult, against_source: str) -> str:
@@ -278,12 +352,16 @@ def _stats_table(table: list[Row]) -> str:
         "histogram",
     )
     body = []
-    for r in table:
+    groups: dict[str, int] = {}
+    for n, r in enumerate(table):
+        g = group(r)
+        groups[g] = groups.get(g, 0) + 1
         shape = "x".join(map(str, r.shape)) if r.shape is not None else "-"
+        kind = r.record.kind + (" (state)" if g == STATE else "")
         cells = [
             _td(r.index, str(r.index)),
             _td(r.label, r.label, "key"),
-            _td(r.record.kind, r.record.kind),
+            _td(kind, kind),
             _td(math.prod(r.shape) if r.shape is not None else -1, shape),
             _td(r.dtype, r.dtype),
         ]
@@ -306,11 +384,19 @@ def _stats_table(table: list[Row]) -> str:
             ]
             if s.nans or s.infs:
                 cls = ' class="bad"'
-        body.append(f"<tr{cls}>" + "".join(cells) + "</tr>")
+        attrs = f' id="row-{n}" data-i="{n}" data-group="{html.escape(g, quote=True)}"'
+        body.append(f"<tr{cls}{attrs}>" + "".join(cells) + "</tr>")
+    options = "".join(
+        f'<option value="{html.escape(g, quote=True)}">{html.escape(g)} ({c})</option>'
+        for g, c in groups.items()
+    )
     return (
         "<h2>Statistics</h2>\n"
         "<p>Statistics are over finite elements (complex tensors by magnitude). Click a column "
-        'to sort; <input id="filter" placeholder="filter keys (substring)" size="32"></p>\n'
+        "to sort, a row to add its histogram; "
+        '<input id="filter" placeholder="filter keys (substring)" size="32"> '
+        f'<select id="group"><option value="">all groups ({len(table)})</option>{options}'
+        f'</select> <span id="shown">{len(table)}</span> rows shown</p>\n'
         + _table("stats", head, body)
     )
 
@@ -357,121 +443,151 @@ def _sparkline(counts: tuple[int, ...]) -> str:
     )
 
 
-# -- plots ------------------------------------------------------------------------------------
+# -- charts (drawn in the browser by _report.js from the data written here) -------------------
+
+# The series of the per-layer chart: values as they are, or magnitudes on a log axis (where
+# gradients and small activations are readable).
+_LAYER_MODES = [
+    {
+        "name": "values",
+        "log": False,
+        "series": [
+            {"type": "band", "lo": "mean-std", "hi": "mean+std", "name": "mean ± std"},
+            {"type": "line", "f": "mean", "name": "mean"},
+            {"type": "dash", "f": "min", "name": "min"},
+            {"type": "dash", "f": "max", "name": "max"},
+        ],
+    },
+    {
+        "name": "magnitudes (log axis)",
+        "log": True,
+        "series": [
+            {"type": "line", "f": "std", "name": "std"},
+            {"type": "dash", "f": "max |x|", "name": "max |x|"},
+        ],
+    },
+]
 
 
-def _figure(width: float, height: float) -> Any:
-    # Figure without pyplot: no global backend switch, no GUI, nothing kept alive afterwards
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+def _chart(name: str, spec: dict[str, Any]) -> str:
+    return f'<div class="chartbox" data-spec="{name}"></div>\n' + _data(name, spec)
 
 
-def _png(fig: Any, alt: str) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f'<img class="plot" alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
-
-
-def _ticks(ax: Any, labels: list[str]) -> None:
-    step = max(1, math.ceil(len(labels) / 40))
-    positions = list(range(0, len(labels), step))
-    ax.set_xticks(positions)
-    ax.set_xticklabels([labels[i] for i in positions], rotation=90, fontsize=7)
+def _point(n: int, r: Row) -> dict[str, Any]:
+    s = r.stats
+    if s is None:  # pragma: no cover - callers pass rows with statistics
+        raise ValueError(r.label)
+    shape = "x".join(map(str, r.shape or ()))
+    values = {
+        "mean": _finite(s.mean),
+        "std": _finite(s.std),
+        "min": _finite(s.min),
+        "max": _finite(s.max),
+        "mean-std": _finite(s.mean - s.std),
+        "mean+std": _finite(s.mean + s.std),
+        "max |x|": _finite(max(abs(s.min), abs(s.max))),
+    }
+    point: dict[str, Any] = {"k": r.label, "i": n, "d": f"{r.record.kind}, {shape} {r.dtype}"}
+    point["v"] = values
+    if s.nans or s.infs:
+        point["bad"] = True
+        point["note"] = f"{s.nans} NaN, {s.infs} Inf of {s.numel}"
+    return point
 
 
 def _layer_plot(table: list[Row]) -> str:
-    outputs = [r for r in table if r.record.kind == "output" and r.stats and r.stats.hist]
-    grads = [r for r in table if r.record.kind == "grad" and r.stats and r.stats.hist]
-    if not outputs:
+    sets: dict[str, list[dict[str, Any]]] = {}
+    for g in [*dict.fromkeys(_GROUPS.values()), STATE]:
+        sets[g] = []
+    for n, r in enumerate(table):
+        if r.stats is not None and r.stats.numel:
+            sets.setdefault(group(r), []).append(_point(n, r))
+    if not any(sets.values()):
         return ""
-    panels = 2 if grads else 1
-    fig = _figure(max(8.0, min(14.0, 0.2 * len(outputs))), 4.2 * panels)
-    axes = fig.subplots(panels, 1, squeeze=False)[:, 0]
-    ax = axes[0]
-    xs = list(range(len(outputs)))
-    mean = [r.stats.mean for r in outputs if r.stats]
-    std = [r.stats.std for r in outputs if r.stats]
-    ax.fill_between(
-        xs,
-        [m - s for m, s in zip(mean, std)],
-        [m + s for m, s in zip(mean, std)],
-        alpha=0.25,
-        label="mean ± std",
+    spec = {
+        "sets": sets,
+        "modes": _LAYER_MODES,
+        "tip": ["mean", "std", "min", "max"],
+        "markBad": True,
+    }
+    return (
+        "<p>One point per tensor in execution order (gradients in backward order); a red "
+        "mark above the plot is a tensor holding a NaN or Inf.</p>\n" + _chart("ts-layers", spec)
     )
-    ax.plot(xs, mean, marker="o", markersize=3, label="mean")
-    ax.plot(xs, [r.stats.min for r in outputs if r.stats], "--", linewidth=0.8, label="min")
-    ax.plot(xs, [r.stats.max for r in outputs if r.stats], "--", linewidth=0.8, label="max")
-    ax.set_title("module outputs, in execution order")
-    ax.legend(fontsize=8, loc="upper left")
-    ax.grid(alpha=0.3)
-    _ticks(ax, [r.label for r in outputs])
-    if grads:
-        ax = axes[1]
-        gx = list(range(len(grads)))
-        ax.plot(gx, [r.stats.std for r in grads if r.stats], marker="o", markersize=3, label="std")
-        absmax = [max(abs(r.stats.min), abs(r.stats.max)) for r in grads if r.stats]
-        ax.plot(gx, absmax, "--", linewidth=0.8, label="max |g|")
-        if all(v > 0 for v in absmax):
-            ax.set_yscale("log")
-        ax.set_title("gradients w.r.t. module outputs, in backward order")
-        ax.legend(fontsize=8, loc="upper left")
-        ax.grid(alpha=0.3)
-        _ticks(ax, [r.label for r in grads])
-    return _png(fig, "per-layer statistics")
 
 
 def _histograms(table: list[Row]) -> str:
-    chosen = [r for r in table if r.record.kind == "output" and r.stats and r.stats.hist]
-    if not chosen:
-        chosen = [r for r in table if r.stats and r.stats.hist]
-    if not chosen:
-        return ""
-    if len(chosen) > _MAX_HISTOGRAMS:
-        step = (len(chosen) - 1) / (_MAX_HISTOGRAMS - 1)
-        chosen = [chosen[round(i * step)] for i in range(_MAX_HISTOGRAMS)]
-    columns = min(4, len(chosen))
-    lines = math.ceil(len(chosen) / columns)
-    fig = _figure(3.2 * columns, 2.4 * lines)
-    axes = fig.subplots(lines, columns, squeeze=False)
-    for ax in axes.flat[len(chosen) :]:
-        ax.set_visible(False)
-    for ax, r in zip(axes.flat, chosen):
+    """The histogram panel, opened with a few module outputs and the first non-finite key."""
+    with_hist = [n for n, r in enumerate(table) if r.stats and r.stats.hist]
+    outputs = [n for n in with_hist if group(table[n]) == "module outputs"] or with_hist
+    chosen = outputs
+    if len(outputs) > _INITIAL_HISTOGRAMS:
+        step = (len(outputs) - 1) / (_INITIAL_HISTOGRAMS - 1)
+        chosen = [outputs[round(i * step)] for i in range(_INITIAL_HISTOGRAMS)]
+    bad = first_nonfinite(table)
+    if bad is not None and bad.stats and bad.stats.hist:
+        chosen = [table.index(bad), *[n for n in chosen if table[n] is not bad]]
+    return (
+        '<h2>Histograms</h2>\n<div id="histograms"><p>Add a key: '
+        '<input id="hist-add" list="hist-keys" size="48" placeholder="type or pick a key">'
+        '<datalist id="hist-keys"></datalist> <button type="button" id="hist-clear">clear'
+        "</button> (or click a point in a plot, or a row of the table; hover a bar for its "
+        'bin and count)</p><p id="hist-empty">No histograms picked.</p>'
+        '<div id="hist-grid"></div></div>\n' + _data("ts-hist-initial", chosen)
+    )
+
+
+def _row_data(table: list[Row]) -> list[dict[str, Any]]:
+    out = []
+    for n, r in enumerate(table):
         s = r.stats
-        if s is None:  # pragma: no cover - filtered above
+        if s is None:
             continue
-        top = s.max if s.max > s.min else s.min + 1.0
-        edges = [s.min + (top - s.min) * i / _BINS for i in range(_BINS + 1)]
-        ax.stairs(list(s.hist), edges, fill=True, alpha=0.7)
-        ax.set_title(r.label if len(r.label) <= 40 else "..." + r.label[-37:], fontsize=8)
-        ax.tick_params(labelsize=7)
-    shown = "all" if len(chosen) == len(table) else f"{len(chosen)} sampled"
-    return _png(fig, f"histograms of {shown} module outputs")
+        out.append(
+            {
+                "i": n,
+                "k": r.label,
+                "kind": r.record.kind,
+                "shape": "x".join(map(str, r.shape or ())) or "scalar",
+                "dtype": r.dtype,
+                "min": _finite(s.min),
+                "max": _finite(s.max),
+                "nans": s.nans,
+                "infs": s.infs,
+                "hist": list(s.hist),
+            }
+        )
+    return out
 
 
 def _diff_plot(result: DiffResult) -> str:
-    keys = [k for k in result.keys if k.max_abs is not None]
-    if not keys:
+    points = []
+    for k in result.keys:
+        if k.max_abs is None:
+            continue
+        values = {"max abs": _finite(k.max_abs) if k.max_abs else None}
+        values["max rel"] = _finite(k.max_rel) if k.max_rel is not None else None
+        point: dict[str, Any] = {"k": k.key or _ROOT, "v": values}
+        if not k.close:
+            point["bad"] = True
+        points.append(point)
+    if not points:
         return ""
-    fig = _figure(max(8.0, min(14.0, 0.12 * len(keys))), 4.0)
-    ax = fig.subplots()
-    xs = list(range(len(keys)))
-    finite_cap = max((k.max_abs for k in keys if k.max_abs and math.isfinite(k.max_abs)), default=1)
-    values = [
-        (k.max_abs if math.isfinite(k.max_abs or 0) else finite_cap * 10) or math.nan for k in keys
-    ]
-    colors = ["tab:red" if not k.close else "tab:blue" for k in keys]
-    ax.scatter(xs, values, c=colors, s=12)
-    if any(v == v for v in values):  # at least one non-zero error: a log axis is readable
-        ax.set_yscale("log")
-    if result.first_diverging is not None:
-        index = next(i for i, k in enumerate(keys) if k.key == result.first_diverging)
-        ax.axvline(index, color="tab:red", linewidth=0.8, linestyle=":")
-    ax.set_title("max |a - b| per key, in execution order (red: outside tolerance; 0 not shown)")
-    ax.grid(alpha=0.3)
-    _ticks(ax, [k.key or '""' for k in keys])
-    return _png(fig, "max abs error per key")
+    spec = {
+        "sets": {"max |a - b| per key": points},
+        "modes": [
+            {
+                "name": "log axis",
+                "log": True,
+                "series": [{"type": "dots", "f": "max abs", "name": "max |a - b|"}],
+            }
+        ],
+        "tip": ["max abs", "max rel"],
+    }
+    return (
+        "<p>max |a - b| per key in execution order, log axis (red: outside tolerance; exact "
+        "zeros and infinities are not drawn).</p>\n" + _chart("ts-diff", spec)
+    )
 
 
 _HEAD = """<!DOCTYPE html>
@@ -488,46 +604,23 @@ td.key, td.text { text-align: left; font-family: ui-monospace, monospace; }
 th:nth-child(2) { text-align: left; }
 th { position: sticky; top: 0; background: #f3f3f3; cursor: pointer; user-select: none; }
 th.asc::after { content: " \\25B2"; } th.desc::after { content: " \\25BC"; }
-tr:hover td { background: #f7f7ff; }
-tr.bad td, span.bad, p.bad { color: #b00020; } p.ok { color: #1b6e20; }
+tr:hover td { background: #f7f7ff; } #stats tbody tr { cursor: pointer; }
+tr.bad td, span.bad, p.bad, div.bad { color: #b00020; } p.ok { color: #1b6e20; }
 tr.first td { background: #ffe9e9; font-weight: 600; }
 svg.spark rect { fill: #4e79a7; }
-img.plot { max-width: 100%; display: block; margin: .5em 0; }
+.chartbox { position: relative; max-width: 1400px; }
+.controls { margin: .3em 0; } .hint { color: #777; font-size: 12px; }
+svg.chart { display: block; user-select: none; }
+svg .grid { stroke: #eee; } svg .frame { fill: none; stroke: #ccc; }
+svg .tick { font-size: 10px; fill: #555; } svg .guide { stroke: #999; stroke-dasharray: 2 2; }
+svg .selection { fill: #4e79a7; fill-opacity: .15; } svg .bad-mark { fill: #c0392b; }
+.tip { position: absolute; z-index: 2; max-width: 260px; background: #fff; border: 1px solid #bbb;
+  padding: 4px 7px; font-size: 12px; pointer-events: none; box-shadow: 0 1px 4px #0002; }
+.tip-key { font-family: ui-monospace, monospace; font-weight: 600; word-break: break-all; }
+#hist-grid { display: flex; flex-wrap: wrap; gap: 10px; }
+figure.hist { margin: 0; width: 280px; }
+figure.hist figcaption { font-size: 12px; word-break: break-all; }
+.hist-key { font-family: ui-monospace, monospace; font-weight: 600; } .hist-meta { color: #666; }
+figure.hist rect.bar { fill: #4e79a7; } figure.hist rect.bar:hover { fill: #f28e2b; }
+button.close { border: none; background: none; cursor: pointer; font-size: 14px; padding: 0 4px; }
 </style></head><body>"""
-
-# Sorts a table by the clicked column (numbers by value, text alphabetically; a second click
-# reverses) and filters the statistics table by key substring. No external resources.
-_SCRIPT = """<script>
-document.querySelectorAll("table.sortable th").forEach(function (th, col) {
-  th.addEventListener("click", function () {
-    var table = th.closest("table"), body = table.tBodies[0];
-    var asc = !th.classList.contains("asc");
-    table.querySelectorAll("th").forEach(function (h) { h.classList.remove("asc", "desc"); });
-    th.classList.add(asc ? "asc" : "desc");
-    var rows = Array.prototype.slice.call(body.rows);
-    function val(row) {
-      var cell = row.cells[col];
-      if (!cell) return "";
-      var v = cell.dataset.v !== undefined ? cell.dataset.v : cell.textContent;
-      var n = parseFloat(v);
-      return v !== "" && !isNaN(n) && isFinite(Number(v)) ? n : (v === "inf" ? Infinity : v);
-    }
-    rows.sort(function (a, b) {
-      var x = val(a), y = val(b);
-      if (x === "" && y !== "") return 1;
-      if (y === "" && x !== "") return -1;
-      var c = (typeof x === "number" && typeof y === "number") ? x - y
-        : String(x).localeCompare(String(y));
-      return asc ? c : -c;
-    });
-    rows.forEach(function (r) { body.appendChild(r); });
-  });
-});
-var filter = document.getElementById("filter");
-if (filter) filter.addEventListener("input", function () {
-  var q = filter.value.toLowerCase();
-  document.querySelectorAll("#stats tbody tr").forEach(function (r) {
-    r.style.display = r.cells[1].textContent.toLowerCase().indexOf(q) >= 0 ? "" : "none";
-  });
-});
-</script>"""
