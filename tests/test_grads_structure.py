@@ -292,3 +292,68 @@ def test_distinct_tensors_keep_their_own_input_gradients() -> None:
     grad_in = snap[":grad_in"]
     assert torch.equal(grad_in[0], q.grad)
     assert torch.equal(grad_in[1], k.grad) and torch.equal(grad_in[2], k.grad)
+
+
+# -- the zoo: names agree with capture, gradients with tensor hooks --------------------------------
+
+
+def _vit() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=8,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(0)
+    return transformers.ViTModel(config).eval()
+
+
+def _zoo() -> dict[str, Any]:
+    import conftest
+
+    ids = token_ids(2, 8)
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+
+    def encoder() -> nn.Module:
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, batch_first=True)
+        return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).train()
+
+    return {
+        "gpt2": (conftest.tiny_gpt2, {"input_ids": ids}),
+        "bert": (conftest.tiny_bert, {"input_ids": ids}),
+        "llama": (conftest.tiny_llama, {"input_ids": ids}),
+        "t5": (conftest.tiny_t5, {"input_ids": ids, "decoder_input_ids": ids}),
+        "bart": (_tiny_bart, {"input_ids": ids}),
+        "clip": (_tiny_clip, {"input_ids": ids, "pixel_values": pixels}),
+        "vit": (_vit, {"pixel_values": pixels}),
+        "encoder": (encoder, {"src": torch.randn(2, 5, 16)}),
+    }
+
+
+def _whole_output_loss(output: Any) -> torch.Tensor:
+    """A loss that every tensor of the output (caches included) takes part in: the output
+    that names() looks at, since it cannot know which part a user's loss will read."""
+    parts = [t.pow(2).sum() for _, t in tensor_paths(output) if t.requires_grad]
+    return torch.stack(parts).sum()
+
+
+@pytest.mark.parametrize("ops", [False, True], ids=["modules", "ops"])
+@pytest.mark.parametrize("name", list(_zoo()))
+def test_zoo_names_equal_capture_and_gradients_equal_tensor_hooks(name: str, ops: bool) -> None:
+    build, kwargs = _zoo()[name]
+    model = build()
+    torch.manual_seed(5)  # dropout in train-mode models draws the same masks in both runs
+    listed = tensorsnap.names(model, ops=ops, grads=True, **kwargs)
+    torch.manual_seed(5)
+    with GradReference(model) as reference, tensorsnap.capture(model, ops=ops, grads=True) as snap:
+        _whole_output_loss(model(**kwargs)).backward()
+    assert set(listed) == set(snap), (
+        f"only listed: {sorted(set(listed) - set(snap))[:8]}; "
+        f"only captured: {sorted(set(snap) - set(listed))[:8]}"
+    )
+    assert_grads_match(snap, reference)
