@@ -786,7 +786,13 @@ def capture(
             sees inside fused Python functions, and makes compiled code run eagerly).
         inputs: Also capture module inputs (``P:in``, ``P:kwargs``).
         grads: Also capture gradients of module outputs, inputs and (with ``ops``) op outputs,
-            for backward passes run inside the block.
+            for backward passes run inside the block. A gradient has its value's structure
+            (tuples, dicts, ``ModelOutput``, caches and other objects, ``PackedSequence``) with
+            None where no gradient flowed, e.g. into a view used only for its shape; a key
+            exists once some gradient arrived. ``P:grad_in`` holds, at each position, the
+            gradient into that input through the call: every position holding one tensor gets
+            it, and an input the call returns as it is (``Identity``, eval ``Dropout``) gets
+            that tensor's gradient, i.e. ``P:grad``.
         saved: Also capture the tensors autograd saves for backward, per op or module call.
         nonfinite: ``"raise"`` stops at the first captured value holding a NaN or Inf with a
             :class:`NonFiniteError` naming its key; the snapshot so far stays readable.
