@@ -188,7 +188,9 @@ def test_bit_flip_in_shard_header_is_caught(bundle: Any) -> None:
     at = data.index(b'"data_offsets"') + 2
     data[at] ^= 0x20  # "data_offsets" -> "Data_offsets"
     (bundle / SHARD).write_bytes(bytes(data))
-    with pytest.raises(BundleError, match=rf"{SHARD} \(used by key 'a'\): header entry 'a@0' has malformed"):
+    with pytest.raises(
+        BundleError, match=rf"{SHARD} \(used by key 'a'\): header entry 'a@0' has malformed"
+    ):
         tensorsnap.load(bundle)["a"]
 
 

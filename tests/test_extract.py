@@ -184,10 +184,19 @@ def test_train_and_eval_modes_are_left_alone(tmp_path: Any) -> None:
     assert torch.is_grad_enabled()  # no_grad ended with the run
 
 
-def test_empty_batches_give_an_empty_bundle(tmp_path: Any) -> None:
-    got = run(Net(), [], tmp_path / "out")
-    assert list(got) == []
-    assert list(tensorsnap.load(tmp_path / "out")) == []
+def test_empty_batches_are_refused_and_leave_nothing(tmp_path: Any) -> None:
+    # an empty bundle would later be returned by resume=True as if it were the real result
+    with pytest.raises(TensorSnapError, match=r"batches= is empty, so there is nothing"):
+        run(Net(), [], tmp_path / "out")
+    with pytest.raises(TensorSnapError, match=r"batches= yielded no batch"):
+        run(Net(), iter([]), tmp_path / "out")
+    assert not os.path.exists(tmp_path / "out")
+    (tmp_path / "mine").mkdir()  # an empty directory the user made stays, empty
+    with pytest.raises(TensorSnapError, match=r"batches= yielded no batch"):
+        run(Net(), (b for b in []), tmp_path / "mine")
+    assert os.listdir(tmp_path / "mine") == []
+    got = run(Net(), data(2), tmp_path / "out")  # the path is free again
+    assert got["fc1"].shape == (9, 8)
 
 
 def test_tiny_gpt2_over_dict_batches(tmp_path: Any) -> None:

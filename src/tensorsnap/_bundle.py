@@ -47,6 +47,7 @@ from ._shards import (
     BlobRef,
     ShardFile,
     Span,
+    byte_view,
     dtype_from_name,
     fsync_dir,
     link_or_copy,
@@ -476,7 +477,7 @@ class _BundleStore:
         start = shard.data_start + offset
         if self._verify and (index, name) not in self._verified:
             view = torch.empty(0, dtype=torch.uint8).set_(storage, start, (nbytes,), (1,))
-            if zlib.crc32(view.numpy()) != blob["crc32"]:  # type: ignore[arg-type]
+            if zlib.crc32(byte_view(view)) != blob["crc32"]:
                 raise BundleError(
                     f"{shard.path}: checksum mismatch in the data of key {key!r} (blob {name!r}); "
                     "the file is damaged or was modified after saving, re-create the bundle"
@@ -515,7 +516,7 @@ class _BundleStore:
             meta = device == "meta"
             if numel != 0 and not meta:
                 raise BundleError(
-                    f"{where}: a tensor of shape {shape} has no blob (\"blob\": null), which "
+                    f'{where}: a tensor of shape {shape} has no blob ("blob": null), which '
                     "only zero-size and meta tensors may have; the bundle was edited or damaged"
                 )
             return torch.empty_strided(shape, stride, dtype=dtype, device="meta" if meta else "cpu")

@@ -771,10 +771,10 @@ def capture(
 ) -> AbstractContextManager[Snapshot]:
     """Copy the tensors ``model`` produces inside the block, each at the moment it is produced.
 
-    Keys follow SPEC §2: ``P`` (module output), ``P:in``/``P:kwargs`` (inputs), ``P:grad`` and
-    ``P:grad_in`` (gradients), ``P#n`` (later calls), ``C/op`` and ``C/op#k`` (functional ops run
-    by module call ``C``), ``C/op:grad``, and ``C:saved``/``C/op:saved`` (tensors autograd saved
-    for backward, a tuple).
+    Keys (the README's "Keys" table): ``P`` (module output), ``P:in``/``P:kwargs`` (inputs),
+    ``P:grad`` and ``P:grad_in`` (gradients), ``P#n`` (later calls), ``C/op`` and ``C/op#k``
+    (functional ops run by module call ``C``), ``C/op:grad``, and ``C:saved``/``C/op:saved``
+    (tensors autograd saved for backward, a tuple).
 
     Args:
         model: The module to watch; its submodules are named as in ``model.named_modules()``.

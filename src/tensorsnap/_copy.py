@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _validate
 from ._dtensor import copy_distributed, is_distributed
 from ._errors import TensorSnapError, attr, format_path
 from ._tree import extent
@@ -822,15 +823,7 @@ def _describe(t: torch.Tensor) -> str:
 
 
 def _check_device(device: torch.device | str | None) -> torch.device | None:
-    if device is None:
-        return None
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise TensorSnapError(
-            f"device={device!r} is not a torch device; pass 'cpu', 'cuda', 'cuda:1' "
-            "or a torch.device"
-        ) from err
+    return _validate.device(device)
 
 
 def _check_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
@@ -845,7 +838,7 @@ def _check_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
 
 
 def _check_pin(pin_memory: bool, device: torch.device | None) -> bool:
-    if not pin_memory:
+    if not _validate.flag(pin_memory, "pin_memory"):
         return False
     if device is not None and device.type != "cpu":
         raise TensorSnapError(

@@ -18,9 +18,10 @@ from torch.nn import functional as F
 
 from ._capture import capture
 from ._errors import TensorSnapError
+from ._manifest import DIGEST_FIELD, MANIFEST, read_manifest
 from ._snapshot import Snapshot
 
-__all__ = ["Block", "TinyGPT", "example_input", "run"]
+__all__ = ["MARK", "Block", "TinyGPT", "example_input", "run"]
 
 VOCAB = 64
 
@@ -74,11 +75,35 @@ def example_input(batch: int = 2, length: int = 8) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, length))
 
 
+# The file inside a bundle that marks it as the demo's own output: it holds the manifest's
+# SHA-256, so a bundle saved over it (or a copied-in marker) does not pass for the demo's.
+MARK = ".tensorsnap-demo"
+
+
+def _digest(bundle: str) -> str:
+    manifest = read_manifest(os.path.join(bundle, MANIFEST))
+    return str(manifest[DIGEST_FIELD])
+
+
+def _written_by_demo(bundle: str) -> bool:
+    """Whether ``bundle`` is a bundle an earlier demo wrote (and nobody replaced since)."""
+    mark = os.path.join(bundle, MARK)
+    if os.path.islink(bundle) or not os.path.isfile(mark) or os.path.islink(mark):
+        return False
+    try:
+        with open(mark, encoding="ascii") as f:
+            saved = f.read(200).strip()
+        return saved == _digest(bundle)
+    except (OSError, ValueError, TensorSnapError):
+        return False
+
+
 def run(out_dir: str | PathLike[str], seed: int = 0) -> tuple[Snapshot, str]:
     """Capture a forward and backward pass of :class:`TinyGPT` and save it as a bundle.
 
-    The bundle goes to ``out_dir/bundle``; a bundle left there by an earlier demo is replaced
-    (only once the new one is complete), anything else there is an error.
+    The bundle goes to ``out_dir/bundle``, marked as the demo's (a ``.tensorsnap-demo`` file
+    holding its manifest's SHA-256); a bundle an earlier demo left there is replaced (only once
+    the new one is complete), anything else there (a bundle of your own included) is an error.
 
     Args:
         out_dir: The demo's directory (created if missing).
@@ -88,7 +113,7 @@ def run(out_dir: str | PathLike[str], seed: int = 0) -> tuple[Snapshot, str]:
         The snapshot and the path of the bundle.
 
     Raises:
-        TensorSnapError: ``out_dir/bundle`` exists and is not a bundle.
+        TensorSnapError: ``out_dir/bundle`` exists and is not the demo's own output.
     """
     torch.manual_seed(seed)
     model = TinyGPT()
@@ -102,15 +127,23 @@ def run(out_dir: str | PathLike[str], seed: int = 0) -> tuple[Snapshot, str]:
         loss.backward()
     os.makedirs(out_dir, exist_ok=True)
     target = os.path.join(os.fspath(out_dir), "bundle")
-    if os.path.lexists(target) and not os.path.isfile(os.path.join(target, "manifest.json")):
+    if os.path.lexists(target) and not _written_by_demo(target):
+        what = (
+            "is a bundle the demo did not write (it has no .tensorsnap-demo file matching its "
+            "manifest): it may be your own capture"
+            if os.path.isfile(os.path.join(target, MANIFEST))
+            else "exists and is not a tensorsnap bundle"
+        )
         raise TensorSnapError(
-            f"{target} exists and is not a tensorsnap bundle; the demo will not overwrite it. "
-            "Pick another directory with -o"
+            f"{target} {what}; the demo replaces only its own output and will not overwrite it. "
+            "Pick another directory with -o, or remove it yourself"
         )
     # write the new bundle next to the old one, then swap, so a failed save keeps the old one
     fresh = os.path.join(os.fspath(out_dir), f".bundle-new-{os.getpid()}")
     shutil.rmtree(fresh, ignore_errors=True)
     snap.save(fresh)
+    with open(os.path.join(fresh, MARK), "w", encoding="ascii") as f:
+        f.write(_digest(fresh) + "\n")
     if os.path.lexists(target):
         shutil.rmtree(target)
     os.rename(fresh, target)

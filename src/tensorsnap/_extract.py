@@ -9,21 +9,24 @@ and, under a process group, one part per rank.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import os
+import re
 import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sized
 from os import PathLike
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
+from . import _validate
 from ._bundle import load
 from ._capture import capture
-from ._errors import TensorSnapError
+from ._errors import BundleError, TensorSnapError
 from ._manifest import JOURNAL, MANIFEST, read_manifest
 from ._ranks import part_name, process_group, write_index
 from ._shards import dtype_name, fsync_dir
@@ -135,6 +138,7 @@ def extract(
             f"batches={type(batches).__name__}: expected an iterable of batches (a list, a "
             "DataLoader, a generator); wrap a single batch in a list: batches=[batch]"
         )
+    _check_run(batches, progress, resume)
 
     def whole(batch: Any, index: int) -> Snapshot:
         with (
@@ -159,15 +163,20 @@ def extract(
         else whole
     )
     options = _options(include, exclude, ops, inputs, dtype, per_token)
-    root = os.path.abspath(os.fspath(out))
+    root = os.path.abspath(_validate.path(out, "out"))
     group = process_group()
     if group is not None:
         return _extract_ranks(root, group, options, model, batches, resume, progress, run)
-    writer = _prepare(root, options, _model_id(model), resume)
+    existed = os.path.lexists(root)
+    writer = _on_disk(root, _prepare, root, options, _model_id(model), resume)
     if writer is None:
         return load(root)
 
-    _run(writer, batches, run, progress)
+    try:
+        _run(writer, batches, run, progress)
+    except BaseException:
+        _discard_if_unused(root, existed)
+        raise
     return load(root)
 
 
@@ -198,7 +207,7 @@ def _extract_ranks(
             )
     else:
         part = os.path.join(root, part_name(rank))
-        writer = _prepare(part, options, _model_id(model), resume, rank, world_size)
+        writer = _on_disk(part, _prepare, part, options, _model_id(model), resume, rank, world_size)
         if writer is not None:
             _run(writer, batches, run, progress and rank == 0)
         dist.barrier()
@@ -236,17 +245,23 @@ def _run(
                 continue
             snap = run(batch, index)
             try:
-                written = writer.add(index, snap, crc)
+                written = _on_disk(writer.root, writer.add, index, snap, crc)
             finally:
                 snap.close()
-            writer.maybe_commit()
+            _on_disk(writer.root, writer.maybe_commit)
             bar.step(_rows(batch), written)
+        if seen == 0 and done == 0:
+            raise TensorSnapError(
+                f"batches= yielded no batch, so there is nothing to extract into {writer.root}; "
+                "pass a non-empty iterable (a DataLoader over an empty dataset, or a generator "
+                "already used up, yields nothing)"
+            )
         if seen < done:
             raise TensorSnapError(
                 f"{writer.root}: the batches ended after {seen}, but the interrupted run had "
                 f"already done {done}; resume with the same batches in the same order"
             )
-        writer.finish()
+        _on_disk(writer.root, writer.finish)
     except BaseException:
         writer.abort()
         raise
@@ -469,6 +484,62 @@ def _show(name: str, value: Any) -> str:
 
 
 # -- the output directory ---------------------------------------------------------------------
+
+
+def _check_run(batches: Any, progress: object, resume: object) -> None:
+    """The arguments only ``extract`` has, checked before anything is created."""
+    _validate.flag(progress, "progress")
+    _validate.flag(resume, "resume")
+    if batches is None or isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
+        raise TensorSnapError(
+            f"batches={batches!r}: expected an iterable of batches (a list, a DataLoader, a "
+            f"generator), got {type(batches).__name__}"
+        )
+    if isinstance(batches, Sized) and len(batches) == 0:
+        raise TensorSnapError(
+            "batches= is empty, so there is nothing to extract; pass at least one batch"
+        )
+
+
+_T = TypeVar("_T")
+
+
+def _on_disk(root: str, write: Callable[..., _T], *args: Any) -> _T:
+    """``write(*args)``, with an ``OSError`` of the output turned into a BundleError naming it."""
+    try:
+        return write(*args)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            what = "no space is left on the device"
+        else:
+            what = "writing failed"
+        raise BundleError(
+            f"extract out={root}: {what} ({err}). The batches completed before it are "
+            "journaled there: fix the cause (free space) and call the same extract(..., "
+            "resume=True) to continue, or remove the directory"
+        ) from err
+
+
+def _discard_if_unused(root: str, existed: bool) -> None:
+    """After a run that completed no batch: remove what it created, so ``out`` is free again.
+
+    Only this run's own files go (the journal, its temp files and shard files), and the
+    directory only if this call created it. A run with completed batches is left to resume.
+    """
+    try:
+        state = read_journal(root)
+    except (BundleError, OSError):
+        return
+    if state.get("batches") != 0:
+        return
+    for name in os.listdir(root):
+        if name in (JOURNAL, *TEMP) or re.fullmatch(r"shard-\d{5}\.safetensors", name):
+            os.unlink(os.path.join(root, name))
+    if not existed:
+        try:
+            os.rmdir(root)
+        except OSError:
+            pass
 
 
 def _prepare(

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from . import _validate
 from ._errors import SelectionError, TensorSnapError
 from ._snapshot import closest
 
@@ -81,15 +82,7 @@ def module_names(
 
 
 def _patterns(value: str | Iterable[str] | None, option: str) -> list[str]:
-    if value is None:
-        return []
-    patterns = [value] if isinstance(value, str) else list(value)
-    for pattern in patterns:
-        if not isinstance(pattern, str):
-            raise TensorSnapError(
-                f"{option}= takes glob patterns (str or a list of str), got {pattern!r}"
-            )
-    return patterns
+    return _validate.patterns(value, option)
 
 
 class Selector:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
-import inspect
 import json
 import os
 import re
 import sys
+import types
 import warnings
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping
@@ -392,21 +392,89 @@ def decode_record(item: dict[str, Any], where: str) -> Record:
 # -- structure: JSON nodes to values ---------------------------------------------------------
 
 
+# the C-level getters of a module's and a class's own namespace and of a class's MRO: reading
+# them runs no ``__getattr__``/``__getattribute__`` of a module subclass or of a metaclass
+_MODULE_DICT: Any = vars(types.ModuleType)["__dict__"]
+_TYPE_DICT: Any = vars(type)["__dict__"]
+_TYPE_MRO: Any = vars(type)["__mro__"]
+_DATACLASS_FIELD = getattr(dataclasses, "_FIELD", None)
+_FACTORY_SLOT: Any = vars(defaultdict)["default_factory"]
+
+
 def _find_class(ref: Any) -> type | None:
-    """A class already imported in this process, by a dict lookup: nothing runs or imports."""
+    """A class already imported in this process, by dict lookups: nothing runs or imports.
+
+    The module must be in ``sys.modules``; each step of ``qualname`` is read from the module's
+    or the class's own ``__dict__`` (never through attribute access, which could run a
+    module's or a metaclass's ``__getattr__``); only classes are walked into.
+    """
     if not isinstance(ref, dict):
         raise TypeError("class reference is not an object")
     module_name, qualname = ref["module"], ref["qualname"]
     if not isinstance(module_name, str) or not isinstance(qualname, str):
         raise TypeError("class reference is not two strings")
-    found: Any = sys.modules.get(module_name)
+    # type(x) and issubclass on real types read C slots; isinstance could look up __class__
+    module = sys.modules.get(module_name)
+    if not issubclass(type(module), types.ModuleType):
+        return None
+    namespace: Any = _MODULE_DICT.__get__(module)
+    found: Any = None
     for part in qualname.split("."):
-        try:
-            namespace = vars(found)
-        except TypeError:
+        if type(namespace) not in (dict, types.MappingProxyType):
             return None
         found = namespace.get(part)
-    return found if isinstance(found, type) else None
+        if not issubclass(type(found), type):
+            return None
+        namespace = _TYPE_DICT.__get__(found)
+    return found
+
+
+def _mro(cls: type) -> tuple[type, ...]:
+    mro: tuple[type, ...] = _TYPE_MRO.__get__(cls)
+    return mro
+
+
+def _static(cls: type, name: str) -> Any:
+    """``name`` as found in the own ``__dict__`` of a class on ``cls``'s MRO (no hooks run)."""
+    for base in _mro(cls):
+        namespace = _TYPE_DICT.__get__(base)
+        if name in namespace:
+            return namespace[name]
+    return None
+
+
+def _dataclass_fields(cls: type) -> list[str] | None:
+    """The field names of a dataclass, read statically; None when ``cls`` is not one.
+
+    ``dataclasses.is_dataclass`` and ``fields`` look the fields up by attribute access, which
+    runs a metaclass's ``__getattr__``; this reads the class namespaces instead.
+    """
+    table = _static(cls, "__dataclass_fields__")
+    if type(table) is not dict:
+        return None
+    names = []
+    for field in table.values():
+        if type(field) is not dataclasses.Field:
+            return None
+        # not a ClassVar or InitVar pseudo-field
+        if getattr(field, "_field_type", None) is _DATACLASS_FIELD:
+            if type(field.name) is not str:
+                return None
+            names.append(field.name)
+    return names
+
+
+def _settable(cls: type, name: str) -> bool:
+    """Whether ``object.__setattr__(obj, name, ...)`` runs no code of the class.
+
+    A plain class attribute (a default) or a ``__slots__`` member is fine; a property or other
+    data descriptor with that name would run its setter.
+    """
+    found = _static(cls, name)
+    if found is None or isinstance(found, types.MemberDescriptorType):
+        return True
+    kind = type(found)
+    return not (_static(kind, "__set__") or _static(kind, "__delete__"))
 
 
 def _warn(message: str) -> None:
@@ -528,10 +596,11 @@ class Decoder:
         if cls is None:
             self.fallback(n, "is not imported", "tuple")
             return tuple(items)
-        fields = inspect.getattr_static(cls, "_fields", None)
+        fields = _static(cls, "_fields")
         if (
             not issubclass(cls, tuple)
-            or not isinstance(fields, tuple)
+            or type(fields) is not tuple
+            or not all(type(f) is str for f in fields)
             or list(fields) != n["fields"]
         ):
             self.fallback(n, "is not a namedtuple with the saved fields", "tuple")
@@ -546,18 +615,22 @@ class Decoder:
         if cls is None:
             self.fallback(n, "is not imported", "dict")
             return plain
-        names = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else None
+        names = _dataclass_fields(cls)
         if names != [name for name, _ in fields] or (
             items is not None and not issubclass(cls, dict)
         ):
             self.fallback(n, "is not a dataclass with the saved fields", "dict")
             return plain
-        # no __init__, __new__ or __post_init__ of the class runs: the instance is assembled
+        if not all(_settable(cls, name) for name in names):
+            self.fallback(n, "has a property or descriptor in place of a field", "dict")
+            return plain
+        # no __init__, __new__, __post_init__ or __setattr__ of the class runs: the instance
+        # is assembled by object's own setter, into its __dict__ or slots
         try:
             obj = _new_mapping(cls, items) if items is not None else object.__new__(cls)
             for name, value in fields:
                 object.__setattr__(obj, name, value)
-        except TypeError:
+        except (TypeError, AttributeError):
             self.fallback(n, "cannot be assembled without running its code", "dict")
             return plain
         return obj
@@ -572,19 +645,29 @@ class Decoder:
             self.fallback(n, "is not a dict subclass", "dict")
             return dict(items)
         obj = _new_mapping(cls, items)
-        if isinstance(obj, defaultdict):
-            obj.default_factory = _DEFAULT_FACTORIES.get(n.get("factory"))  # type: ignore[arg-type]
+        if issubclass(cls, defaultdict):  # set through defaultdict's slot, not cls.__setattr__
+            factory = n.get("factory")
+            known = _DEFAULT_FACTORIES.get(factory) if isinstance(factory, str) else None
+            _FACTORY_SLOT.__set__(obj, known)
         return obj
 
     def _object(self, n: dict[str, Any]) -> dict[str, Any]:
         attrs = {_typed(name, str): self.node(v) for name, v in n["attrs"]}
-        self.fallback(n, "is not a dataclass, namedtuple or mapping", "dict of its attributes")
+        ref = n["class"]
+        _warn(
+            f"snap[{self.key!r}]: {ref['module']}.{ref['qualname']} comes back as a plain dict "
+            "of its attributes: bundles rebuild only dataclasses, namedtuples and "
+            "dict subclasses, so such objects always load as dicts, whatever is imported. Read "
+            "the attributes from the dict, or make the class a dataclass before capturing to get "
+            "instances back"
+        )
         return attrs
 
 
 def _new_mapping(cls: type, items: list[tuple[Any, Any]]) -> Any:
     # the nearest built-in base creates and fills the instance, never the class's own code
-    base = next(b for b in cls.__mro__ if b in (OrderedDict, defaultdict, dict))
+    # by identity: ``in`` would compare with ==, which a metaclass can define
+    base = next(b for b in _mro(cls) if b is OrderedDict or b is defaultdict or b is dict)
     obj: Any = base.__new__(cls)
     for key, value in items:
         base.__setitem__(obj, key, value)

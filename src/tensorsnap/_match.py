@@ -21,7 +21,6 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
 from ._errors import TensorSnapError
@@ -325,7 +324,8 @@ def _align(
     n, m = len(xs), len(ys)
     if not n or not m:
         return []
-    table = np.full((n, m), _FORBIDDEN)
+    # float64 torch, not numpy: the core of tensorsnap needs nothing but torch (issue 12)
+    table = torch.full((n, m), _FORBIDDEN, dtype=torch.float64)
     reasons: dict[tuple[int, int], list[str]] = {}
     by_shape: dict[Any, list[int]] = {}
     for j, y in enumerate(ys):
@@ -333,27 +333,29 @@ def _align(
     for i, x in enumerate(xs):
         for j in by_shape.get(x.shape, ()):
             table[i, j], reasons[(i, j)] = score(x, ys[j])
-    h = np.zeros((n + 1, m + 1))
-    h[0] = -_GAP * np.arange(m + 1)
-    steps = _GAP * np.arange(m + 1)
+    grid = torch.zeros((n + 1, m + 1), dtype=torch.float64)
+    steps = _GAP * torch.arange(m + 1, dtype=torch.float64)
+    grid[0] = -steps
     for i in range(1, n + 1):
-        t = np.empty(m + 1)
-        t[0] = h[i - 1, 0] - _GAP
-        t[1:] = np.maximum(h[i - 1, :-1] + table[i - 1], h[i - 1, 1:] - _GAP)
-        h[i] = np.maximum.accumulate(t + steps) - steps
+        t = torch.empty(m + 1, dtype=torch.float64)
+        t[0] = grid[i - 1, 0] - _GAP
+        t[1:] = torch.maximum(grid[i - 1, :-1] + table[i - 1], grid[i - 1, 1:] - _GAP)
+        grid[i] = torch.cummax(t + steps, 0).values - steps
+    h = grid.tolist()  # the traceback reads single cells: Python floats are faster there
+    scores = table.tolist()
     pairs = []
     i, j = n, m
     while i > 0 and j > 0:
-        here = h[i, j]
-        if math.isclose(here, h[i - 1, j] - _GAP, abs_tol=1e-9):
+        here = h[i][j]
+        if math.isclose(here, h[i - 1][j] - _GAP, abs_tol=1e-9):
             i -= 1
-        elif math.isclose(here, h[i, j - 1] - _GAP, abs_tol=1e-9):
+        elif math.isclose(here, h[i][j - 1] - _GAP, abs_tol=1e-9):
             j -= 1
         else:
             pairs.append((i - 1, j - 1, reasons.get((i - 1, j - 1), [])))
             i, j = i - 1, j - 1
     pairs.reverse()
-    return [p for p in pairs if table[p[0], p[1]] > _FORBIDDEN / 2]
+    return [p for p in pairs if scores[p[0]][p[1]] > _FORBIDDEN / 2]
 
 
 def _op_nodes(snap: Mapping[str, Any], records: list[Record]) -> dict[tuple[str, int], list[_Node]]:

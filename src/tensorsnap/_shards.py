@@ -9,6 +9,7 @@ header before using a blob (``ShardFile``). The small helpers at the end write f
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import os
@@ -31,6 +32,7 @@ __all__ = [
     "BlobRef",
     "ShardFile",
     "Span",
+    "byte_view",
     "dtype_from_name",
     "dtype_name",
     "fsync_dir",
@@ -191,6 +193,22 @@ def plan_spans(
     return spans, placements
 
 
+def byte_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU ``uint8`` tensor as a writable memoryview, without copying.
+
+    Made with ctypes rather than ``Tensor.numpy()``, so that saving and loading need no numpy
+    (torch declares none). The view keeps ``t`` alive for as long as it exists.
+    """
+    if t.device.type != "cpu" or t.dtype != torch.uint8 or not t.is_contiguous() or t.dim() != 1:
+        raise ValueError("byte_view needs a 1-dim contiguous CPU uint8 tensor")
+    count = t.numel()
+    if count == 0:
+        return memoryview(bytearray())
+    buffer = (ctypes.c_ubyte * count).from_address(t.data_ptr())
+    buffer._tensor = t  # type: ignore[attr-defined]  # the memory must outlive the view
+    return memoryview(buffer).cast("B")
+
+
 def _span_chunks(span: Span) -> Iterator[memoryview]:
     pos = span.lo
     while pos < span.hi:
@@ -199,7 +217,7 @@ def _span_chunks(span: Span) -> Iterator[memoryview]:
         piece.set_(span.storage, pos, (count,), (1,))
         if piece.device.type != "cpu":
             piece = piece.cpu()
-        yield memoryview(piece.numpy())  # type: ignore[arg-type]
+        yield byte_view(piece)
         pos += count
     pad = span.nbytes - (span.hi - span.lo)
     if pad:

@@ -103,6 +103,7 @@ class Snapshot(Mapping[str, Any]):
         self._records: list[Record] = records if records is not None else []
         self._index: dict[str, int] = {r.key: i for i, r in enumerate(self._records)}
         self._store: Store = store if store is not None else MemoryStore()
+        self._closed = False
 
     # -- filled by the capture session -------------------------------------------------------
 
@@ -135,6 +136,12 @@ class Snapshot(Mapping[str, Any]):
             raise SelectionError(
                 f"no key {key!r} in this snapshot{near} (list them with snap.keys() or "
                 "tensorsnap.names(model, x))"
+            )
+        if self._closed:
+            raise TensorSnapError(
+                f"snap[{key!r}]: this snapshot was closed (snap.close(), or the end of its "
+                "`with snap:` block), which dropped its values; read them before closing it, "
+                "or load the bundle again"
             )
         return self._store.get(key)
 
@@ -183,7 +190,11 @@ class Snapshot(Mapping[str, Any]):
         save(self, path)
 
     def close(self) -> None:
-        """Drop the copies (and any spill files) now rather than when collected."""
+        """Drop the copies (and any spill files) now rather than when collected.
+
+        Keys and records stay; reading a value afterwards raises :class:`TensorSnapError`.
+        """
+        self._closed = True
         self._store.close()
 
     def __enter__(self) -> Snapshot:

@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
+from . import _validate
 from ._errors import BundleError, TensorSnapError
 from ._manifest import tensors_in
-from ._shards import BlobRef, Span, map_file, plan_spans, write_shard
+from ._shards import BlobRef, Span, map_file, plan_spans, write_all, write_shard
 
 __all__ = ["SpillStore"]
 
@@ -106,7 +107,8 @@ class SpillStore:
     def __init__(self, max_memory: int, spill_dir: str | PathLike[str] | None) -> None:
         if isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory < 0:
             raise TensorSnapError(f"max_memory={max_memory!r}: expected a number of bytes >= 0")
-        parent = os.fspath(spill_dir) if spill_dir is not None else None
+        parent = _validate.spill_dir(spill_dir)
+        _probe(parent)  # an unusable directory fails now, before the model runs
         self._state = _State(max_memory, parent)
         self._finalizer = weakref.finalize(self, _shutdown, self._state)
 
@@ -126,15 +128,9 @@ class SpillStore:
             s.items[key] = item
             s.order.append(item)
             s.ram += nbytes
-            if s.ram - s.queued > s.max_memory:
+            # after a failed write everything stays in memory; flush() reports the failure
+            if s.ram - s.queued > s.max_memory and s.error is None:
                 self._queue_oldest()
-            error, s.error = s.error, None
-            if error is not None:
-                raise BundleError(
-                    f"could not spill values to {s.directory or s.parent or 'the temp dir'} "
-                    f"({error}); they stay in memory. Free space there or pass another "
-                    "spill_dir="
-                ) from error
             # back-pressure: the writer may fall behind by the slack or this one value
             while s.queued > max(s.slack, nbytes) and s.error is None and not s.closed:
                 s.cond.wait()
@@ -170,12 +166,27 @@ class SpillStore:
         return self._state.directory
 
     def flush(self) -> None:
-        """Wait until every queued value is on disk (and swapped, unless handed out)."""
+        """Wait until every queued value is on disk (and swapped, unless handed out).
+
+        Raises:
+            BundleError: A spill write failed since the last ``flush`` (a full disk, a
+                directory removed): the message names the directory; every value is still
+                readable, those that could not be written from memory. ``put`` never raises
+                it, since it runs inside the model's forward; ``capture`` calls this when the
+                block ends.
+        """
         s = self._state
         with s.cond:
             while s.queued and s.error is None and not s.closed:
                 s.cond.wait()
             _apply_deferred(s)
+            error, s.error = s.error, None
+        if error is not None:
+            where = s.directory or s.parent or tempfile.gettempdir()
+            raise BundleError(
+                f"could not spill values to {where} ({error}); the values that did not fit stay "
+                "in memory and are all readable. Free space there or pass another spill_dir="
+            ) from error
 
     def _peek(self, key: str) -> Any:
         """The value, for ``save``, without marking it handed out."""
@@ -206,6 +217,25 @@ class SpillStore:
                 )
                 s.thread.start()
             s.cond.notify_all()
+
+
+def _probe(parent: str | None) -> None:
+    """Check that spill files can be created in ``parent`` (created if missing)."""
+    where = parent if parent is not None else tempfile.gettempdir()
+    try:
+        if parent is not None:
+            os.makedirs(parent, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".tensorsnap-probe-", dir=where)
+        try:
+            write_all(fd, b"\0" * 4096)
+        finally:
+            os.close(fd)
+            os.unlink(name)
+    except OSError as err:
+        raise BundleError(
+            f"spill_dir={where!r} cannot hold spill files ({err}); pass a writable directory "
+            "with free space as spill_dir=, or None for the system temp dir"
+        ) from err
 
 
 def _drop(s: _State, item: _Item) -> None:
@@ -239,10 +269,13 @@ def _writer(s: _State) -> None:
         except Exception as err:  # a full disk, most likely: keep the values in memory
             with s.cond:
                 s.error = err
-                for item in batch:
+                # nothing more is queued after a failure, but values queued before it are
+                # pinned too, so that flush() does not wait for a writer that gave up
+                for item in [*batch, *s.queue]:
                     if item.state == "queued":
                         item.state = "pinned"
                         s.queued -= item.nbytes
+                s.queue.clear()
                 s.cond.notify_all()
             continue
         with s.cond:
@@ -282,7 +315,12 @@ def _write_batch(s: _State, values: list[Any]) -> list[_Swap]:
         return [[] for _ in values]
     path = os.path.join(s.directory, f"spill-{s.shards:06d}.safetensors")
     s.shards += 1
-    size = write_shard(path, spans, fsync=False)
+    try:
+        size = write_shard(path, spans, fsync=False)
+    except BaseException:  # a partial shard is never mapped: remove it
+        if os.path.lexists(path):
+            os.unlink(path)
+        raise
     data_start = size - sum(span.nbytes for span in spans)
     storage = map_file(path, size)
     refs = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 from typing import Any, Protocol
 
 from ._errors import TensorSnapError
@@ -53,6 +54,8 @@ _UNITS = {
     "GIB": 2**30,
     "TIB": 2**40,
 }
+# sizes beyond what a signed 64-bit byte count holds are refused as typos
+_MAX_SIZE = 2**63 - 1
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
@@ -74,7 +77,13 @@ def parse_size(value: int | str | None, option: str) -> int | None:
                 f"{option}={value!r} is not a size; write bytes or a number with one of the "
                 "units B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024)"
             )
-        size = int(float(match.group(1)) * _UNITS[unit])
+        # exact decimal arithmetic: float() would turn a long number into inf (OverflowError)
+        size = int(Fraction(match.group(1)) * _UNITS[unit])
     if size < 0:
         raise TensorSnapError(f"{option}={value!r} is negative; pass a size of 0 or more bytes")
+    if size > _MAX_SIZE:
+        raise TensorSnapError(
+            f"{option}={value!r} is more than 2**63 - 1 bytes (8 EiB); pass a smaller size, or "
+            f"None for no limit"
+        )
     return size

@@ -28,7 +28,15 @@ import torch
 
 from ._errors import BundleError, TensorSnapError, attr, format_path
 from ._manifest import JOURNAL, MANIFEST, Encoder, encode_manifest
-from ._shards import NATIVE, dtype_from_name, dtype_name, fsync_dir, write_all
+from ._shards import (
+    NATIVE,
+    byte_view,
+    dtype_from_name,
+    dtype_name,
+    fsync_dir,
+    read_small_file,
+    write_all,
+)
 from ._snapshot import Record, Snapshot
 
 __all__ = ["TEMP", "Writer", "read_journal", "tensor_bytes"]
@@ -45,6 +53,8 @@ _BLOB_ALIGN = 16
 # Shard files kept open between batches; the least recently used beyond it are closed.
 _MAX_OPEN = 256
 _SHARD_FILE = re.compile(r"shard-\d{5}\.safetensors")
+# the most bytes read as a journal (it holds one small entry per key and leaf)
+_MAX_JOURNAL = 2**30
 # leftovers of a commit that a kill interrupted: never complete
 TEMP = (f".{JOURNAL}.tmp", f".{MANIFEST}.tmp")
 
@@ -52,9 +62,8 @@ TEMP = (f".{JOURNAL}.tmp", f".{MANIFEST}.tmp")
 def read_journal(root: str) -> dict[str, Any]:
     path = os.path.join(root, JOURNAL)
     try:
-        with open(path, "rb") as f:
-            state = json.loads(f.read())
-    except (OSError, ValueError) as err:
+        state = json.loads(read_small_file(path, _MAX_JOURNAL))
+    except (OSError, ValueError, RecursionError) as err:
         raise BundleError(f"{path} cannot be read ({err}); remove {root} and start over") from err
     if not isinstance(state, dict) or state.get("format") != _JOURNAL_FORMAT:
         raise BundleError(f"{path} is not an extract journal; remove {root} and start over")
@@ -485,7 +494,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     flat = t.contiguous().reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]
+    return byte_view(flat.view(torch.uint8))
 
 
 def _replace(root: str, name: str, data: bytes) -> None:
@@ -493,11 +502,18 @@ def _replace(root: str, name: str, data: bytes) -> None:
     temp = os.path.join(root, f".{name}.tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, os.path.join(root, name))
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, os.path.join(root, name))
+    except BaseException:  # a full disk: leave no temp file behind, the old file stands
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
     fsync_dir(root)
 
 
