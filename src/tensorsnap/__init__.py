@@ -17,8 +17,10 @@ _LAZY = {
     "NonFiniteError": "._errors",
     "Record": "._snapshot",
     "Snapshot": "._snapshot",
+    "Stats": "._stats",
     "TensorSnapError": "._errors",
     "TensorSnapWarning": "._errors",
+    "blame": "._blame",
     "capture": "._capture",
     "diff": "._diff",
     "extract": "._extract",
@@ -28,6 +30,7 @@ _LAZY = {
 }
 
 if _TYPE_CHECKING:
+    from ._blame import blame
     from ._bundle import load
     from ._capture import capture, names
     from ._copy import snapshot
@@ -41,6 +44,7 @@ if _TYPE_CHECKING:
     )
     from ._extract import extract
     from ._snapshot import Record, Snapshot
+    from ._stats import Stats
 
 __all__ = [
     "BundleError",
@@ -50,9 +54,11 @@ __all__ = [
     "NonFiniteError",
     "Record",
     "Snapshot",
+    "Stats",
     "TensorSnapError",
     "TensorSnapWarning",
     "__version__",
+    "blame",
     "capture",
     "diff",
     "extract",

@@ -254,14 +254,14 @@ def _nodes(snap: Mapping[str, Any], records: list[Record]) -> list[_Node]:
         while j >= 0 and nodes[j].name.startswith(prefix) and nodes[j].name != node.name:
             j -= 1
         node.calls_inside = i - 1 - j
-        previous = nodes[i - 1] if i else None
-        node.passthrough = bool(
-            previous is not None
-            and previous.shape == node.shape
-            and previous.shape is not None
-            and previous.mean == node.mean
-            and previous.std == node.std
+    # a value equal to an earlier one (dropout in eval, Identity, a module returning its input)
+    seen: set[tuple[Any, float, float]] = set()
+    for node in nodes:
+        fingerprint = (node.shape, node.mean, node.std)
+        node.passthrough = (
+            node.shape is not None and math.isfinite(node.std) and fingerprint in seen
         )
+        seen.add(fingerprint)
     return nodes
 
 
@@ -280,29 +280,30 @@ def _score(x: _Node, y: _Node) -> tuple[float, list[str]]:
     if x.leaves == y.leaves:
         score += 0.25
     leaf_x, leaf_y = x.calls_inside == 0, y.calls_inside == 0
+    # the call tree's shape weighs more than the values: a bug makes values differ, not trees
     if leaf_x == leaf_y:
         score += 1.0
         if leaf_x:
             why.append("leaf")
         else:
             ratio = abs(math.log((x.calls_inside + 1) / (y.calls_inside + 1)))
-            score += max(0.0, 1.0 - ratio)
+            score += 2.0 * (1.0 - min(1.0, ratio)) - 1.0
             why.append(f"{x.calls_inside} vs {y.calls_inside} calls inside")
     else:
-        score -= 1.5
+        score -= 3.0
     spread = max(abs(x.std), abs(y.std), 1e-30)
+    d = math.inf
     if math.isfinite(spread):
         d = (abs(x.std - y.std) + abs(x.mean - y.mean)) / spread
         if d < 1e-3:
-            score, _ = score + 2.0, why.append("values agree")
+            score, _ = score + 1.0, why.append("values agree")
         elif d < 0.05:
-            score, _ = score + 1.0, why.append("values close")
-        elif d < 0.3:
-            score += 0.3
-    if x.passthrough:
-        score -= 0.5
-    if y.passthrough:
-        score -= 0.5
+            score, _ = score + 0.5, why.append("values close")
+        elif d >= 0.3:  # values unlike each other: pair only where nothing better is in reach
+            score -= 1.0
+    if x.passthrough or y.passthrough:
+        # a copy of an earlier value (Identity, eval dropout) pairs only with what it equals
+        score -= 0.5 if d < 0.05 else 6.0
     if x.name == y.name:
         score += 2.0
         why.append("same name")
@@ -358,6 +359,44 @@ def _align(
     return [p for p in pairs if scores[p[0]][p[1]] > _FORBIDDEN / 2]
 
 
+def _agree(x: _Node, y: _Node) -> bool:
+    if x.shape != y.shape or x.shape is None or (x.calls_inside == 0) != (y.calls_inside == 0):
+        return False
+    spread = max(abs(x.std), abs(y.std), 1e-30)
+    return bool((abs(x.std - y.std) + abs(x.mean - y.mean)) / spread < 1e-3)
+
+
+def _out_of_order(
+    xs: list[_Node], ys: list[_Node], pairs: list[tuple[int, int, list[str]]]
+) -> list[tuple[int, int, list[str]]]:
+    """Calls the two runs make in another order (a ResNet's shortcut before or after its main
+    path): a node left unpaired, or paired with values unlike its own, takes an unpaired node
+    of the other run with the same shape and equal values, nearest in execution order."""
+    by_x = {i: (j, why) for i, j, why in pairs}
+    owner = {j: i for i, j, _ in pairs}
+
+    def agreed(i: int) -> bool:
+        return i in by_x and any(w.startswith("values") for w in by_x[i][1])
+
+    for i, x in enumerate(xs):
+        if agreed(i):
+            continue
+        free = [
+            j for j, y in enumerate(ys) if (j not in owner or not agreed(owner[j])) and _agree(x, y)
+        ]
+        if not free:
+            continue
+        j = min(free, key=lambda j: abs(j / max(len(ys), 1) - i / max(len(xs), 1)))
+        if i in by_x:
+            owner.pop(by_x[i][0], None)
+        if j in owner:
+            by_x.pop(owner[j], None)
+        shape = "x".join(map(str, x.shape or ()))
+        by_x[i] = (j, [f"shape {shape}", "values agree", "out of order"])
+        owner[j] = i
+    return [(i, j, why) for i, (j, why) in sorted(by_x.items())]
+
+
 def _op_nodes(snap: Mapping[str, Any], records: list[Record]) -> dict[tuple[str, int], list[_Node]]:
     ops: dict[tuple[str, int], list[_Node]] = {}
     for r in records:
@@ -382,7 +421,7 @@ def _auto(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, tuple[str, st
     calls: list[tuple[tuple[str, int], tuple[str, int]]] = []
     call_of_a = {r.key: (r.module, r.call) for r in records_a if r.kind == "output"}
     call_of_b = {r.key: (r.module, r.call) for r in records_b if r.kind == "output"}
-    for i, j, why in _align(nodes_a, nodes_b, _score):
+    for i, j, why in _out_of_order(nodes_a, nodes_b, _align(nodes_a, nodes_b, _score)):
         ka, kb = nodes_a[i].key, nodes_b[j].key
         out[ka] = (kb, "auto: " + ", ".join(why))
         calls.append((call_of_a[ka], call_of_b[kb]))
