@@ -421,6 +421,33 @@ def test_ls_keys_keeps_every_kind(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert len(set.union(*expected.values())) >= 5  # not just "output"
 
 
+def test_the_example_factory_runs_as_the_readme_says(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # the README's commands run from the repository root
+    monkeypatch.syspath_prepend(str(root))
+    target = tmp_path / "my-run"
+    argv = ["examples.my_model:build", "--arg", "width=4", "--input", "randn:2x3x8x8", "--ops"]
+    try:
+        assert main(["capture", *argv, "--grads", "-o", str(target)]) == 0
+        example = sys.modules["examples.my_model"]
+    finally:
+        sys.modules.pop("examples.my_model", None)
+        sys.modules.pop("examples", None)
+    snap = tensorsnap.load(target)
+    # reference: the BatchNorm output cloned by a plain hook, before the in-place ReLU
+    torch.manual_seed(0)
+    model = example.build(width=4).eval()
+    x = torch.randn(2, 3, 8, 8)
+    kept: list[torch.Tensor] = []
+    model.features[1].register_forward_hook(lambda m, a, out: kept.append(out.detach().clone()))
+    model(x)
+    assert torch.equal(snap["features.1"], kept[0])
+    assert float(snap["features.1"].min()) < 0  # the ReLU ran in place on it afterwards
+    assert "features.1:grad" in snap and "head/linear" in snap
+
+
 # -- names ----------------------------------------------------------------------------------
 
 
