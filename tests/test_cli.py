@@ -93,10 +93,10 @@ def _bundle(path: Path, **values: torch.Tensor) -> str:
 def test_help_names_every_command_and_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
-    for command in ("demo", "capture", "ls", "diff", "report"):
+    for command in ("demo", "capture", "names", "ls", "diff", "report"):
         assert command in text
     assert "exit codes:" in text and "1  diff found differences" in text
-    for command in ("demo", "capture", "ls", "diff", "report"):
+    for command in ("demo", "capture", "names", "ls", "diff", "report"):
         assert main([command, "--help"]) == 0
         assert "exit codes:" in capsys.readouterr().out
     assert main(["capture", "--help"]) == 0
@@ -377,7 +377,10 @@ def test_ls_lists_keys_with_stats(tmp_path: Path, capsys: pytest.CaptureFixture[
 
     assert lines[-1] == "1 keys, 8 B"
     assert main(["ls", bundle, "-k", "nothing*"]) == 2
-    assert "matched none of the 2 keys" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "matched none of the 2 keys" in err and "closest" not in err
+    assert main(["ls", bundle, "-k", "fc2"]) == 2
+    assert "matched none of the 2 keys in " + bundle + "; closest: 'fc1'" in capsys.readouterr().err
     assert main(["ls", str(tmp_path / "missing")]) == 2
     assert "no bundle at" in capsys.readouterr().err
 

@@ -306,9 +306,13 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     if args.keys:
         chosen = {k for k in snap if any(fnmatch.fnmatchcase(k, p) for p in args.keys)}
         if not chosen:
+            from ._snapshot import closest
+
+            near = [k for p in args.keys for k in closest(p, list(snap))]
+            hint = f"; closest: {', '.join(map(repr, dict.fromkeys(near)))}" if near else ""
             raise _UsageError(
                 f"--keys {' '.join(args.keys)!r} matched none of the {len(snap)} keys in "
-                f"{args.bundle} (run 'tensorsnap ls {args.bundle}' to list them)"
+                f"{args.bundle}{hint} (run 'tensorsnap ls {args.bundle}' to list them)"
             )
         view: Any = _Subset(snap, chosen)
     else:
