@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
+from ports import GPT2_MAP, GPT2Port
 
 import tensorsnap
-from ports import GPT2_MAP, GPT2Port
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +87,8 @@ def test_state_that_is_not_a_tensor_is_not_replayed() -> None:
 def test_nothing_paired_is_an_error() -> None:
     a = torch.nn.Sequential(torch.nn.Linear(2, 2))
     b = torch.nn.ModuleDict({"x": torch.nn.Linear(2, 2)})
-    with pytest.raises(tensorsnap.TensorSnapError, match="takes a torch.nn.Module"):
+    with pytest.raises(tensorsnap.TensorSnapError, match=r"takes a torch\.nn\.Module"):
         tensorsnap.blame(a, "model", torch.ones(1, 2))  # type: ignore[arg-type]
-    with pytest.raises(tensorsnap.TensorSnapError, match="rtol=-1"):
+    with pytest.raises(tensorsnap.TensorSnapError, match=r"rtol=-1"):
         tensorsnap.blame(a, a, torch.ones(1, 2), rtol=-1)
     del b

@@ -10,9 +10,9 @@ import math
 
 import pytest
 import torch
+from ports import GPT2_MAP, GPT2Port, HandResNet, TorchvisionResNet
 
 import tensorsnap
-from ports import GPT2_MAP, GPT2Port, HandResNet, TorchvisionResNet
 
 
 def _runs(ref: torch.nn.Module, port: torch.nn.Module, *args: object, **options: object):

@@ -108,5 +108,5 @@ def test_stats_refuses_options_about_copies() -> None:
         {"dtype": torch.float16},
         {"nonfinite": "raise"},
     ):
-        with pytest.raises(tensorsnap.TensorSnapError, match="stats=True.* does not apply"):
+        with pytest.raises(tensorsnap.TensorSnapError, match=r"stats=True.* does not apply"):
             tensorsnap.capture(model, stats=True, **option)  # type: ignore[arg-type]

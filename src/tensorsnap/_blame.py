@@ -204,9 +204,8 @@ def _walk(
         if type(value) is dict:
             return items_m
         try:
-            new = (
-                type(value)(**items_m) if dataclasses.is_dataclass(value) else type(value)(items_m)
-            )
+            cls: Any = type(value)
+            new = cls(**items_m) if dataclasses.is_dataclass(value) else cls(items_m)
         except Exception:  # a mapping class that cannot be rebuilt from its items: keep a dict
             return items_m
         return new
@@ -233,7 +232,7 @@ def _tensors(value: Any) -> list[tuple[tuple[object, ...], torch.Tensor]]:
 
 def _objects(value: Any, parts: tuple[object, ...] = ()) -> Iterator[tuple[str, Any]]:
     """Leaves that are neither tensors nor plain scalars: state a replay cannot be trusted with."""
-    if isinstance(value, torch.Tensor) or isinstance(value, _SCALARS):
+    if isinstance(value, (torch.Tensor, *_SCALARS)):
         return
     if isinstance(value, (tuple, list)):
         for i, v in enumerate(value):
@@ -431,8 +430,9 @@ def blame(
         >>> import torch, tensorsnap
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
         <torch._C.Generator object at ...>
-        >>> ref = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
-        >>> cand = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU(), torch.nn.Linear(4, 2))
+        >>> nn = torch.nn
+        >>> ref = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> cand = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2))
         >>> cand.load_state_dict(ref.state_dict())
         <All keys matched successfully>
         >>> tensorsnap.blame(ref, cand, torch.randn(3, 4)).culprits
@@ -516,7 +516,7 @@ def _replay(
     if f"{ckey}:in" not in cand_snap or f"{rkey}:in" not in ref_snap:
         return skipped("its inputs were not recorded")
     own_args = cand_snap[f"{ckey}:in"]
-    own_kwargs = cand_snap[f"{ckey}:kwargs"] if f"{ckey}:kwargs" in cand_snap else {}
+    own_kwargs = cand_snap.get(f"{ckey}:kwargs", {})
     for path, obj in _objects((own_args, own_kwargs)):
         where = (
             path.replace("[0]", "args", 1)
@@ -525,7 +525,7 @@ def _replay(
         )
         return skipped(f"input {where} is a {type(obj).__name__}, state that is not a tensor")
     ref_in = ref_snap[f"{rkey}:in"]
-    ref_kwargs = ref_snap[f"{rkey}:kwargs"] if f"{rkey}:kwargs" in ref_snap else {}
+    ref_kwargs = ref_snap.get(f"{rkey}:kwargs", {})
     (args, kwargs), kept = _graft((own_args, own_kwargs), (ref_in, ref_kwargs))
     floats_kept = [k for k in kept if _is_float_at((own_args, own_kwargs), k)]
     reason = f"kept the candidate's own input at {', '.join(floats_kept)}" if floats_kept else ""
@@ -539,7 +539,7 @@ def _replay(
     local = _compare_key(ckey, live, expected, None, None, rkey, how)
     local_ok = _close(local, tol, atol)
     inner = [r for r in _inside(records, ckey) if r.key in to_ref]
-    own = None
+    own: KeyDiff | str | None = None
     own_ok = local_ok
     if inner:
         own = _own(
@@ -562,7 +562,8 @@ def _replay(
     children_ok = all(context.status.get(k) != "outside" for k in direct)
     culprit = not local_ok and not own_ok and children_ok
     context.status[ckey] = status
-    return ModuleBlame(ckey, rkey, how, status, local, own, culprit, reason)
+    own_diff = own if isinstance(own, KeyDiff) else None
+    return ModuleBlame(ckey, rkey, how, status, local, own_diff, culprit, reason)
 
 
 def _is_float_at(value: Any, path: str) -> bool:
@@ -606,7 +607,7 @@ def _own(
                 failed.append(rkey)
                 return None
             their_args = ref_snap[f"{rkey}:in"]
-            their_kwargs = ref_snap[f"{rkey}:kwargs"] if f"{rkey}:kwargs" in ref_snap else {}
+            their_kwargs = ref_snap.get(f"{rkey}:kwargs", {})
             if next(_objects((their_args, their_kwargs)), None) is not None:
                 failed.append(rkey)
                 return None

@@ -296,9 +296,11 @@ def _score(x: _Node, y: _Node) -> tuple[float, list[str]]:
     if math.isfinite(spread):
         d = (abs(x.std - y.std) + abs(x.mean - y.mean)) / spread
         if d < 1e-3:
-            score, _ = score + 1.0, why.append("values agree")
+            score += 1.0
+            why.append("values agree")
         elif d < 0.05:
-            score, _ = score + 0.5, why.append("values close")
+            score += 0.5
+            why.append("values close")
         elif d >= 0.3:  # values unlike each other: pair only where nothing better is in reach
             score -= 1.0
     if x.passthrough or y.passthrough:

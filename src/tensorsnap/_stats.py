@@ -285,7 +285,7 @@ class StatsReducer:
         """A Stats record of ``t`` whose numbers are read back later, with many others."""
         record = Stats(tuple(t.shape), t.dtype)
         if t.is_meta or t.is_nested:
-            record._fields = (math.nan,) * 6 + (0, 0, "")  # type: ignore[assignment]
+            record._fields = (math.nan,) * 6 + (0, 0, "")
             return record
         with torch.no_grad():
             record._pending = _reduce(_dense(t))
@@ -335,7 +335,7 @@ class StatsReducer:
                 result[k] = fn(v)  # type: ignore[index]
             return result
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            result = copy.copy(value)
+            result = copy.copy(value)  # type: ignore[arg-type]
             for field in dataclasses.fields(value):
                 object.__setattr__(result, field.name, fn(getattr(value, field.name)))
             return result
