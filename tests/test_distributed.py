@@ -25,7 +25,7 @@ if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("this torch build has no gloo backend", allow_module_level=True)
 
 WORLD = 2
-SCENARIOS = ("ddp", "fsdp2", "fsdp1", "tp", "tp_gather", "save_errors", "extract")
+SCENARIOS = ("ddp", "fsdp2", "fsdp1", "tp", "tp_gather", "save_errors", "extract", "extract_tokens")
 
 
 class MLP(nn.Module):
@@ -169,6 +169,38 @@ def _extract(rank: int, path: str) -> None:
     assert again["b"].shape == (3 * 6, 8), again["b"].shape
 
 
+class TokenNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.emb = nn.Embedding(50, 6)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.emb(input_ids)) * attention_mask[..., None]
+
+
+def token_batches(rank: int) -> list[dict[str, torch.Tensor]]:
+    """Padded token batches; rank r gets batches r, r + 2, ... as a DistributedSampler would."""
+    g = torch.Generator().manual_seed(7)
+    batches = []
+    for i in range(5):
+        ids = torch.randint(0, 50, (3, 4 + i), generator=g)
+        mask = (torch.arange(4 + i) < torch.randint(0, 5 + i, (3, 1), generator=g)).long()
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches[rank::WORLD]
+
+
+def _extract_tokens(rank: int, path: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = DistributedDataParallel(TokenNet())
+    options: dict[str, Any] = dict(out=path, include=["emb", "fc"], per_token=True, progress=False)
+    tensorsnap.extract(model, token_batches(rank), **options)
+    again = tensorsnap.extract(model, token_batches(rank), resume=True, **options)
+    assert list(again) == ["input_ids", "emb", "fc"], list(again)
+
+
 _WORKERS: dict[str, Callable[[int, str], None]] = {
     "ddp": _ddp,
     "fsdp2": _fsdp2,
@@ -177,6 +209,7 @@ _WORKERS: dict[str, Callable[[int, str], None]] = {
     "tp_gather": _tp_gather,
     "save_errors": _save_errors,
     "extract": _extract,
+    "extract_tokens": _extract_tokens,
 }
 
 
@@ -405,3 +438,34 @@ def test_data_parallel_extract_concatenates_ranks_in_rank_order(runs: str) -> No
         torch.testing.assert_close(got[key], torch.cat(values), rtol=0, atol=0)
     one = tensorsnap.load(path, rank=1)
     assert one["b"].shape == (9, 8)
+
+
+def test_data_parallel_per_token_extract_concatenates_token_rows_in_rank_order(runs: str) -> None:
+    path = scenario(runs, "extract_tokens")
+    got = tensorsnap.load(path)
+    model = TokenNet()
+    # the reference: each rank's batches through plain cloning hooks, cut by the mask
+    expected: dict[str, list[torch.Tensor]] = {"input_ids": [], "emb": [], "fc": []}
+    for rank in range(WORLD):
+        for batch in token_batches(rank):
+            outputs: dict[str, torch.Tensor] = {}
+            handles = [
+                getattr(model, name).register_forward_hook(
+                    lambda m, a, o, name=name, into=outputs: into.__setitem__(name, o.clone())
+                )
+                for name in ("emb", "fc")
+            ]
+            with torch.no_grad():
+                model(**batch)
+            for handle in handles:
+                handle.remove()
+            keep = batch["attention_mask"].bool()
+            expected["input_ids"].append(batch["input_ids"][keep])
+            for name in ("emb", "fc"):
+                expected[name].append(outputs[name][keep])
+    assert list(got) == list(expected)
+    for key, values in expected.items():
+        assert torch.equal(got[key], torch.cat(values)), key
+    one = tensorsnap.load(path, rank=1)
+    kept = sum(int(b["attention_mask"].sum()) for b in token_batches(1))
+    assert one["fc"].shape == (kept, 4)
