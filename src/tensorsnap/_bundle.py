@@ -49,6 +49,7 @@ from ._shards import (
     Span,
     byte_view,
     dtype_from_name,
+    dtype_name,
     fsync_dir,
     link_or_copy,
     plan_spans,
@@ -114,9 +115,13 @@ def save(
             f"save(snapshot=...) takes a tensorsnap.Snapshot, got {type(snapshot).__name__}"
         )
     target = os.path.abspath(_validate.path(path, "path"))
-    for name, number in (("rank", rank), ("world_size", world_size)):
-        if number is not None and (type(number) is not int or number < 0):
-            raise BundleError(f"{name}={number!r}: expected None or an int >= 0")
+    if (rank is None) != (world_size is None) or not (
+        rank is None or (type(rank) is int and type(world_size) is int and 0 <= rank < world_size)
+    ):
+        raise BundleError(
+            f"rank={rank!r}, world_size={world_size!r}: pass both (ints, 0 <= rank < "
+            "world_size) for one process's part of a multi-rank bundle, or neither"
+        )
     parent, base = os.path.split(target)
     try:
         _check_target(target)
@@ -308,7 +313,17 @@ def _open(root: str, rank: int | None, assemble: bool = False, verify: bool = Tr
                 f"{manifest_path}: malformed index ({type(err).__name__}: {err}); the bundle "
                 "was edited or damaged, re-create it"
             ) from err
-    saved_rank = manifest.get("rank")
+    saved_rank, world_size = manifest.get("rank"), manifest.get("world_size")
+    # a part has both, a single-process bundle neither; an index without its parts is neither
+    if not (
+        (saved_rank is None and world_size is None)
+        or (type(saved_rank) is int and type(world_size) is int and 0 <= saved_rank < world_size)
+    ):
+        raise BundleError(
+            f"{manifest_path}: rank={saved_rank!r} and world_size={world_size!r} do not describe "
+            "a bundle (a single process has neither, a rank's part both, and an index lists its "
+            "parts); the bundle was edited or damaged, re-create it"
+        )
     if assemble:
         raise BundleError(
             f"{root} was saved as one part (it is not a multi-rank bundle), so there is "
@@ -411,7 +426,25 @@ class _BundleStore:
         entry = self._entries[key]
         with self._malformed(key):
             blobs = [self._blob(blob, key) for blob in entry["blobs"]]
-            return [self._tensor(spec, blobs, key) for spec in entry["tensors"]]
+            tensors = [self._tensor(spec, blobs, key) for spec in entry["tensors"]]
+            self._check_record(key, entry, tensors)
+            return tensors
+
+    def _check_record(self, key: str, entry: dict[str, Any], tensors: list[torch.Tensor]) -> None:
+        """A value that is one tensor must have the shape and dtype its record says."""
+        tree = entry["value"]
+        if not (isinstance(tree, dict) and tree.get("type") == "tensor"):
+            return
+        index, shape = tree.get("index"), entry.get("shape")
+        if shape is None or type(index) is not int or not 0 <= index < len(tensors):
+            return  # no shape recorded, or a bad index that decoding reports
+        t = tensors[index]
+        if list(t.shape) != shape or dtype_name(t.dtype) != entry.get("dtype"):
+            raise BundleError(
+                f"{self._manifest}: key {key!r}: its record says shape {shape} and dtype "
+                f"{entry.get('dtype')}, but the stored tensor is {list(t.shape)} "
+                f"{dtype_name(t.dtype)}; the manifest was edited or damaged, re-create the bundle"
+            )
 
     def tree(self, key: str) -> Any:
         """``key``'s value tree as saved (JSON nodes whose tensor leaves index ``tensors``)."""

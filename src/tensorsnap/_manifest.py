@@ -370,7 +370,7 @@ def decode_record(item: dict[str, Any], where: str) -> Record:
 
     shape = item.get("shape")
     if shape is not None and not (
-        isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)
+        isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)
     ):
         raise BundleError(f"{where}: field 'shape' is {shape!r}, expected a list of sizes")
     dtype = item.get("dtype")
@@ -385,8 +385,14 @@ def decode_record(item: dict[str, Any], where: str) -> Record:
         kind=kind,
         shape=tuple(shape) if shape is not None else None,
         dtype=dtype_from_name(dtype, where) if dtype is not None else None,
-        nbytes=expect("nbytes", int),
+        nbytes=_at_least_zero(expect("nbytes", int), "nbytes", where),
     )
+
+
+def _at_least_zero(value: int, name: str, where: str) -> int:
+    if value < 0:
+        raise BundleError(f"{where}: field {name!r} is {value}, expected a count >= 0")
+    return value
 
 
 # -- structure: JSON nodes to values ---------------------------------------------------------
