@@ -328,6 +328,8 @@ def test_traceback_flag_prints_the_models_own_traceback(
         (["ls", "a", "b"], "unexpected argument\\(s\\) 'b'"),
         (["dmeo"], "unknown command 'dmeo'; did you mean 'demo'\\?"),
         (["capture", "m:f"], "the following arguments are required: -o/--output"),
+        (["capture", "--opps"], "unrecognized option '--opps'; did you mean --ops?"),
+        (["diff", "a", "--atoll", "1"], "unrecognized option '--atoll'; did you mean --atol?"),
     ],
 )
 def test_argument_errors_are_one_line_with_the_closest_option(

@@ -532,6 +532,22 @@ def _unrecognized(parser: argparse.ArgumentParser, command: str, extra: list[str
     )
 
 
+def _typo(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """The error line for the first option no parser knows, if the command line has one."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command = next((a for a in argv if a in sub.choices), None)
+    if command is None:
+        return None
+    known = [o for a in sub.choices[command]._actions for o in a.option_strings]
+    for word in argv[argv.index(command) + 1 :]:
+        if word == "--":
+            break
+        flag = word.split("=", 1)[0]
+        if flag.startswith("--") and not any(o.startswith(flag) for o in known):
+            return f"tensorsnap {command}: error: {_unrecognized(parser, command, [flag])}"
+    return None
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -670,7 +686,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = stop.code
         return code if isinstance(code, int) else (0 if code is None else EXIT_USAGE)
     except _ArgumentError as err:
-        print(f"{err.prog}: error: {err}", file=sys.stderr)
+        # an option typo makes argparse miss what it was meant to be: name the typo first
+        typo = _typo(parser, list(sys.argv[1:] if argv is None else argv))
+        print(typo or f"{err.prog}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     try:
         # a bundle read here brings classes back as plain containers when their modules are

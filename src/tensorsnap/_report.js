@@ -63,7 +63,12 @@
     this.tip.style.display = "none";
     this.draw();
     this.svg.addEventListener("mousemove", function (e) { self.move(e); });
-    this.svg.addEventListener("mouseleave", function () { self.tip.style.display = "none"; self.guide(null); });
+    this.svg.addEventListener("mouseleave", function () {
+      self.tip.style.display = "none";
+      self.guide(null);
+      self.drag = null;  // a drag that leaves the plot is dropped, not finished later
+      if (self.sel) self.sel.setAttribute("width", 0);
+    });
     this.svg.addEventListener("mousedown", function (e) { self.drag = self.index(e); e.preventDefault(); });
     this.svg.addEventListener("mouseup", function (e) { self.release(e); });
     this.svg.addEventListener("dblclick", function () { self.view = null; self.draw(); });
@@ -355,9 +360,15 @@
 
   setupTables();
   setupHistograms();
+  var charts = [];
   Array.prototype.forEach.call(document.querySelectorAll("div.chartbox"), function (box) {
     var spec = json(box.getAttribute("data-spec"));
-    if (spec) box.chart = new Chart(box, spec);
+    if (spec) { box.chart = new Chart(box, spec); charts.push(box.chart); }
+  });
+  var pending = null;  // redraw at the new width once the window stops resizing
+  window.addEventListener("resize", function () {
+    clearTimeout(pending);
+    pending = setTimeout(function () { charts.forEach(function (c) { c.draw(); }); }, 150);
   });
   window.tensorsnapReport = {addHistogram: addHistogram, shown: function () { return shown.slice(); }};
 })();
