@@ -289,6 +289,27 @@ def test_capture_errors_exit_2_without_traceback(
     assert not (tmp_path / "out").exists()
 
 
+def test_a_misspelt_keyword_input_is_named_beside_the_models_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("transformers")
+    args = ["n_layer=1", "n_embd=32", "n_head=4", "vocab_size=50", "bos_token_id=None"]
+    argv = ["capture", "transformers:GPT2Config", "--input", "input_idz=randint:0-50:1x8"]
+    for arg in [*args, "eos_token_id=None"]:
+        argv += ["--arg", arg]
+    assert main([*argv, "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert (
+        "the model raised during forward: ValueError: You have to specify either input_ids" in err
+    )
+    assert "in module '' (GPT2Model)" in err
+    assert (
+        "its inputs were input_idz=1x8 int64; input 'input_idz' is not a named parameter of " in err
+    )
+    assert "closest: input_ids" in err
+
+
 def test_device_without_a_backend_is_refused_before_building(
     factory: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

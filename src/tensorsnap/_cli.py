@@ -197,7 +197,8 @@ def _model_raised(err: Exception, what: str, model: Any, inputs: tuple[list, dic
     # usually an --input spec that does not fit, any other error the model's own
     return _UsageError(
         f"the model raised during {what}: {_factory.own_error(err, model)}; its inputs were "
-        f"{_factory.describe_inputs(*inputs)} (--traceback prints the full traceback)"
+        f"{_factory.describe_inputs(*inputs)}{_factory.keyword_hint(model, inputs[1])} "
+        "(--traceback prints the full traceback)"
     )
 
 

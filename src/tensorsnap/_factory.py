@@ -35,6 +35,7 @@ __all__ = [
     "check_kwargs",
     "default_inputs",
     "describe_inputs",
+    "keyword_hint",
     "make_inputs",
     "own_error",
     "parse_kwargs",
@@ -372,6 +373,26 @@ def check_call(model: nn.Module, positional: list[Any], keywords: Mapping[str, A
             f"the --input specs do not fit {type(model).__name__}.forward{signature}: {err} "
             f"(given: {', '.join(given)})"
         ) from None
+
+
+def keyword_hint(model: nn.Module, keywords: Mapping[str, Any]) -> str:
+    """``; input 'input_idz' is not a named parameter of forward (closest: input_ids)``, or "".
+
+    For a forward that takes ``**kwargs`` (transformers models do), a misspelt keyword input is
+    accepted and only fails deep inside the model; said beside that failure, it is found.
+    """
+    try:
+        named = [
+            p.name
+            for p in inspect.signature(model.forward).parameters.values()
+            if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+        ]
+    except (TypeError, ValueError):
+        return ""
+    for key in keywords:
+        if key not in named:
+            return f"; input {key!r} is not a named parameter of forward{_closest(key, named)}"
+    return ""
 
 
 # -- running --------------------------------------------------------------------------------
