@@ -524,7 +524,7 @@ def test_capture_nonfinite_raise_stops_and_keeps_what_came_before(
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
     assert "'1' is the first captured value with a NaN or Inf" in err
-    assert f"the 2 keys captured up to it are saved in {tmp_path / 'run'}" in err
+    assert f"the 2 keys captured up to and including it are saved in {tmp_path / 'run'}" in err
     partial = tensorsnap.load(tmp_path / "run")
     torch.manual_seed(0)
     x = torch.randn(8, 8)

@@ -237,9 +237,13 @@ def _cmd_capture(args: argparse.Namespace) -> int:
             partial = error.snapshot
             status.update(f"saving the {len(partial)} keys captured up to {error.key!r}...")
             partial.save(args.output)
+            where = os.path.abspath(args.output)
             raise _UsageError(
-                f"{error}; the {len(partial)} keys captured up to it are saved in "
-                f"{os.path.abspath(args.output)}"
+                f"{repr(error.key) if error.key else _ROOT} is the first captured value with "
+                "a NaN or Inf; "
+                f"the {len(partial)} keys captured up to and including it are saved in {where} "
+                f"(look with 'tensorsnap ls {args.output}'; --inputs also keeps each module's "
+                "inputs)"
             ) from error
         except SelectionError as error:
             raise _UsageError(_cli_hint(str(error), args)) from error
