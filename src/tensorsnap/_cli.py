@@ -32,6 +32,7 @@ from ._errors import BundleWarning, NonFiniteError, SelectionError, TensorSnapEr
 __all__ = ["main"]
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 3
+_ROOT = '""'  # how the root module's key is shown
 
 _EPILOG = """\
 exit codes:
