@@ -23,7 +23,7 @@ import torch
 
 from ._errors import TensorSnapError, attr, format_path
 
-__all__ = ["IDS_KEY", "Positions", "RowCopier", "positions"]
+__all__ = ["IDS_KEY", "REUSE_STAGING", "Positions", "RowCopier", "positions"]
 
 # the key the kept token ids are stored under
 IDS_KEY = "input_ids"
@@ -32,6 +32,9 @@ _IDS_ROOT = f"snap[{IDS_KEY!r}]"
 _MAX_RUNS = 256
 # a buffer that must grow gets this much headroom, so that batches of varying length settle
 _GROWTH = 1.25
+# keep staging buffers between batches (benchmarks/bench_extract.py turns it off to measure
+# what the reuse buys)
+REUSE_STAGING = True
 
 
 @dataclasses.dataclass
@@ -150,8 +153,9 @@ class RowCopier:
         dtype: Cast floating-point rows to this dtype.
         budget: Bytes of staging buffers kept between batches (None: no limit). Rows beyond it
             go to fresh memory, which the capture's spill store can move to disk.
-        reuse: Keep staging buffers between batches (False allocates fresh ones per batch; the
-            benchmark measures what reuse buys).
+        reuse: Keep staging buffers between batches (False allocates fresh ones per batch;
+            the default is ``REUSE_STAGING``, which the benchmark turns off to measure what the
+            reuse buys).
     """
 
     def __init__(
@@ -159,12 +163,12 @@ class RowCopier:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         budget: int | None = None,
-        reuse: bool = True,
+        reuse: bool | None = None,
     ) -> None:
         self.device = torch.device(device) if device is not None else None
         self.dtype = dtype
         self.budget = budget
-        self.reuse = reuse
+        self.reuse = REUSE_STAGING if reuse is None else reuse
         self._buffers: dict[tuple[str, int], torch.Tensor] = {}
         self._kept_bytes = 0
         self._pos: Positions | None = None
