@@ -39,7 +39,9 @@ def test_names_alone_do_not_pair_a_port(gpt2) -> None:
     assert result.only_a and result.only_b and result.first_diverging is None
 
 
-@pytest.mark.parametrize("bug, module_b", [("ffn_act", "transformer.h.1.mlp.act")])
+@pytest.mark.parametrize(
+    "bug, module_b", [("ffn_act", "transformer.h.1.mlp.act"), ("no_residual", "transformer.h.1")]
+)
 def test_auto_pairs_a_gpt2_port_and_names_the_bug(gpt2, bug: str, module_b: str) -> None:
     ref, ids = gpt2
     a, b = _runs(ref, GPT2Port(ref).eval(), ids)

@@ -162,7 +162,7 @@ def test_page_with_diff(tmp_path: Path) -> None:
     assert "<h2>Diff against <code>/x/other</code></h2>" in html
     assert "first diverging key: &#x27;embed&#x27;" in html
     assert "Only in the other: <code>extra</code>" in html
-    points = _embedded(html, "ts-diff")["sets"]["max |a - b| per key"]
+    points = _embedded(html, "ts-diff")["sets"]["error per key"]
     assert [p["k"] for p in points][:2] == ["embed", "relu"]
     torch.manual_seed(0)
     assert points[0]["v"]["max abs"] == pytest.approx(float(torch.randn(4, 8).abs().max()))

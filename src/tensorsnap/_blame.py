@@ -518,17 +518,19 @@ def _replay(
     own_args = cand_snap[f"{ckey}:in"]
     own_kwargs = cand_snap.get(f"{ckey}:kwargs", {})
     for path, obj in _objects((own_args, own_kwargs)):
-        where = (
-            path.replace("[0]", "args", 1)
-            if path.startswith("[0]")
-            else path.replace("[1]", "kwargs", 1)
-        )
+        where = _args_path(path)
         return skipped(f"input {where} is a {type(obj).__name__}, state that is not a tensor")
     ref_in = ref_snap[f"{rkey}:in"]
     ref_kwargs = ref_snap.get(f"{rkey}:kwargs", {})
     (args, kwargs), kept = _graft((own_args, own_kwargs), (ref_in, ref_kwargs))
     floats_kept = [k for k in kept if _is_float_at((own_args, own_kwargs), k)]
-    reason = f"kept the candidate's own input at {', '.join(floats_kept)}" if floats_kept else ""
+    if floats_kept:
+        # a replay on the candidate's own floating-point input would carry upstream drift
+        return skipped(
+            f"the reference's inputs of {rkey!r} have no tensor shaped like its input "
+            f"{_args_path(floats_kept[0])} (paired with a call of another kind?)"
+        )
+    reason = ""
     expected = ref_snap[rkey]
     try:
         with torch.no_grad():
@@ -564,6 +566,12 @@ def _replay(
     context.status[ckey] = status
     own_diff = own if isinstance(own, KeyDiff) else None
     return ModuleBlame(ckey, rkey, how, status, local, own_diff, culprit, reason)
+
+
+def _args_path(path: str) -> str:
+    if path.startswith("[0]"):
+        return "args" + path[3:]
+    return "kwargs" + path[3:] if path.startswith("[1]") else path
 
 
 def _is_float_at(value: Any, path: str) -> bool:

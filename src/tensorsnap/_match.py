@@ -41,6 +41,8 @@ _KINDS = {
 # suffixes of keys that belong to a module call or op key and follow its pairing
 _FOLLOWERS = (":in", ":kwargs", ":grad", ":grad_in", ":saved")
 _GAP = 1.0
+# elements of each value kept for its fingerprint
+_PROBES = 8
 _FORBIDDEN = -1e9
 
 
@@ -186,6 +188,7 @@ class _Node:
         "name",
         "ops",
         "passthrough",
+        "probe",
         "shape",
         "std",
     )
@@ -203,12 +206,13 @@ class _Node:
         self.shape: tuple[int, ...] | None = None
         self.dtype: torch.dtype | None = None
         self.mean = self.std = math.nan
+        self.probe: tuple[float, ...] = ()
         if tensors:
             first = tensors[0]
             # dims of size 1 aside: (1, S, D) position embeddings pair with (S, D) ones
             self.shape = tuple(d for d in first.shape if d != 1)
             self.dtype = first.dtype
-            self.mean, self.std = _moments(first)
+            self.mean, self.std, self.probe = _moments(first)
 
 
 def _is_array(leaf: Any) -> bool:
@@ -217,21 +221,37 @@ def _is_array(leaf: Any) -> bool:
     return isinstance(leaf, (torch.Tensor, Stats))
 
 
-def _moments(leaf: Any) -> tuple[float, float]:
+def _moments(leaf: Any) -> tuple[float, float, tuple[float, ...]]:
+    """Mean, spread and a few evenly spaced elements of a value (its fingerprint)."""
     from ._stats import Stats
 
     if isinstance(leaf, Stats):
-        return leaf.mean, leaf.std
+        return leaf.mean, leaf.std, ()
     t = leaf
     if t.layout != torch.strided or t.is_quantized or t.is_meta or t.numel() == 0:
-        return math.nan, math.nan
+        return math.nan, math.nan, ()
     if t.is_complex():
         t = t.abs()
     x = t.detach().reshape(-1).to(torch.float64)
+    index = torch.linspace(0, x.numel() - 1, min(_PROBES, x.numel())).round().long()
+    probe = tuple(x[index].tolist())
     x = x[torch.isfinite(x)]
     if x.numel() == 0:
-        return math.nan, math.nan
-    return float(x.mean()), float(x.std(correction=0))
+        return math.nan, math.nan, ()
+    return float(x.mean()), float(x.std(correction=0)), probe
+
+
+def _distance(x: _Node, y: _Node) -> float:
+    """How unlike two values are, relative to their spread (0: equal fingerprints)."""
+    spread = max(abs(x.std), abs(y.std), 1e-30)
+    if not math.isfinite(spread):
+        return math.inf
+    d = (abs(x.std - y.std) + abs(x.mean - y.mean)) / spread
+    if x.probe and len(x.probe) == len(y.probe):
+        gaps = [abs(p - q) for p, q in zip(x.probe, y.probe) if math.isfinite(p - q)]
+        if gaps:
+            d = max(d, max(gaps) / spread)
+    return d
 
 
 def _nodes(snap: Mapping[str, Any], records: list[Record]) -> list[_Node]:
@@ -254,12 +274,16 @@ def _nodes(snap: Mapping[str, Any], records: list[Record]) -> list[_Node]:
         while j >= 0 and nodes[j].name.startswith(prefix) and nodes[j].name != node.name:
             j -= 1
         node.calls_inside = i - 1 - j
-    # a value equal to an earlier one (dropout in eval, Identity, a module returning its input)
+    # a leaf whose value equals an earlier one (dropout in eval, Identity)
     seen: set[tuple[Any, float, float]] = set()
     for node in nodes:
         fingerprint = (node.shape, node.mean, node.std)
+        # only a leaf copies: a parent returning its last child's output is ordinary
         node.passthrough = (
-            node.shape is not None and math.isfinite(node.std) and fingerprint in seen
+            node.calls_inside == 0
+            and node.shape is not None
+            and math.isfinite(node.std)
+            and fingerprint in seen
         )
         seen.add(fingerprint)
     return nodes
@@ -291,10 +315,8 @@ def _score(x: _Node, y: _Node) -> tuple[float, list[str]]:
             why.append(f"{x.calls_inside} vs {y.calls_inside} calls inside")
     else:
         score -= 3.0
-    spread = max(abs(x.std), abs(y.std), 1e-30)
-    d = math.inf
-    if math.isfinite(spread):
-        d = (abs(x.std - y.std) + abs(x.mean - y.mean)) / spread
+    d = _distance(x, y)
+    if math.isfinite(d):
         if d < 1e-3:
             score += 1.0
             why.append("values agree")
@@ -364,8 +386,9 @@ def _align(
 def _agree(x: _Node, y: _Node) -> bool:
     if x.shape != y.shape or x.shape is None or (x.calls_inside == 0) != (y.calls_inside == 0):
         return False
-    spread = max(abs(x.std), abs(y.std), 1e-30)
-    return bool((abs(x.std - y.std) + abs(x.mean - y.mean)) / spread < 1e-3)
+    if x.passthrough or y.passthrough:
+        return False  # a copy equals its original too: no evidence of which it is
+    return _distance(x, y) < 0.05
 
 
 def _out_of_order(

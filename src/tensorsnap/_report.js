@@ -103,6 +103,7 @@
         });
       });
     }
+    if (mode.range) { lo = mode.range[0]; hi = mode.range[1]; }  // a fixed axis (the diff's)
     if (!isFinite(lo)) { lo = 0; hi = 1; }
     if (hi === lo) { hi += 0.5; lo -= 0.5; }
     var pad = (hi - lo) * 0.05;

@@ -24,6 +24,7 @@ import torch
 from ._diff import DiffResult, format_error, leaves
 from ._errors import format_path
 from ._snapshot import Record, human_bytes
+from ._stats import Stats as SnapStats
 
 __all__ = [
     "STATE",
@@ -38,6 +39,8 @@ __all__ = [
 ]
 
 _ROOT = '""'  # how the root module's key is shown
+# The diff chart's log axis: 1e-8 (agreement) to 1e-1 (a tenth of the value off).
+_DIFF_FLOOR, _DIFF_CEILING = 1e-8, 1e-1
 # Bins of every histogram (table sparklines and plots).
 _BINS = 32
 # Histograms the page opens with (module outputs sampled evenly in execution order); any other
@@ -122,6 +125,15 @@ def rows(snap: Mapping[str, Any], *, stats: bool = True, hist: bool = True) -> l
         value = snap[record.key]
         for parts, leaf in leaves(value):
             path = format_path("", list(parts))
+            if isinstance(leaf, SnapStats):  # capture(stats=True): its numbers, no tensor
+                dtype = str(leaf.dtype).removeprefix("torch.")
+                kept = Stats(
+                    leaf.numel, leaf.mean, leaf.std, leaf.min, leaf.max, 0, leaf.nan, leaf.inf, ()
+                )
+                result.append(
+                    Row(index, record, path, leaf.shape, dtype, 0, kept if stats else None, "")
+                )
+                continue
             if isinstance(leaf, torch.Tensor):
                 dtype = str(leaf.dtype).removeprefix("torch.")
                 nbytes = leaf.numel() * leaf.element_size()
@@ -197,8 +209,10 @@ def write_report(
     source: str = "",
     against: Mapping[str, Any] | None = None,
     against_source: str = "",
-    rtol: float = 1e-5,
-    atol: float = 1e-8,
+    rtol: float | None = None,
+    atol: float | None = None,
+    match: Any = None,
+    blame: Any = None,
 ) -> str:
     """Write one self-contained HTML page describing ``snap`` (and its diff with ``against``).
 
@@ -213,8 +227,10 @@ def write_report(
         source: Where ``snap`` came from, shown in the header (a bundle path).
         against: A second snapshot; adds the diff of ``snap`` against it.
         against_source: Where ``against`` came from.
-        rtol: Relative tolerance of the diff.
-        atol: Absolute tolerance of the diff.
+        rtol: Relative tolerance of the diff (default: per dtype, as ``diff``).
+        atol: Absolute tolerance of the diff (default: per dtype).
+        match: How the diff pairs keys, as ``diff(match=...)`` (``"auto"``, a map, a callable).
+        blame: A :class:`~tensorsnap._blame.BlameResult` whose culprits the diff marks.
 
     Returns:
         The absolute path of the page.
@@ -226,14 +242,14 @@ def write_report(
     from ._diff import diff
 
     table = rows(snap)
-    result = diff(snap, against, rtol=rtol, atol=atol) if against is not None else None
+    result = diff(snap, against, rtol=rtol, atol=atol, match=match) if against is not None else None
     parts = [
         _HEAD.replace("%TITLE%", html.escape(title)),
         f"<h1>{html.escape(title)}</h1>",
         _summary(snap, table, source, __version__),
     ]
     if result is not None:
-        parts.append(_diff_section(result, against_source))
+        parts.append(_diff_section(result, against_source, snap, against, blame))
     parts.append("<h2>Per-layer statistics</h2>")
     parts.append(_layer_plot(table) or "<p>No tensors with statistics to plot.</p>")
     parts.append(_histograms(table))
@@ -298,31 +314,58 @@ def _summary(snap: Mapping[str, Any], table: list[Row], source: str, version: st
     return "\n".join(out)
 
 
-def _diff_section(result: DiffResult, against_source: str) -> str:
+def _diff_section(
+    result: DiffResult,
+    against_source: str,
+    snap: Mapping[str, Any] | None = None,
+    against: Mapping[str, Any] | None = None,
+    blame: Any = None,
+) -> str:
     src = f" against <code>{html.escape(against_source)}</code>" if against_source else ""
     status = "ok" if result.equal else "bad"
     out = [
         f"<h2>Diff{src}</h2>",
         f'<p class="{status}">{html.escape(result.summary())}</p>',
     ]
+    culprits = set(getattr(blame, "culprits", ()) or ())
+    if result.first_diverging is not None:
+        first = next(k for k in result.keys if k.key == result.first_diverging)
+        origin = f"; it starts in module <code>{html.escape(result.origin or _ROOT)}</code>"
+        out.append(
+            f'<p class="bad">First divergence: <code>{html.escape(first.key or _ROOT)}</code> '
+            f"(paired with <code>{html.escape(first.key_b or _ROOT)}</code>, "
+            f"{html.escape(first.how)}){origin if result.origin is not None else ''}.</p>"
+        )
+    if culprits:
+        listed = ", ".join(f"<code>{html.escape(k or _ROOT)}</code>" for k in blame.culprits)
+        out.append(f'<p class="bad">Culprits (blame): {listed}</p>')
     plot = _diff_plot(result)
     if plot:
         out.append(plot)
-    head = ("#", "key", "max abs", "max rel", "mismatched", "problems")
+    head = (
+        "#", "key", "paired with", "how", "rel l2", "max abs", "max rel", "mismatched",
+        "a: mean ± std", "b: mean ± std", "problems and notes",
+    )  # fmt: skip
     body = []
     for i, k in enumerate(result.keys):
         cls = []
         if k.key == result.first_diverging:
             cls.append("first")
-        if not k.close or k.dtype_mismatch:
+        if not k.close or k.dtype_mismatch or k.key_b in culprits or k.key in culprits:
             cls.append("bad")
-        problems = "; ".join(k.problems[:3]) + (" ..." if len(k.problems) > 3 else "")
+        texts = [*k.problems[:3], *k.notes[:2]]
+        problems = "; ".join(texts) + (" ..." if len(k.problems) + len(k.notes) > 5 else "")
         cells = [
             _td(i, str(i)),
-            _td(k.key, k.key or '""', "key"),
+            _td(k.key, k.key or _ROOT, "key"),
+            _td(k.key_b, k.key_b or _ROOT, "key"),
+            _td(k.how, k.how, "text"),
+            _td(_num(k.rel_l2), format_error(k.rel_l2)),
             _td(_num(k.max_abs), format_error(k.max_abs)),
             _td(_num(k.max_rel), format_error(k.max_rel)),
             _td(k.mismatched, f"{k.mismatched}/{k.numel}"),
+            _side(snap, k.key),
+            _side(against, k.key_b),
             _td(problems, problems, "text"),
         ]
         body.append(f'<tr class="{" ".join(cls)}">' + "".join(cells) + "</tr>")
@@ -332,6 +375,22 @@ def _diff_section(result: DiffResult, against_source: str) -> str:
             listed = ", ".join(f"<code>{html.escape(k or _ROOT)}</code>" for k in keys)
             out.append(f"<p>Only in {side}: {listed}</p>")
     return "\n".join(out)
+
+
+def _side(snap: Mapping[str, Any] | None, key: str) -> str:
+    """One side's first tensor of ``key`` as ``mean ± std``, for the side-by-side columns."""
+    if snap is None or key not in snap:
+        return _td("", "-")
+    for _, leaf in leaves(snap[key]):
+        if isinstance(leaf, SnapStats):
+            mean, std = leaf.mean, leaf.std
+        elif isinstance(leaf, torch.Tensor):
+            s = tensor_stats(leaf, hist=False)
+            mean, std = s.mean, s.std
+        else:
+            continue
+        return _td(_num(mean), f"{_fmt(mean)} ± {_fmt(std)}")
+    return _td("", "-")
 
 
 def _stats_table(table: list[Row]) -> str:
@@ -565,28 +624,45 @@ def _diff_plot(result: DiffResult) -> str:
     for k in result.keys:
         if k.max_abs is None:
             continue
-        values = {"max abs": _finite(k.max_abs) if k.max_abs else None}
-        values["max rel"] = _finite(k.max_rel) if k.max_rel is not None else None
-        point: dict[str, Any] = {"k": k.key or _ROOT, "v": values}
+        error = k.rel_l2 if k.rel_l2 is not None else k.max_abs
+        # drawn within 1e-8 ... 1e-1 (exact agreement at the floor, worse than 10% at the top);
+        # the tip gives the real numbers
+        shown = (
+            min(max(error, _DIFF_FLOOR), _DIFF_CEILING) if math.isfinite(error) else _DIFF_CEILING
+        )
+        values = {
+            "error": shown,
+            "rel l2": _finite(k.rel_l2) if k.rel_l2 is not None else None,
+            "max abs": _finite(k.max_abs),
+            "max rel": _finite(k.max_rel) if k.max_rel is not None else None,
+        }
+        label = k.key or _ROOT
+        if k.key_b != k.key:
+            label += f" ~ {k.key_b or _ROOT}"
+        point: dict[str, Any] = {"k": label, "v": values, "d": k.how}
         if not k.close:
             point["bad"] = True
+            point["note"] = "; ".join(k.problems[:2]) or "outside tolerance"
         points.append(point)
     if not points:
         return ""
     spec = {
-        "sets": {"max |a - b| per key": points},
+        "sets": {"error per key": points},
         "modes": [
             {
-                "name": "log axis",
+                "name": "rel L2, log axis",
                 "log": True,
-                "series": [{"type": "dots", "f": "max abs", "name": "max |a - b|"}],
+                "range": [math.log10(_DIFF_FLOOR), math.log10(_DIFF_CEILING)],
+                "series": [{"type": "dots", "f": "error", "name": "||a - b|| / ||b||"}],
             }
         ],
-        "tip": ["max abs", "max rel"],
+        "tip": ["rel l2", "max abs", "max rel"],
     }
     return (
-        "<p>max |a - b| per key in execution order, log axis (red: outside tolerance; exact "
-        "zeros and infinities are not drawn).</p>\n" + _chart("ts-diff", spec)
+        "<p>Error per paired key in execution order: ||a - b|| / ||b|| on a log axis from 1e-8 "
+        "to 1e-1 (red: outside tolerance; values beyond the axis sit at its ends). Hover a point "
+        "for its keys, how they were paired and the errors; drag to zoom.</p>\n"
+        + _chart("ts-diff", spec)
     )
 
 
