@@ -522,15 +522,22 @@ def test_patterns_sizes_and_paths_are_checked_by_name(tmp_path: Any) -> None:
         tensorsnap.extract(Net(), [torch.randn(1, 6)], out=os.fsencode(tmp_path / "y"))
 
 
-def test_meta_device_is_refused() -> None:
-    with pytest.raises(TensorSnapError, match=r"device='meta': meta tensors hold no data"):
-        tensorsnap.snapshot(torch.ones(2), device="meta")
+def test_meta_device_is_refused_where_values_are_kept(tmp_path: Any) -> None:
     with pytest.raises(TensorSnapError, match=r"device='meta': meta tensors hold no data"):
         tensorsnap.capture(Net(), device="meta")
+    with pytest.raises(TensorSnapError, match=r"device=device\(type='meta'\): meta tensors"):
+        tensorsnap.extract(Net(), [torch.randn(1, 6)], out=tmp_path, device=torch.device("meta"))
+    with pytest.raises(TensorSnapError, match=r"device=123: expected a torch device"):
+        tensorsnap.capture(Net(), device=123)
+    # snapshot() copies layouts to meta when asked to: structure without data, on purpose
+    assert tensorsnap.snapshot(torch.ones(2, 3).t(), device="meta").stride() == (1, 3)
 
 
 def test_load_flags_and_assemble_on_a_single_process_bundle(tmp_path: Any) -> None:
     make({"a": torch.ones(2)}).save(tmp_path / "b")
+    with pytest.raises(TensorSnapError, match=FLAG.format("collective")):
+        make({"a": torch.ones(2)}).save(tmp_path / "c", collective="no")
+    assert not os.path.exists(tmp_path / "c")
     for name in ("verify", "assemble"):
         with pytest.raises(TensorSnapError, match=FLAG.format(name)):
             tensorsnap.load(tmp_path / "b", **{name: "no"})

@@ -127,7 +127,7 @@ class _Session(AbstractContextManager[Snapshot]):
             )
         _validate.capture_options(
             ops=ops, nonfinite=nonfinite, spill=spill_dir, inputs=inputs, grads=grads,
-            saved=saved, lazy=lazy, gather=gather,
+            saved=saved, lazy=lazy, gather=gather, where=device,
         )  # fmt: skip
         if ops not in (True, False, "aten"):
             raise TensorSnapError(

@@ -823,7 +823,7 @@ def _describe(t: torch.Tensor) -> str:
 
 
 def _check_device(device: torch.device | str | None) -> torch.device | None:
-    return _validate.device(device)
+    return _validate.device(device, meta=True)  # capture refuses meta itself
 
 
 def _check_dtype(dtype: torch.dtype | None) -> torch.dtype | None:

@@ -174,8 +174,11 @@ class Snapshot(Mapping[str, Any]):
         commits the bundle once all parts are written. ``collective=False`` writes only this
         process's snapshot as a plain bundle (for saving from one rank alone).
         """
+        from . import _validate
         from ._bundle import save
 
+        if collective is not None:
+            _validate.flag(collective, "collective")
         if collective is not False:
             from ._ranks import process_group, save_collective
 

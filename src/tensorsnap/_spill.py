@@ -268,7 +268,8 @@ def _writer(s: _State) -> None:
             swaps = _write_batch(s, values)
         except Exception as err:  # a full disk, most likely: keep the values in memory
             with s.cond:
-                s.error = err
+                # without its traceback: the frames hold the values and maps being written
+                s.error = err.with_traceback(None)
                 # nothing more is queued after a failure, but values queued before it are
                 # pinned too, so that flush() does not wait for a writer that gave up
                 for item in [*batch, *s.queue]:
@@ -380,6 +381,7 @@ def _shutdown(s: _State) -> None:
         s.deferred.clear()
         s.located.clear()
         s.ram = s.queued = 0
+        s.error = None
         s.cond.notify_all()
     thread = s.thread
     if thread is not None and thread is not threading.current_thread():

@@ -82,8 +82,12 @@ def spill_dir(value: object) -> str | None:
     return None if value is None else path(value, "spill_dir")
 
 
-def device(value: object, name: str = "device") -> torch.device | None:
-    """A device copies can be kept on: None, or a torch device that holds data (not meta)."""
+def device(value: object, name: str = "device", *, meta: bool = False) -> torch.device | None:
+    """A device copies can be made on: None, or a torch device; ``meta`` only if ``meta``.
+
+    ``snapshot`` allows meta (a copy of structure and layout without data, asked for
+    explicitly); a capture or an extract exists to keep values, and on meta it would keep none.
+    """
     if value is None:
         return None
     if not isinstance(value, (str, torch.device)):
@@ -98,10 +102,11 @@ def device(value: object, name: str = "device") -> torch.device | None:
             f"{name}={value!r} is not a torch device; pass 'cpu', 'cuda', 'cuda:1' or a "
             "torch.device"
         ) from err
-    if found.type == "meta":
+    if found.type == "meta" and not meta:
         raise TensorSnapError(
-            f"{name}={value!r}: meta tensors hold no data, so copies there would keep nothing; "
-            "pass 'cpu' (or an accelerator), or None to copy where each value was produced"
+            f"{name}={value!r}: meta tensors hold no data, so a capture there would keep no "
+            "values (and save none); pass 'cpu' (or an accelerator), or None to copy where each "
+            "value was produced (tensorsnap.snapshot(obj, device='meta') copies layouts only)"
         )
     return found
 
@@ -111,9 +116,14 @@ def capture_options(
     ops: object,
     nonfinite: object,
     spill: object,
+    where: object = None,
     **flags: object,
 ) -> None:
-    """The options of ``capture`` and ``names`` that are not patterns, sizes or devices."""
+    """The options of ``capture`` and ``names`` that are not patterns or sizes.
+
+    ``where`` is the ``device=`` option (meta is refused: a capture there keeps nothing).
+    """
+    device(where)
     choice(
         ops,
         "ops",
