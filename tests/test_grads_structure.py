@@ -7,13 +7,16 @@ References are independent of tensorsnap: hand-derived values, and ``conftest.Gr
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import pytest
 import torch
 from conftest import GradReference, assert_grads_match, tensor_paths, tiny_gpt2, token_ids
 from torch import nn
+from torch.nn.modules import module as module_hooks
 from torch.nn.utils.rnn import pack_padded_sequence
+from torch.overrides import TorchFunctionMode
 
 import tensorsnap
 
@@ -357,3 +360,72 @@ def test_zoo_names_equal_capture_and_gradients_equal_tensor_hooks(name: str, ops
         f"only captured: {sorted(set(snap) - set(listed))[:8]}"
     )
     assert_grads_match(snap, reference)
+
+
+class _HookEveryOp(TorchFunctionMode):
+    """The op-level reference: a cloning tensor hook on every tensor that a torch-level call
+    made inside a named module's forward returns, keyed ``module#call/op#count:grad`` by
+    process-wide module hooks of its own (as ``test_capture_fastpaths._CloneEveryOp``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.stack: list[tuple[str, dict[str, int]]] = []
+        self.calls: dict[str, int] = {}
+        self.grads: dict[str, dict[str, torch.Tensor]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        result = func(*args, **(kwargs or {}))
+        found = list(tensor_paths(result))
+        if self.stack and found:
+            name, counts = self.stack[-1]
+            op = func.__name__
+            op = op[2:-2] if op.startswith("__") and op.endswith("__") else op
+            count = counts.get(op, 0)
+            counts[op] = count + 1
+            key = f"{name}/{op}" if count == 0 else f"{name}/{op}#{count}"
+            for path, t in found:
+                if t.requires_grad:
+                    t.register_hook(partial(self._arrived, f"{key}:grad", path))
+        return result
+
+    def _arrived(self, key: str, path: str, grad: torch.Tensor) -> None:
+        self.grads.setdefault(key, {})[path] = grad.detach().clone()
+
+    def pre(self, module: nn.Module, args: Any) -> None:
+        name = self.names.get(id(module))
+        if name is not None:
+            call = self.calls[name] = self.calls.get(name, -1) + 1
+            self.stack.append((name if call == 0 else f"{name}#{call}", {}))
+
+    def post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if id(module) in self.names:
+            self.stack.pop()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert", "t5", "bart", "clip"])
+def test_zoo_op_gradients_equal_tensor_hooks_on_every_op_result(name: str) -> None:
+    build, kwargs = _zoo()[name]
+    model = build()
+    reference = _HookEveryOp(model)
+    handles = [
+        module_hooks.register_module_forward_pre_hook(reference.pre),
+        module_hooks.register_module_forward_hook(reference.post),
+    ]
+    try:
+        with reference, tensorsnap.capture(model, ops=True, grads=True) as snap:
+            _whole_output_loss(model(**kwargs)).backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    op_keys = {k for k in snap if "/" in k and k.endswith(":grad")}
+    assert len(op_keys) > 20
+    assert op_keys == set(reference.grads), (
+        f"only in capture: {sorted(op_keys - set(reference.grads))[:6]}; "
+        f"only in reference: {sorted(set(reference.grads) - op_keys)[:6]}"
+    )
+    for key, expected in reference.grads.items():
+        got = dict(tensor_paths(snap[key]))
+        assert set(got) == set(expected), f"{key}: {sorted(got)} != {sorted(expected)}"
+        for path, grad in expected.items():
+            assert torch.equal(got[path], grad), f"{key}{path}: values differ"
