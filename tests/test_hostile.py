@@ -317,6 +317,19 @@ def test_class_lookup_runs_no_attribute_hooks(tmp_path: Any) -> None:
     assert type(got) is Point and got.y == 3
 
 
+@pytest.mark.parametrize("kind", ["_eq__", "_subclasshook__", "_init__", "warn"])
+def test_node_types_name_only_node_decoders(tmp_path: Any, kind: str) -> None:
+    # "_eq__" would reach the decoder's own __eq__ and load NotImplemented as the value
+    make({"a": (torch.ones(1), 2)}).save(tmp_path / "b")
+
+    def edit(m: dict[str, Any]) -> None:
+        m["records"][0]["value"]["items"][1]["type"] = kind
+
+    rewrite_manifest(tmp_path / "b", edit)
+    with pytest.raises(BundleError, match=rf"key 'a': .*unknown node type '{kind}'"):
+        tensorsnap.load(tmp_path / "b")["a"]
+
+
 def test_default_factory_is_set_without_the_class_setattr(tmp_path: Any) -> None:
     value = LoudFactoryDict(list, a=torch.ones(1))
     make({"d": value}).save(tmp_path / "b")

@@ -280,24 +280,28 @@ def load(
     if not os.path.isdir(root):
         raise BundleError(f"no bundle at {root}: it is not a directory (write one with snap.save)")
     manifest_path = os.path.join(root, MANIFEST)
-    if not os.path.lexists(manifest_path):
-        ranks = sorted(d for d in os.listdir(root) if _RANK_DIR.fullmatch(d))
-        if ranks:
-            raise BundleError(
-                f"{root} has parts for {len(ranks)} ranks but no {MANIFEST}: the multi-rank "
-                "save or extract that wrote it did not finish (the index is written last), so "
-                "it is incomplete; save again"
-            )
-        if os.path.lexists(os.path.join(root, JOURNAL)):
-            raise BundleError(
-                f"{root} is an unfinished tensorsnap.extract (it has {JOURNAL} and no {MANIFEST}):"
-                " run the same extract(..., resume=True) to finish it, or remove the directory"
-            )
+    try:
+        if os.path.lexists(manifest_path):
+            return _open(root, rank, assemble, verify)
+        entries = os.listdir(root)
+    except OSError as err:  # e.g. a part or a shard that cannot be read (permissions)
+        raise BundleError(f"{root} cannot be read as a bundle: {err}") from err
+    ranks = sorted(d for d in entries if _RANK_DIR.fullmatch(d))
+    if ranks:
         raise BundleError(
-            f"{root} has no {MANIFEST}: it is not a bundle, or its save did not finish (an "
-            "interrupted save never writes the manifest); save the snapshot again"
+            f"{root} has parts for {len(ranks)} ranks but no {MANIFEST}: the multi-rank "
+            "save or extract that wrote it did not finish (the index is written last), so "
+            "it is incomplete; save again"
         )
-    return _open(root, rank, assemble, verify)
+    if os.path.lexists(os.path.join(root, JOURNAL)):
+        raise BundleError(
+            f"{root} is an unfinished tensorsnap.extract (it has {JOURNAL} and no {MANIFEST}):"
+            " run the same extract(..., resume=True) to finish it, or remove the directory"
+        )
+    raise BundleError(
+        f"{root} has no {MANIFEST}: it is not a bundle, or its save did not finish (an "
+        "interrupted save never writes the manifest); save the snapshot again"
+    )
 
 
 def _open(root: str, rank: int | None, assemble: bool = False, verify: bool = True) -> Snapshot:

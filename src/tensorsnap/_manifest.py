@@ -506,7 +506,9 @@ class Decoder:
 
     def node(self, n: dict[str, Any]) -> Any:
         kind = n["type"]
-        method = getattr(self, f"_{kind}", None) if isinstance(kind, str) else None
+        # letters only: a type such as "_eq__" must not reach self.__eq__ (or any dunder)
+        known = isinstance(kind, str) and kind.isascii() and kind.isalpha()
+        method = getattr(self, f"_{kind}", None) if known else None
         if method is None:
             raise ValueError(f"unknown node type {kind!r}")
         return method(n)
