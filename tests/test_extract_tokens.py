@@ -381,3 +381,53 @@ def test_old_journals_without_per_token_resume_as_whole_values() -> None:
     _extract._check_same("out", saved, options, {})  # no per_token saved: it was False
     with pytest.raises(TensorSnapError, match="option 'per_token' differs"):
         _extract._check_same("out", saved, {**options, "per_token": True}, {})
+
+
+# -- the writer thread -----------------------------------------------------------------------
+
+
+def shard_bytes(path: Any) -> dict[str, bytes]:
+    names = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    return {n: (path / n).read_bytes() for n in names}
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+def test_a_writer_thread_writes_the_same_bytes(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, per_token: bool
+) -> None:
+    from tensorsnap import _stream
+
+    model = tiny_gpt2()
+    batches = padded_batches() + padded_batches(right=False, seed=9)
+    if not per_token:  # whole values: one sequence length for every batch
+        batches = [{"input_ids": token_ids(2, 6, seed=i)} for i in range(5)]
+    options: dict[str, Any] = dict(include=GPT2_KEYS, per_token=per_token, progress=False)
+    files = {}
+    for background in (False, True):
+        monkeypatch.setattr(_stream, "BACKGROUND", background)
+        out = tmp_path / f"bg-{background}"
+        got = tensorsnap.extract(model, batches, out=out, **options)
+        files[background] = shard_bytes(out)
+        if per_token:
+            expected = rows_by_hand(model, batches, GPT2_KEYS)
+            for key, value in expected.items():
+                assert torch.equal(got[key], value), key
+    assert files[True] == files[False] and len(files[True]) == len(GPT2_KEYS) + per_token
+
+
+def test_a_writer_thread_resumes_after_an_interruption(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tensorsnap import _stream
+
+    monkeypatch.setattr(_stream, "BACKGROUND", True)
+    model = tiny_gpt2()
+    batches = padded_batches() + padded_batches(right=False, seed=9)
+    out = tmp_path / "acts"
+    options: dict[str, Any] = dict(include=GPT2_KEYS, per_token=True, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        tensorsnap.extract(model, interrupted(batches, 5), out=out, **options)
+    got = tensorsnap.extract(model, batches, out=out, resume=True, **options)
+    expected = rows_by_hand(model, batches, GPT2_KEYS)
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key

@@ -124,7 +124,10 @@ def extract(
         >>> acts["0"].shape
         torch.Size([40, 3])
     """
-    # validate every option before anything is written (a session checks the capture ones)
+    # validate every option before anything is written (a session checks the capture ones);
+    # patterns become lists once, so that a generator of them serves every batch
+    include = None if include is None else _validate.patterns(include, "include")
+    exclude = None if exclude is None else _validate.patterns(exclude, "exclude")
     capture(
         model, include=include, exclude=exclude, ops=ops, inputs=inputs, device=device, dtype=dtype
     )
@@ -385,10 +388,14 @@ def _token_run(
     """
     from ._capture import _Session
     from ._rows import IDS_KEY, RowCopier, positions
+    from ._stream import background_writes
+
+    background = background_writes()
 
     budget = parse_size(max_memory, "max_memory")
     half = None if budget is None else budget // 2
-    rows = RowCopier(device=device, dtype=dtype, budget=half)
+    # a writer thread writes one batch while the next runs: two sets of buffers, in turn
+    rows = RowCopier(device=device, dtype=dtype, budget=half, generations=2 if background else 1)
 
     def run(batch: Any, index: int) -> Snapshot:
         pos = positions(batch, index)

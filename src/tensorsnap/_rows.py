@@ -156,6 +156,8 @@ class RowCopier:
         reuse: Keep staging buffers between batches (False allocates fresh ones per batch;
             the default is ``REUSE_STAGING``, which the benchmark turns off to measure what the
             reuse buys).
+        generations: Sets of buffers used in turn, batch after batch: 2 when a writer thread
+            writes one batch while the next one runs (its rows must stay as they are until then).
     """
 
     def __init__(
@@ -164,12 +166,15 @@ class RowCopier:
         dtype: torch.dtype | None = None,
         budget: int | None = None,
         reuse: bool | None = None,
+        generations: int = 1,
     ) -> None:
         self.device = torch.device(device) if device is not None else None
         self.dtype = dtype
         self.budget = budget
         self.reuse = REUSE_STAGING if reuse is None else reuse
-        self._buffers: dict[tuple[str, int], torch.Tensor] = {}
+        self.generations = generations
+        self._batch = -1
+        self._buffers: dict[tuple[str, int, int], torch.Tensor] = {}
         self._kept_bytes = 0
         self._pos: Positions | None = None
         self._wrong: list[tuple[str, str]] = []  # (root, what is wrong there)
@@ -181,6 +186,7 @@ class RowCopier:
     def begin(self, pos: Positions) -> torch.Tensor:
         """Start a batch; returns the kept token ids as rows."""
         self._pos = pos
+        self._batch += 1
         self._wrong = []
         self._collision = False
         return self._rows(pos.ids, _IDS_ROOT, 0, cast=False)
@@ -296,7 +302,9 @@ class RowCopier:
         source = t.device
         target = self.device if self.device is not None else torch.device("cpu")
         pin = target.type == "cpu" and source.type != "cpu" and torch.cuda.is_available()
-        dst = self._buffer((root, leaf), pos.rows, rest, dtype, target, pin)
+        dst = self._buffer(
+            (root, leaf, self._batch % self.generations), pos.rows, rest, dtype, target, pin
+        )
         if source != target:
             # cut (and cast) where the value is, so that only the kept rows cross; the copy is
             # asynchronous into pinned memory and waited for in end()
@@ -326,7 +334,7 @@ class RowCopier:
 
     def _buffer(
         self,
-        slot: tuple[str, int],
+        slot: tuple[str, int, int],
         rows: int,
         rest: list[int],
         dtype: torch.dtype,

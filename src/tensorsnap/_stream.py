@@ -11,6 +11,11 @@ After the first batch and then every ``_COMMIT_SECONDS``, the touched files are 
 (batches done, each file's length and running CRC-32). A restarted run cuts every file back to
 its journaled length and deletes files the journal does not know, so bytes written after the
 last journal entry are never seen.
+
+On machines with cores to spare (:func:`background_writes`), a batch's bytes are written and
+checksummed by a writer thread while the next batch runs; the batch is checked, and its sizes
+known, before it is handed over, and every journal entry, error and the end wait for the batch
+in flight, so the journal still only ever names completed batches.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import os
 import re
 import time
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -39,13 +45,19 @@ from ._shards import (
 )
 from ._snapshot import Record, Snapshot
 
-__all__ = ["TEMP", "Writer", "read_journal", "tensor_bytes"]
+__all__ = ["BACKGROUND", "TEMP", "Writer", "background_writes", "read_journal", "tensor_bytes"]
 
 _JOURNAL_FORMAT = "tensorsnap-extract-journal"
 _JOURNAL_VERSION = 1
 # Journal (and fsync the files written since the last entry) at most this often: each entry
 # costs one fsync per touched file; a restart redoes at most this much work.
 _COMMIT_SECONDS = 2.0
+# Write batches from a background thread: True, False, or None to decide by the cores present
+# (benchmarks/bench_extract.py sets it to compare both)
+BACKGROUND: bool | None = None
+# the fewest cores with which None writes in the background: on 2 cores the writer thread only
+# takes time from the model's own threads (measured, bench_extract.py --sections background)
+_BACKGROUND_CORES = 4
 # Bytes reserved at the head of each shard for its safetensors header (written at the end).
 _DATA_START = 256
 # Blobs end on this many bytes, as in every bundle (docs/format.md).
@@ -57,6 +69,17 @@ _SHARD_FILE = re.compile(r"shard-\d{5}\.safetensors")
 _MAX_JOURNAL = 2**30
 # leftovers of a commit that a kill interrupted: never complete
 TEMP = (f".{JOURNAL}.tmp", f".{MANIFEST}.tmp")
+
+
+def background_writes() -> bool:
+    """Whether extract writes each batch from a thread while the next one runs."""
+    if BACKGROUND is not None:
+        return BACKGROUND
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return cores >= _BACKGROUND_CORES
 
 
 def read_journal(root: str) -> dict[str, Any]:
@@ -141,6 +164,11 @@ class Writer:
         self._fds: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._dirty: set[str] = set()
         self._last_commit = time.monotonic()
+        self._added = 0  # batches handed to add(), written or in flight
+        self._thread: ThreadPoolExecutor | None = None
+        if background_writes():
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="tensorsnap-extract")
+        self._pending: Future[None] | None = None
 
     # -- one batch ------------------------------------------------------------------------
 
@@ -154,29 +182,48 @@ class Writer:
             encoder = Encoder(f"batch {index}: snap[{record.key!r}]")
             tree = encoder.node(snap[record.key], [])
             values.append((record, tree, encoder.tensors))
+        self.wait()  # the batch before is out (and its error, if any, raised here)
         if not self.defined:
             self._define(values)
         else:
             self._check(index, values)
         # every check passed: now write (new sizes are applied only once all bytes are out)
+        jobs = [
+            (leaf, t)
+            for record, _, tensors in values
+            for leaf, t in zip(self.keys[record.key].leaves, tensors)
+        ]
+        self._added = index + 1
+        if self._thread is None:
+            self._write(index, jobs, inputs_crc32)
+        else:
+            self._pending = self._thread.submit(self._write, index, jobs, inputs_crc32)
+        return sum(t.numel() * t.element_size() for _, t in jobs)
+
+    def _write(
+        self, index: int, jobs: list[tuple[_Leaf, torch.Tensor]], inputs_crc32: int | None
+    ) -> None:
+        """Append one checked batch; its sizes and checksums count once every byte is out."""
         updates = []
-        for record, _, tensors in values:
-            for leaf, t in zip(self.keys[record.key].leaves, tensors):
-                data = tensor_bytes(t)
-                fd = self._fd(leaf.file)
-                write_all(fd, data)
-                self._dirty.add(leaf.file)
-                rows = int(t.shape[0]) if t.dim() else 1
-                updates.append((leaf, rows, len(data), zlib.crc32(data, leaf.crc32)))
-        written = 0
+        for leaf, t in jobs:
+            data = tensor_bytes(t)
+            fd = self._fd(leaf.file)
+            write_all(fd, data)
+            self._dirty.add(leaf.file)
+            rows = int(t.shape[0]) if t.dim() else 1
+            updates.append((leaf, rows, len(data), zlib.crc32(data, leaf.crc32)))
         for leaf, rows, nbytes, crc in updates:
             leaf.rows += rows
             leaf.nbytes += nbytes
             leaf.crc32 = crc
-            written += nbytes
         self.batches = index + 1
         self.inputs_crc32 = inputs_crc32
-        return written
+
+    def wait(self) -> None:
+        """Until the batch in flight is written; raises what writing it raised."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def _define(self, values: list[tuple[Record, Any, list[torch.Tensor]]]) -> None:
         count = itertools.count()
@@ -253,11 +300,12 @@ class Writer:
     # -- journal ----------------------------------------------------------------------------
 
     def maybe_commit(self) -> None:
-        if time.monotonic() - self._last_commit >= _COMMIT_SECONDS or self.batches == 1:
+        if time.monotonic() - self._last_commit >= _COMMIT_SECONDS or self._added == 1:
             self.commit()
 
     def commit(self) -> None:
         """Make the state after the last completed batch durable, then journal it."""
+        self.wait()
         for file in sorted(self._dirty):
             os.fsync(self._fds[file])
         self._dirty.clear()
@@ -344,12 +392,19 @@ class Writer:
     def abort(self) -> None:
         """After an error: journal the batches completed so far, close the files."""
         try:
+            self.wait()
+        except Exception:
+            pass  # the batch in flight is not complete; the error being raised matters more
+        try:
             self.commit()
         except OSError:
             pass  # the error being raised matters more; the last journal entry still holds
         self._close()
 
     def _close(self) -> None:
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -360,6 +415,7 @@ class Writer:
         """Headers into every shard, then the manifest (the commit point), then no journal."""
         from . import __version__
 
+        self.wait()
         for fd in self._fds.values():
             os.fsync(fd)
         self._close()
