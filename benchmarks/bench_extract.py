@@ -1,7 +1,7 @@
 """tensorsnap.extract against a plain ``no_grad`` loop and against the disk's raw write speed.
 
     python benchmarks/bench_extract.py [--repeat 3] [--dir /path/on/local/disk]
-        [--sections tokens,disk,staging,read,whole,rss] [--quick]
+        [--sections tokens,disk,staging,background,read,whole,rss] [--quick]
 
 Every figure is a ratio against a baseline measured in the same run (medians of interleaved
 repeats), plus the bytes written per second:
@@ -16,6 +16,8 @@ repeats), plus the bytes written per second:
    one ``fsync`` at the end) writing the same number of bytes. Goal >= 0.9x.
 3. ``staging``: the ``disk`` workload with the row copier's staging buffers reused across
    batches (the default) and allocated fresh per batch, interleaved: what the reuse buys.
+   ``background``: the same with each batch written by a writer thread while the next one runs,
+   and written in the loop (the default decides by the cores present).
 4. ``read``: random-access batches from the rows of ``tensorsnap.load(out)[key]`` (the sparse
    autoencoder pattern ``acts[torch.randint(n, (4096,))]``) right after opening (pages come
    from the page cache) and once mapped, against the same gathers from a copy in memory.
@@ -248,6 +250,32 @@ def bench_staging(work: str, repeat: int, quick: bool) -> None:
     )
 
 
+# -- 3b. the writer thread on and off ---------------------------------------------------------
+
+
+def bench_background(work: str, repeat: int, quick: bool) -> None:
+    from tensorsnap import _stream
+
+    model, batches, options = disk_workload(quick)
+    auto = _stream.background_writes()
+    print(
+        "\n3b. batches written by a writer thread while the next runs vs in the loop, the "
+        f"workload of 2 (on by default here: {auto}, with {os.cpu_count()} CPUs)"
+    )
+    print(f"{'':<9} {'thread s':>9} {'loop s':>8} {'loop/thread':>12}")
+
+    def run(background: bool) -> float:
+        _stream.BACKGROUND = background
+        try:
+            return timed_extract(model, batches, os.path.join(work, "bg"), **options)[0]
+        finally:
+            _stream.BACKGROUND = None
+
+    thread, loop = interleaved(repeat, lambda: run(True), lambda: run(False))
+    t, lo = median(thread), median(loop)
+    print(f"{'fp32':<9} {t:9.3f} {lo:8.3f} {lo / t:12.3f}")
+
+
 # -- 4. reading rows back: random-access batches ------------------------------------------
 
 
@@ -389,6 +417,7 @@ SECTIONS: dict[str, Callable[[str, int, bool], None]] = {
     "tokens": bench_tokens,
     "disk": bench_disk,
     "staging": bench_staging,
+    "background": bench_background,
     "read": bench_read,
     "whole": bench_whole,
     "rss": bench_rss,
