@@ -489,6 +489,14 @@ def test_save_names_a_parent_that_cannot_be_created(tmp_path: Any) -> None:
 # -- 11 and 12: bad arguments, refused by name before anything is created ---------------------
 
 
+def test_extract_takes_patterns_from_a_generator_for_every_batch(tmp_path: Any) -> None:
+    batches = [torch.randn(2, 6), torch.randn(3, 6)]
+    got = tensorsnap.extract(
+        Net(), batches, out=tmp_path / "out", include=(p for p in ["fc1"]), progress=False
+    )
+    assert list(got) == ["fc1"] and got["fc1"].shape == (5, 8)
+
+
 def test_extract_without_batches_creates_nothing(tmp_path: Any) -> None:
     with pytest.raises(TensorSnapError, match=r"batches=None: expected an iterable of batches"):
         tensorsnap.extract(Net(), None, out=tmp_path / "out")  # type: ignore[arg-type]
