@@ -25,8 +25,8 @@ from torch.nn.modules import module as _module_hooks
 from . import _tree, _validate
 from ._clones import clone, clone_items, storage_bytes
 from ._copy import Copier
-from ._dtensor import local
-from ._errors import NonFiniteError, TensorSnapError, TensorSnapWarning
+from ._errors import TensorSnapError, TensorSnapWarning
+from ._finite import FiniteCheck
 from ._grads import Gradients, InputGradients, Reach
 from ._keys import Selector, module_names
 from ._lazy import Deferred
@@ -168,6 +168,7 @@ class _Session(AbstractContextManager[Snapshot]):
         else:
             store = MemoryStore()
         self.snapshot = Snapshot(store=store)
+        self._finite = FiniteCheck(self.snapshot) if nonfinite is not None and not dry else None
         self._deferred = Deferred(self._settled) if lazy and not dry and self._plain else None
         self.open = False
         self._used = False
@@ -308,13 +309,21 @@ class _Session(AbstractContextManager[Snapshot]):
         spoiled = self._deferred.settle() if self._deferred is not None else []
         for key in spoiled:
             self.snapshot._drop(key)
+        # checks still queued on a device: a value that failed stops the block here
+        bad = self._finite.first() if self._finite is not None else None
         flush = getattr(self.snapshot._store, "flush", None)
         if flush is not None:  # a spill store: what is over the budget is on disk when we return
             try:
                 flush()
             except TensorSnapError:
-                if exc_type is None:
+                if exc_type is None and bad is None:
                     raise  # else the block's own exception is the one to see
+        if bad is not None and self._finite is not None:
+            if exc_type is None:
+                self.snapshot._drop_after(bad)
+                raise self._finite.error(bad)
+            if isinstance(exc, Exception):
+                exc.add_note(f"tensorsnap: {bad!r} was the first value with a NaN or Inf")
         if exc_type is None:
             if spoiled:
                 raise TensorSnapError(
@@ -435,6 +444,8 @@ class _Session(AbstractContextManager[Snapshot]):
                 self._ended(frame, module, rest[1])
         else:
             self._retarget()
+        if module is self.model and len(rest) == 2:
+            self._read_finite()
 
     def _ended(self, frame: _Frame, module: nn.Module, output: Any) -> None:
         """A module call returned ``output``: record it, and what waited for it to end."""
@@ -467,6 +478,8 @@ class _Session(AbstractContextManager[Snapshot]):
         """
         name = self.names.get(id(module))
         if name is None or threading.get_ident() != self._thread or _in_backward() != -1:
+            if name is None and module is self.model and len(rest) == 2:
+                self._read_finite()  # a wrapper around the model returned
             return  # not ours, or re-run by activation checkpointing during backward
         call = self._calls.get(id(module), 0)
         self._calls[id(module)] = call + 1
@@ -483,6 +496,8 @@ class _Session(AbstractContextManager[Snapshot]):
             children = module._modules.values()
             if not any(self._calls.get(id(child)) for child in children if child is not None):
                 self._warn_fastpath(module, name)
+        if module is self.model:
+            self._read_finite()
 
     def _pop(self, module: nn.Module) -> _Frame | None:
         stack = self._stack
@@ -653,22 +668,14 @@ class _Session(AbstractContextManager[Snapshot]):
         return Record(key, module, call, op, kind, shape, dtype, _tree.nbytes(value))
 
     def _check_finite(self, key: str, value: Any) -> None:
-        if self.nonfinite is None:
-            return
-        for t in _tree.tensors(value):
-            t = local(t)  # a DTensor's own sum would be a collective: check this rank's part
-            if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
-                continue
-            # a finite sum proves every element finite at the cost of one reduction; only an
-            # Inf/NaN sum (or an overflow) needs the elementwise check
-            if bool(t.sum().isfinite()) or bool(torch.isfinite(t).all()):
-                continue
-            raise NonFiniteError(
-                f"{key!r} is the first captured value with a NaN or Inf; the values captured "
-                "up to it are in the snapshot (pass inputs=True to see each module's inputs)",
-                key=key,
-                snapshot=self.snapshot,
-            )
+        # CPU values are checked now; device values are read at boundaries (see _finite)
+        if self._finite is not None:
+            self._finite.check(key, value)
+
+    def _read_finite(self) -> None:
+        # the model's call returned: read the checks queued on devices, once per call
+        if self._finite is not None and threading.get_ident() == self._thread:
+            self._finite.read()
 
 
 class _ForceEager:

@@ -125,6 +125,16 @@ class Snapshot(Mapping[str, Any]):
         self._index = {r.key: i for i, r in enumerate(self._records)}
         self._store.put(key, None, 0)
 
+    def _drop_after(self, key: str) -> None:
+        """Forget every key recorded after ``key`` (a deferred check stopped the block there)."""
+        keep = self._index.get(key)
+        if keep is None:
+            return
+        for record in self._records[keep + 1 :]:
+            del self._index[record.key]
+            self._store.put(record.key, None, 0)
+        del self._records[keep + 1 :]
+
     # -- Mapping -----------------------------------------------------------------------------
 
     def __getitem__(self, key: str) -> Any:
