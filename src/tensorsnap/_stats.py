@@ -26,8 +26,10 @@ __all__ = ["Stats", "StatsReducer", "StatsStore", "stats_of", "stats_session"]
 
 # Pending reductions read back at once when this many wait (bounds device memory held by them).
 _PENDING = 8192
-# Elements reduced at once: bounds the float64 and int64 temporaries of huge tensors.
+# Elements reduced at once: bounds the float64 temporaries of huge tensors.
 _CHUNK = 2**24
+# Words hashed at once, each with its own weight from a table of this length per device.
+_BLOCK = 2**20
 _M64 = 2**64
 
 
@@ -218,14 +220,15 @@ def _mix(z: torch.Tensor) -> torch.Tensor:
 
 
 def _words(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bytes in row-major order as integer words, one per element (or per byte)."""
+    """The tensor's bytes in row-major order as integer words: one per element of 1, 2 or 4
+    bytes, two per element of 8 bytes."""
     t = t.contiguous()
     if t.is_complex():
         t = torch.view_as_real(t)
     size = t.element_size()
     if t.dtype == torch.bool or size not in _WORDS:
         return t.reshape(-1).view(torch.uint8)
-    return t.reshape(-1).view(_WORDS[size])
+    return t.reshape(-1).view(_WORDS[min(size, 4)])
 
 
 def _reduce(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,12 +236,61 @@ def _reduce(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     flat = t.detach().reshape(-1)
     if flat.is_complex():
         flat = torch.view_as_real(flat).reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.view(torch.uint8)
+    floats = _moments_if_finite(flat) if flat.device.type == "cpu" else None
+    if floats is None:
+        floats = _moments(flat)
     words = _words(t)
-    zero = torch.zeros((), dtype=torch.float64, device=t.device)
-    nan = nonfinite = total = squares = zero
-    low = torch.full((), math.inf, dtype=torch.float64, device=t.device)
-    high = torch.full((), -math.inf, dtype=torch.float64, device=t.device)
     digest = torch.zeros((), dtype=torch.int64, device=t.device)
+    table = _table(t.device)
+    for block, start in enumerate(range(0, words.numel(), _BLOCK)):
+        w = words[start : start + _BLOCK]
+        if w.dtype != torch.int32:
+            w = w.to(torch.int32)
+        weights = table[: w.numel()]
+        # per element a bijection of its word (xor, then times an odd number), made
+        # nonlinear by a shift; int32 arithmetic wraps the same way on every device
+        z = (w ^ weights) * (weights | 1)
+        z = z ^ ((z >> 16) & 0xFFFF)  # a logical shift: the xorshift stays a bijection
+        digest = digest + z.sum(dtype=torch.int64) * _signed((2 * block + 1) * _MIX2 % _M64)
+    return floats, digest.reshape(1)
+
+
+_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _table(device: torch.device) -> torch.Tensor:
+    """Pseudo-random int32 weights, one per position of a block, made once per device."""
+    table = _TABLES.get(device)
+    if table is None:
+        index = torch.arange(_BLOCK, dtype=torch.int64, device=device)
+        table = _mix(index * _GOLDEN + 1).to(torch.int32)
+        _TABLES[device] = table
+    return table
+
+
+def _moments_if_finite(flat: torch.Tensor) -> torch.Tensor | None:
+    """On the CPU, where reading a number waits for nothing: the unmasked statistics when every
+    element is finite (a finite float64 sum proves it), else None for the masked path."""
+    if flat.numel() == 0 or flat.numel() > _CHUNK:
+        return None
+    total = flat.sum(dtype=torch.float64)
+    if not bool(torch.isfinite(total)):
+        return None
+    low, high = torch.aminmax(flat)
+    squares = flat.to(torch.float64).square().sum()
+    zero = torch.zeros((), dtype=torch.float64)
+    return torch.stack([zero, zero, total, squares, low.to(torch.float64), high.to(torch.float64)])
+
+
+def _moments(flat: torch.Tensor) -> torch.Tensor:
+    """NaN count, non-finite count, sum, sum of squares, min and max over the finite elements."""
+    device = flat.device
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    nan = nonfinite = total = squares = zero
+    low = torch.full((), math.inf, dtype=torch.float64, device=device)
+    high = torch.full((), -math.inf, dtype=torch.float64, device=device)
     for start in range(0, flat.numel(), _CHUNK):
         x = flat[start : start + _CHUNK].to(torch.float64)
         finite = torch.isfinite(x)
@@ -249,12 +301,7 @@ def _reduce(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         squares = squares + torch.dot(clean, clean)
         low = torch.minimum(low, torch.where(finite, x, math.inf).amin())
         high = torch.maximum(high, torch.where(finite, x, -math.inf).amax())
-    for start in range(0, words.numel(), _CHUNK):
-        w = words[start : start + _CHUNK].to(torch.int64)
-        index = torch.arange(start, start + w.numel(), dtype=torch.int64, device=t.device)
-        digest = digest + _mix(w ^ _mix(index * _GOLDEN + 1)).sum()
-    floats = torch.stack([nan, nonfinite, total, squares, low, high])
-    return floats, digest.reshape(1)
+    return torch.stack([nan, nonfinite, total, squares, low, high])
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
