@@ -128,3 +128,29 @@ def test_report_against_shows_pairs_and_the_error_axis(
     assert "First divergence: <code>body.fc_out</code>" in page
     assert "paired with" in page and "auto: shape" in page
     assert "1e-8 to 1e-1" in page and '"range":[-8.0,-1.0]' in page
+
+
+def test_ls_report_and_diff_read_a_stats_bundle(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
+    x = torch.randn(6, 3)
+    with torch.no_grad():
+        with tensorsnap.capture(model, stats=True) as stats:
+            model(x)
+        with tensorsnap.capture(model) as copies:
+            model(x)
+    stats.save(tmp_path / "s")
+    copies.save(tmp_path / "c")
+    assert main(["ls", str(tmp_path / "s")]) == 0
+    text = capsys.readouterr().out
+    expected_min = float(copies["0"].min())
+    assert f"{expected_min:.4g}" in text and "6x4" in text
+    assert main(["diff", str(tmp_path / "s"), str(tmp_path / "c")]) == 0  # digests agree
+    assert "equal: 3 keys" in capsys.readouterr().out
+    out = tmp_path / "s.html"
+    assert (
+        main(["report", str(tmp_path / "s"), "--against", str(tmp_path / "c"), "-o", str(out)]) == 0
+    )
+    assert "equal: 3 keys" in out.read_text()
