@@ -419,9 +419,9 @@ def own_error(err: BaseException, model: nn.Module | None = None) -> str:
         if inner is not None:
             where.append(f"in module {names[id(inner)]!r} ({type(inner).__name__})")
     skip = (os.path.dirname(__file__), _package_dir("torch"))
-    for frame in reversed(traceback.extract_tb(err.__traceback__)):
-        if not any(s and frame.filename.startswith(s) for s in skip):
-            where.append(f"at {_short(frame.filename)}:{frame.lineno}, in {frame.name}")
+    for summary in reversed(traceback.extract_tb(err.__traceback__)):
+        if not any(s and summary.filename.startswith(s) for s in skip):
+            where.append(f"at {_short(summary.filename)}:{summary.lineno}, in {summary.name}")
             break
     return f"{first} ({'; '.join(where)})" if where else first
 
