@@ -322,7 +322,7 @@ class _Session(AbstractContextManager[Snapshot]):
             if exc_type is None:
                 self.snapshot._drop_after(bad)
                 raise self._finite.error(bad)
-            if isinstance(exc, Exception):
+            if isinstance(exc, Exception) and hasattr(exc, "add_note"):  # Python >= 3.11
                 exc.add_note(f"tensorsnap: {bad!r} was the first value with a NaN or Inf")
         if exc_type is None:
             if spoiled:
