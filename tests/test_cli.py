@@ -427,13 +427,22 @@ def test_ls_counts_nans_and_names_the_first_nonfinite_key(
 
 
 def test_ls_keys_keeps_every_kind(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.fc(input=x))  # a keyword argument: an 'fc:kwargs' key
+
+    model = Net()
     with tensorsnap.capture(model, ops=True, inputs=True, grads=True, saved=True) as snap:
         model(torch.randn(2, 3, requires_grad=True)).sum().backward()
     kinds = {r.key: r.kind for r in snap.records}
-    assert set(kinds.values()) == {"output", "input", "op", "grad", "grad_in", "op_grad", "saved"}
+    every = {"output", "input", "kwargs", "op", "grad", "grad_in", "op_grad", "saved"}
+    assert set(kinds.values()) == every
     snap.save(tmp_path / "b")
-    assert main(["ls", str(tmp_path / "b"), "-k", "0*", "--no-stats"]) == 0
+    assert main(["ls", str(tmp_path / "b"), "-k", "fc*", "--no-stats"]) == 0
     lines = capsys.readouterr().out.splitlines()[1:-1]
     listed: dict[str, set[str]] = {}
     for line in lines:
@@ -442,9 +451,9 @@ def test_ls_keys_keeps_every_kind(tmp_path: Path, capsys: pytest.CaptureFixture[
         while tokens[at].startswith("["):  # leaf rows of nested values: "KEY [0] KIND ..."
             at += 1
         listed.setdefault(tokens[0], set()).add(tokens[at])
-    expected = {k: {v} for k, v in kinds.items() if k.startswith("0")}
+    expected = {k: {v} for k, v in kinds.items() if k.startswith("fc")}
     assert listed == expected
-    assert len(set.union(*expected.values())) >= 5  # not just "output"
+    assert len(set.union(*expected.values())) >= 6  # not just "output"
 
 
 def test_the_example_factory_runs_as_the_readme_says(

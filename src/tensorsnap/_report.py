@@ -123,6 +123,13 @@ def rows(snap: Mapping[str, Any], *, stats: bool = True, hist: bool = True) -> l
     result: list[Row] = []
     for index, record in enumerate(records):
         value = snap[record.key]
+        if next(iter(leaves(value)), None) is None:
+            # an empty container (the inputs of a call that got none are ()): one row, so that
+            # every key is listed
+            text = repr(value)
+            text = text if len(text) <= 60 else text[:57] + "..."
+            result.append(Row(index, record, "", None, type(value).__name__, 0, None, text))
+            continue
         for parts, leaf in leaves(value):
             path = format_path("", list(parts))
             if isinstance(leaf, SnapStats):  # capture(stats=True): its numbers, no tensor
