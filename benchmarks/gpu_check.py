@@ -685,7 +685,40 @@ def check_side_stream_capture(ctx: Context, name: str, model: nn.Module, ids: to
     n = ops_in_order(snap, recorder.values)
     m = compare_outputs(snap, found)
     compare_outputs(offloaded, found)
-    return f"{n} ops + {m} outputs bitwise, on device and offloaded{_sync_note(ctx, name)}"
+    # blocks whose end (where stats and nonfinite checks are read) runs on the default stream
+    # while the model ran on a side stream
+    with torch.no_grad():
+        with tensorsnap.capture(model, stats=True) as reference:
+            model(ids)
+        side.wait_stream(torch.cuda.current_stream())
+        with tensorsnap.capture(model, stats=True) as stats, torch.cuda.stream(side):
+            _busy(ctx)
+            model(ids)
+        torch.cuda.synchronize()
+        for key in reference:
+            a, b = _stats_leaves(reference[key]), _stats_leaves(stats[key])
+            check([s.digest for s in a] == [s.digest for s in b], f"stats of {key!r} differ")
+        nan = nn.Sequential(_NaNAt())
+        side.wait_stream(torch.cuda.current_stream())
+        try:
+            with tensorsnap.capture(nan, nonfinite="raise"), torch.cuda.stream(side):
+                _busy(ctx)
+                nan[0](torch.ones(8, device=ctx.device))  # a submodule: read when the block ends
+        except tensorsnap.NonFiniteError as err:
+            check(err.key == "0", f"named {err.key!r}, expected '0'")
+        else:
+            raise AssertionError("a NaN made on a side stream was not found at the block's end")
+    return (
+        f"{n} ops + {m} outputs bitwise, on device and offloaded; stats and nonfinite read "
+        f"after the side stream{_sync_note(ctx, name)}"
+    )
+
+
+def _busy(ctx: Context) -> None:
+    """Queue a second of work on the current stream, so that reads not ordered after it fail."""
+    a = torch.randn(4096, 4096, device=ctx.device)
+    for _ in range(20):
+        a = torch.tanh(a @ a)
 
 
 def check_autocast(ctx: Context, name: str, model: nn.Module, ids: torch.Tensor) -> str:
@@ -715,12 +748,21 @@ def check_extract(ctx: Context, name: str, model: nn.Module, ids: torch.Tensor) 
                 if any(_fnmatch(key, p) for p in include):
                     want.setdefault(key, []).append(value[0])
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "bundle")
-        loaded = tensorsnap.extract(model, batches, out=out, include=include, progress=False)
-        check(sorted(loaded) == sorted(want), f"keys {sorted(loaded)} != {sorted(want)}")
-        for key, parts in want.items():
-            value = leaves(loaded[key])[0]
-            check(bits(value) == bits(torch.cat(parts)), f"{key!r} differs")
+        streams = [None, torch.cuda.Stream()] if ctx.cuda else [None]
+        for k, stream in enumerate(streams):
+            # on a side stream the writer thread must still read each copy after it is made
+            out = os.path.join(tmp, f"bundle{k}")
+            if stream is not None:
+                stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                loaded = tensorsnap.extract(
+                    model, _slow(ctx, batches), out=out, include=include, progress=False
+                )
+            check(sorted(loaded) == sorted(want), f"keys {sorted(loaded)} != {sorted(want)}")
+            for key, parts in want.items():
+                value = leaves(loaded[key])[0]
+                where = " (side stream)" if stream is not None else ""
+                check(bits(value) == bits(torch.cat(parts)), f"{key!r} differs{where}")
         # per token: the rows where the mask is 1
         mask = torch.ones_like(ids)
         mask[0, -3:] = 0
@@ -737,6 +779,14 @@ def check_extract(ctx: Context, name: str, model: nn.Module, ids: torch.Tensor) 
         check(bits(leaves(rows[key])[0]) == bits(kept), f"per-token rows of {key!r} differ")
         check(bits(rows["input_ids"]) == bits(ids.flatten()[mask.flatten().bool()]), "token ids")
     return f"{len(want)} keys x {len(batches)} batches bitwise; per-token rows bitwise"
+
+
+def _slow(ctx: Context, batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """The batches, with a second of device work queued before each (CUDA only)."""
+    for b in batches:
+        if ctx.cuda:
+            _busy(ctx)
+        yield b
 
 
 def _fnmatch(key: str, pattern: str) -> bool:

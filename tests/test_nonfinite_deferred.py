@@ -1,6 +1,6 @@
 """nonfinite="raise" on accelerators: checks queued on the device, read once at boundaries.
 
-A CUDA machine is not needed to test the logic: emptying ``_finite._IMMEDIATE`` sends CPU values
+A CUDA machine is not needed to test the logic: setting ``_finite._DEFER_CPU`` sends CPU values
 down the deferred path, so every test of ``test_nonfinite`` runs again here that way (they must
 name the same key and leave the same snapshot), and the tests below pin what deferral adds.
 ``benchmarks/gpu_check.py`` runs the same checks on CUDA.
@@ -45,7 +45,7 @@ __all__ = [
 @pytest.fixture(autouse=True)
 def deferred(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     """Every value takes the deferred path; yields a list that counts the reads (the syncs)."""
-    monkeypatch.setattr(_finite, "_IMMEDIATE", frozenset())
+    monkeypatch.setattr(_finite, "_DEFER_CPU", True)
     reads: list[int] = []
     real = _finite._sync_allowed
 
@@ -93,7 +93,7 @@ def _keys_immediately(model: nn.Module, x: torch.Tensor, **options: Any) -> tupl
         pytest.MonkeyPatch.context() as patch,
         pytest.raises(tensorsnap.NonFiniteError) as info,
     ):
-        patch.setattr(_finite, "_IMMEDIATE", frozenset({"cpu"}))
+        patch.setattr(_finite, "_DEFER_CPU", False)
         patch.setattr(_finite, "_finite_now", _reference_finite)
         with tensorsnap.capture(model, nonfinite="raise", **options):
             model(x)
@@ -189,7 +189,7 @@ def test_another_exception_from_the_block_is_not_masked_but_annotated() -> None:
 def test_a_cpu_value_found_bad_first_reads_the_queued_device_values(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # only values of the "cpu" type-name below are immediate; the rest are queued
+    # CPU values are queued until the model's inner call is done, then checked at once
     monkeypatch.setattr(_finite, "_finite_now", _reference_finite)
     model = _deep()
     x = torch.tensor([[0.0, 3.0]])
@@ -203,7 +203,7 @@ def test_a_cpu_value_found_bad_first_reads_the_queued_device_values(
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             y = self.inner(x)  # holds the -inf of 1.1/log, queued
-            monkeypatch.setattr(_finite, "_IMMEDIATE", frozenset({"cpu"}))
+            monkeypatch.setattr(_finite, "_DEFER_CPU", False)
             return y / 0.0  # checked at once: bad, but not the first
 
     mixed = Mixed()

@@ -25,9 +25,10 @@ from ._errors import NonFiniteError
 
 __all__ = ["FiniteCheck"]
 
-# device types whose values are checked at once: reading a CPU result costs no sync (the tests
-# empty it to run the deferred path on the CPU)
-_IMMEDIATE: frozenset[str] = frozenset({"cpu"})
+# CPU values are checked at once: reading a CPU result costs no sync (the tests set this to run
+# the deferred path on the CPU)
+_DEFER_CPU = False
+_strided = torch.strided
 
 # a graph task's id while a backward pass runs, else -1
 _graph_task = torch._C._current_graph_task_id
@@ -54,7 +55,7 @@ class FiniteCheck:
             t = local(t)  # a DTensor's own reduction would be a collective: check this rank's
             if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
                 continue
-            if t.device.type in _IMMEDIATE or t.layout != torch.strided or t.is_nested:
+            if (t.is_cpu and not _DEFER_CPU) or t.layout is not _strided or t.is_nested:
                 if _finite_now(t):
                     continue
                 self.read()  # a value still queued on a device may be the first
@@ -140,11 +141,18 @@ def _extremes(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @contextmanager
 def _sync_allowed(device: torch.device) -> Iterator[None]:
-    """The one intended sync of a boundary, also under ``torch.cuda.set_sync_debug_mode``."""
+    """The one intended sync of a boundary, also under ``torch.cuda.set_sync_debug_mode``.
+
+    The checks may have been queued on other streams than the one reading them (a block that
+    enters ``torch.cuda.stream(s)`` inside it, a backward pass on the forward's streams): the
+    whole device is waited for, so the read sees every one finished.
+    """
     mode = torch.cuda.get_sync_debug_mode() if device.type == "cuda" else 0
     if mode:
         torch.cuda.set_sync_debug_mode(0)
     try:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         yield
     finally:
         if mode:
