@@ -144,7 +144,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             )
     out.print(f"\nbundle: {os.path.abspath(bundle)}")
     if report:
-        out.print(f"report: {report}")
+        out.print(f"report: {report}  (open it in a browser: hover, zoom, histograms)")
     out.print(f"next:   tensorsnap ls {bundle}")
     return EXIT_OK
 
