@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from . import _validate
-from ._errors import SelectionError, TensorSnapError
+from ._errors import SelectionError
 from ._snapshot import closest
 
 __all__ = ["DISCOVERY_HINT", "Selector", "module_names"]
