@@ -486,6 +486,23 @@ def test_save_names_a_parent_that_cannot_be_created(tmp_path: Any) -> None:
         snap.save("/proc/nope/b")
 
 
+def test_save_rank_and_world_size_go_together(tmp_path: Any) -> None:
+    from tensorsnap import _bundle
+
+    snap = make({"a": torch.ones(1)})
+    for rank, world_size in ((0, None), (None, 2), (2, 2), (-1, 2), (True, 2)):
+        with pytest.raises(BundleError, match=r"pass both \(ints, 0 <= rank < world_size\)"):
+            _bundle.save(snap, tmp_path / "b", rank=rank, world_size=world_size)
+    assert not os.path.exists(tmp_path / "b")
+
+
+def test_a_negative_record_nbytes_is_refused(tmp_path: Any) -> None:
+    make({"a": torch.ones(1)}).save(tmp_path / "b")
+    rewrite_manifest(tmp_path / "b", lambda m: m["records"][0].update(nbytes=-2))
+    with pytest.raises(BundleError, match=r"key 'a': field 'nbytes' is -2, expected a count >= 0"):
+        tensorsnap.load(tmp_path / "b")
+
+
 # -- 11 and 12: bad arguments, refused by name before anything is created ---------------------
 
 
