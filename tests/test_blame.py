@@ -92,3 +92,22 @@ def test_nothing_paired_is_an_error() -> None:
     with pytest.raises(tensorsnap.TensorSnapError, match=r"rtol=-1"):
         tensorsnap.blame(a, a, torch.ones(1, 2), rtol=-1)
     del b
+
+
+@pytest.mark.parametrize("bug_at", [(0, 0), (0, 1), (1, 0), (1, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resnet_blame_names_the_batch_norm_with_the_wrong_epsilon(
+    bug_at: tuple[int, int], dtype: torch.dtype
+) -> None:
+    from ports import HandResNet, TorchvisionResNet
+
+    torch.manual_seed(0)
+    reference = TorchvisionResNet().eval()
+    x = torch.randn(2, 3, 32, 32)
+    candidate = HandResNet(reference, bug_at=bug_at).eval().to(dtype)
+    result = tensorsnap.blame(reference, candidate, x, match="auto")
+    stage, unit = bug_at
+    assert result.culprits == (f"stages.{stage}.{unit}.n2",), str(result)
+    assert result[f"stages.{stage}.{unit}.n2"].reference == f"layer{stage + 1}.{unit}.bn2"
+    faithful = tensorsnap.blame(reference, HandResNet(reference).eval().to(dtype), x, match="auto")
+    assert faithful.culprits == ()

@@ -288,6 +288,21 @@ def _graft(own: Any, ref: Any) -> tuple[Any, list[str]]:
 # -- the runs --------------------------------------------------------------------------------
 
 
+def _class_names(model: nn.Module) -> dict[str, str]:
+    """Module name (as keys name it) to its class name and its own parameters' shapes."""
+    from ._keys import module_names
+
+    names = module_names(model)
+    out = {}
+    for m in model.modules():
+        if id(m) in names:
+            own = [
+                "x".join(map(str, p.shape)) for p in m.parameters(recurse=False)
+            ]  # its own weights' shapes tell a 3x3 conv from a 1x1 one
+            out[names[id(m)]] = type(m).__name__ + (f"[{','.join(own)}]" if own else "")
+    return out
+
+
 def _where(model: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
     for t in (*model.parameters(), *model.buffers()):
         if t.is_floating_point():
@@ -333,10 +348,13 @@ class _Outputs(Mapping[str, Any]):
 
 
 def _pairs(
-    ref: _Outputs, cand: _Outputs, match: Match
+    ref: _Outputs,
+    cand: _Outputs,
+    match: Match,
+    types: tuple[Mapping[str, str], Mapping[str, str]] | None = None,
 ) -> tuple[list[tuple[str, str, str]], list[str], list[str]]:
     """Candidate -> reference pairs; a map or callable written the other way round works too."""
-    pairs, only_c, only_r = pair_keys(cand, ref, match)
+    pairs, only_c, only_r = pair_keys(cand, ref, match, types)
     if match is not None and not isinstance(match, str):
         flipped, only_r2, only_c2 = pair_keys(ref, cand, match)
         if len(flipped) > len(pairs):
@@ -456,7 +474,9 @@ def blame(
         candidate, _to_candidate(args, device, dtype), _to_candidate(kwargs, device, dtype)
     )
     ref_out, cand_out = _Outputs(ref_snap), _Outputs(cand_snap)
-    pairs, only_ref, only_cand = _pairs(ref_out, cand_out, match)
+    # module classes are known here (not in a snapshot): they help the "auto" alignment
+    types = (_class_names(candidate), _class_names(reference))
+    pairs, only_ref, only_cand = _pairs(ref_out, cand_out, match, types)
     if not pairs:
         raise TensorSnapError(
             "blame: no module call of the candidate pairs with one of the reference (their "

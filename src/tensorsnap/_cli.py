@@ -380,7 +380,11 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     from ._diff import diff, format_error
 
     out = _console()
-    result = diff(load(args.a), load(args.b), rtol=args.rtol, atol=args.atol)
+    match = _match_option(args.match)
+    result = diff(load(args.a), load(args.b), rtol=args.rtol, atol=args.atol, match=match)
+    if args.json:
+        print(_json_text(result.to_dict()))
+        return EXIT_OK if result.equal else EXIT_DIFFERENT
     rows = result.differing
     if rows:
         limit = len(rows) if args.limit == 0 else args.limit
@@ -389,8 +393,9 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         )
         for k in rows[:limit]:
             mark = " <- first" if k.key == result.first_diverging else ""
+            paired = f" -> {k.key_b or chr(34) * 2}" if k.key_b != k.key else ""
             table.add_row(
-                (k.key or '""') + mark,
+                (k.key or '""') + paired + mark,
                 format_error(k.max_abs),
                 format_error(k.max_rel),
                 f"{k.mismatched}/{k.numel}",
@@ -406,6 +411,149 @@ def _cmd_diff(args: argparse.Namespace) -> int:
             out.print(f"only in {side}: {shown}{more}")
     out.print(result.summary())
     return EXIT_OK if result.equal else EXIT_DIFFERENT
+
+
+# -- blame, and diff's --match and --json ---------------------------------------------------
+
+
+def _match_option(text: str | None) -> Any:
+    """``--match``: None, ``"auto"``, or a JSON map given inline or as a file."""
+    import json
+
+    if text is None or text == "auto":
+        return text
+    source = text
+    if not text.lstrip().startswith("{"):
+        try:
+            with open(text, encoding="utf-8") as f:
+                source = f.read()
+        except OSError as err:
+            raise _UsageError(
+                f"--match {text!r}: not 'auto', not a JSON map and not a readable file ({err})"
+            ) from err
+    try:
+        mapping = json.loads(source)
+    except ValueError as err:
+        raise _UsageError(f"--match {text!r} is not valid JSON: {err}") from err
+    if not isinstance(mapping, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()
+    ):
+        raise _UsageError(
+            f"--match {text!r}: expected a JSON object of module-path patterns to module-path "
+            'patterns, such as {"transformer.h.*.mlp": "blocks.*.ffn"}'
+        )
+    return mapping
+
+
+def _json_text(data: Any) -> str:
+    """JSON for scripts: infinities and NaNs as the strings "inf", "-inf", "nan"."""
+    import json
+    import math
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return json.dumps(plain(data), indent=1, allow_nan=False)
+
+
+def _cmd_blame(args: argparse.Namespace) -> int:
+    import copy
+
+    import torch
+
+    from ._blame import blame
+
+    out, err = _console(), _console(stderr=True)
+    sides = []
+    for target, extra in ((args.reference, args.ref_arg), (args.candidate, args.cand_arg)):
+        side = copy.copy(args)
+        side.target, side.arg = target, [*args.arg, *extra]
+        _check_model_args(side)
+        sides.append(side)
+    dtype = None
+    if args.candidate_dtype is not None:
+        dtype = getattr(torch, args.candidate_dtype, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise _UsageError(
+                f"--candidate-dtype {args.candidate_dtype!r} is not a floating-point torch "
+                "dtype (bfloat16, float16, float32, float64)"
+            )
+    with err.status(f"building {args.reference}...") as status:
+        reference, positional, keywords = _model_and_inputs(sides[0], status)
+        status.update(f"building {args.candidate}...")
+        candidate, _, _ = _model_and_inputs(sides[1], status)
+        if dtype is not None:
+            candidate.to(dtype)
+        status.update("replaying the candidate's modules on the reference's inputs...")
+        try:
+            result = blame(
+                reference,
+                candidate,
+                *positional,
+                match=_match_option(args.match),
+                rtol=args.rtol,
+                atol=args.atol,
+                **keywords,
+            )
+        except TensorSnapError:
+            raise
+        except Exception as error:
+            raise _model_raised(error, "blame", reference, (positional, keywords)) from error
+    if args.json:
+        print(_json_text({"culprits": list(result.culprits), "modules": result.to_records()}))
+    else:
+        out.print(str(result))
+    return EXIT_DIFFERENT if result.culprits else EXIT_OK
+
+
+def _add_blame_parser(sub: Any, formatter: Any) -> None:
+    bla = sub.add_parser(
+        "blame",
+        help="which module of a candidate (port, bf16, quantized) introduces its difference",
+        description="Build REF and CAND (the capture syntax: MODULE:FACTORY, --arg, --input), run "
+        "both, then replay every paired module call of CAND on REF's inputs for that call and "
+        "compare with REF's output: each module's local error, free of upstream drift. Culprits "
+        "are modules whose own code errs beyond tolerance. Exit 1 when there are culprits.",
+        epilog=_EPILOG,
+        formatter_class=formatter,
+    )
+    bla.add_argument("reference", metavar="REF", help="MODULE:FACTORY of the reference model")
+    bla.add_argument("candidate", metavar="CAND", help="MODULE:FACTORY of the candidate model")
+    bla.add_argument(
+        "--arg", action="append", default=[], metavar="KEY=VALUE",
+        help="keyword argument for both factories (repeatable)",
+    )  # fmt: skip
+    bla.add_argument(
+        "--ref-arg", action="append", default=[], metavar="KEY=VALUE",
+        help="keyword argument for REF's factory only (repeatable)",
+    )  # fmt: skip
+    bla.add_argument(
+        "--cand-arg", action="append", default=[], metavar="KEY=VALUE",
+        help="keyword argument for CAND's factory only (repeatable)",
+    )  # fmt: skip
+    bla.add_argument(
+        "--input", action="append", default=[], metavar="[NAME=]SPEC",
+        help="a model input (repeatable; as for capture)",
+    )  # fmt: skip
+    bla.add_argument(
+        "--candidate-dtype", metavar="DTYPE", default=None,
+        help="cast the candidate to this dtype after building it (e.g. bfloat16)",
+    )  # fmt: skip
+    bla.add_argument("--seed", type=int, default=0, help="torch.manual_seed (default: 0)")
+    bla.add_argument("--device", default="cpu", help="where both models run (default: cpu)")
+    bla.add_argument(
+        "--auto-class", default="AutoModel", metavar="NAME",
+        help="transformers auto class for config targets (default: AutoModel)",
+    )  # fmt: skip
+    bla.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_tolerances(bla)
+    bla.set_defaults(func=_cmd_blame, train=False, traceback=False)
 
 
 # -- report -------------------------------------------------------------------------------
@@ -429,6 +577,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
             against_source=os.path.abspath(args.against) if args.against else "",
             rtol=args.rtol,
             atol=args.atol,
+            match=_match_option(args.match),
         )
     out.print(f"report: {path}")
     return EXIT_OK
@@ -449,11 +598,17 @@ def _tolerance(text: str) -> float:
 
 def _add_tolerances(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--rtol", type=_tolerance, default=1e-5, help="relative tolerance (default: 1e-5)"
+        "--rtol", type=_tolerance, default=None,
+        help="relative tolerance (default: per dtype, the lower precision of the two sides)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--atol", type=_tolerance, default=None, help="absolute tolerance (default: per dtype)"
     )
     parser.add_argument(
-        "--atol", type=_tolerance, default=1e-8, help="absolute tolerance (default: 1e-8)"
-    )
+        "--match", metavar="auto|MAP", default=None,
+        help="pair keys whose module names differ: 'auto', or a JSON map of module-path "
+        "patterns ('{\"transformer.h.*.mlp\": \"blocks.*.ffn\"}') or a file holding one",
+    )  # fmt: skip
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -648,7 +803,11 @@ def _parser() -> argparse.ArgumentParser:
     dif.add_argument(
         "--limit", type=int, default=30, help="differing keys to list (0: all; default: 30)"
     )
+    dif.add_argument(
+        "--json", action="store_true", help="print the whole result as JSON (for scripts)"
+    )
     dif.set_defaults(func=_cmd_diff)
+    _add_blame_parser(sub, raw)
 
     rep = sub.add_parser(
         "report",

@@ -73,7 +73,10 @@ def records_of(snap: Mapping[str, Any]) -> list[Record]:
 
 
 def pair_keys(
-    a: Mapping[str, Any], b: Mapping[str, Any], match: Match
+    a: Mapping[str, Any],
+    b: Mapping[str, Any],
+    match: Match,
+    types: tuple[Mapping[str, str], Mapping[str, str]] | None = None,
 ) -> tuple[list[tuple[str, str, str]], list[str], list[str]]:
     """Pairs ``(key_a, key_b, how)`` in ``a``'s order, then the unpaired keys of each side."""
     keys_a, keys_b = list(a), list(b)
@@ -85,7 +88,7 @@ def pair_keys(
                 f"diff(match={match!r}): pass 'auto', a dict of module-path patterns such as "
                 "{'transformer.h.*.mlp': 'blocks.*.ffn'}, or a callable key_a -> key_b"
             )
-        proposed = _auto(a, b)
+        proposed = _auto(a, b, types)
     elif isinstance(match, Mapping):
         proposed = _by_patterns(keys_a, b, match)
     elif callable(match):
@@ -181,6 +184,7 @@ class _Node:
 
     __slots__ = (
         "calls_inside",
+        "cls",
         "dtype",
         "key",
         "leaves",
@@ -199,6 +203,7 @@ class _Node:
         self.key = key
         self.name = name
         self.calls_inside = 0
+        self.cls: str | None = None  # the module's class name, where the caller knows it
         self.ops: list[str] = []
         self.passthrough = False
         tensors = [leaf for _, leaf in leaves(value) if _is_array(leaf)]
@@ -254,12 +259,15 @@ def _distance(x: _Node, y: _Node) -> float:
     return d
 
 
-def _nodes(snap: Mapping[str, Any], records: list[Record]) -> list[_Node]:
+def _nodes(
+    snap: Mapping[str, Any], records: list[Record], types: Mapping[str, str] | None = None
+) -> list[_Node]:
     nodes: list[_Node] = []
     by_call: dict[tuple[str, int], _Node] = {}
     for r in records:
         if r.kind == "output":
             node = _Node(r.key, r.module, snap[r.key])
+            node.cls = types.get(r.module) if types else None
             nodes.append(node)
             by_call[(r.module, r.call)] = node
     for r in records:
@@ -328,6 +336,12 @@ def _score(x: _Node, y: _Node) -> tuple[float, list[str]]:
     if x.passthrough or y.passthrough:
         # a copy of an earlier value (Identity, eval dropout) pairs only with what it equals
         score -= 0.5 if d < 0.05 else 6.0
+    if x.cls is not None and y.cls is not None:
+        if x.cls == y.cls:
+            score += 1.5
+            why.append(f"both {x.cls}")
+        else:
+            score -= 0.5
     if x.name == y.name:
         score += 2.0
         why.append("same name")
@@ -391,6 +405,16 @@ def _agree(x: _Node, y: _Node) -> bool:
     return _distance(x, y) < 0.05
 
 
+def _same_kind(x: _Node, y: _Node) -> bool:
+    return (
+        x.cls == y.cls
+        and x.shape == y.shape
+        and x.shape is not None
+        and (x.calls_inside == 0) == (y.calls_inside == 0)
+        and not (x.passthrough or y.passthrough)
+    )
+
+
 def _out_of_order(
     xs: list[_Node], ys: list[_Node], pairs: list[tuple[int, int, list[str]]]
 ) -> list[tuple[int, int, list[str]]]:
@@ -409,6 +433,12 @@ def _out_of_order(
         free = [
             j for j, y in enumerate(ys) if (j not in owner or not agreed(owner[j])) and _agree(x, y)
         ]
+        evidence = "values agree"
+        if not free and i not in by_x and x.cls is not None:
+            # an unpaired call whose twin is unpaired too: same class, parameter shapes and
+            # output shape (values may differ downstream of a bug)
+            free = [j for j, y in enumerate(ys) if j not in owner and _same_kind(x, y)]
+            evidence = f"both {x.cls}"
         if not free:
             continue
         j = min(free, key=lambda j: abs(j / max(len(ys), 1) - i / max(len(xs), 1)))
@@ -417,7 +447,7 @@ def _out_of_order(
         if j in owner:
             by_x.pop(owner[j], None)
         shape = "x".join(map(str, x.shape or ()))
-        by_x[i] = (j, [f"shape {shape}", "values agree", "out of order"])
+        by_x[i] = (j, [f"shape {shape}", evidence, "out of order"])
         owner[j] = i
     return [(i, j, why) for i, (j, why) in sorted(by_x.items())]
 
@@ -439,9 +469,14 @@ def _op_score(x: _Node, y: _Node) -> tuple[float, list[str]]:
     return 0.5, [f"op {x.name} vs {y.name}"]
 
 
-def _auto(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+def _auto(
+    a: Mapping[str, Any],
+    b: Mapping[str, Any],
+    types: tuple[Mapping[str, str], Mapping[str, str]] | None = None,
+) -> dict[str, tuple[str, str]]:
     records_a, records_b = records_of(a), records_of(b)
-    nodes_a, nodes_b = _nodes(a, records_a), _nodes(b, records_b)
+    types_a, types_b = types if types is not None else (None, None)
+    nodes_a, nodes_b = _nodes(a, records_a, types_a), _nodes(b, records_b, types_b)
     out: dict[str, tuple[str, str]] = {}
     calls: list[tuple[tuple[str, int], tuple[str, int]]] = []
     call_of_a = {r.key: (r.module, r.call) for r in records_a if r.kind == "output"}
