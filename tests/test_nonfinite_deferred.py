@@ -284,3 +284,17 @@ def test_a_float8_value_is_checked_on_the_cpu_too(monkeypatch: pytest.MonkeyPatc
         tensorsnap.capture(model, nonfinite="raise"),
     ):
         model(torch.tensor([1.0, 2.0]))
+
+
+def test_a_live_value_gets_no_graph_node_and_lazy_capture_is_checked_too() -> None:
+    x = torch.randn(3, requires_grad=True) * 2  # a live non-leaf, as lazy=True keeps it
+    low, high = _finite._extremes(x)
+    assert low.grad_fn is None and high.grad_fn is None
+    model = _deep()
+    with (
+        pytest.raises(tensorsnap.NonFiniteError, match=r"^'1.1/log' is the first"),
+        tensorsnap.capture(model, ops=True, lazy=True, nonfinite="raise") as snap,
+    ):
+        model(torch.tensor([[0.0, 3.0]], requires_grad=True))
+    assert list(snap)[-1] == "1.1/log"
+    assert torch.equal(snap["1.1.fc"], torch.tensor([[0.0, 3.0]]))

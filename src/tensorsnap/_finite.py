@@ -22,6 +22,7 @@ import torch
 from . import _tree
 from ._dtensor import local
 from ._errors import NonFiniteError
+from ._ops import quiet
 
 __all__ = ["FiniteCheck"]
 
@@ -94,7 +95,7 @@ class FiniteCheck:
                 items.append((index, high))
         first: int | None = None
         for device, items in by_device.items():
-            with _sync_allowed(device):
+            with _sync_allowed(device), quiet():  # our reads are no ops of the model's
                 # stack promotes mixed dtypes; NaN and Inf survive the promotion
                 finite = torch.stack([end for _, end in items]).isfinite().tolist()
             for (index, _), ok in zip(items, finite):
@@ -131,6 +132,7 @@ def _extremes(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Both are finite exactly when every element is: aminmax propagates a NaN to both, and an Inf
     is the min or the max. Unlike a sum, it cannot overflow a finite tensor into an Inf.
     """
+    t = t.detach()  # a live value (lazy=True) must not get a graph node that keeps it alive
     if t.is_complex():
         t = torch.view_as_real(t.resolve_conj())
     elif t.element_size() == 1:
