@@ -182,14 +182,29 @@ class _Batch:
 
     def __init__(self) -> None:
         self.items: list[Stats] = []
+        # the CUDA streams reductions were queued on: the read must wait for each of them
+        self.streams: dict[int, Any] = {}
+
+    def queued(self, device: torch.device) -> None:
+        if device.type == "cuda":
+            stream = torch.cuda.current_stream(device)
+            self.streams.setdefault(id(stream), stream)
 
     def resolve(self) -> None:
         items, self.items = self.items, []
+        streams, self.streams = list(self.streams.values()), {}
         by_device: dict[torch.device, list[Stats]] = {}
         for s in items:
             if s._pending is not None:
                 by_device.setdefault(s._pending[0].device, []).append(s)
-        for group in by_device.values():
+        for device, group in by_device.items():
+            if device.type == "cuda":
+                # a block may end on another stream than the model ran on (the stack and the
+                # copy below run on the current one): order them after every queued reduction
+                here = torch.cuda.current_stream(device)
+                for stream in streams:
+                    if stream.device == device and stream != here:
+                        here.wait_stream(stream)
             floats = torch.stack([s._pending[0] for s in group if s._pending]).cpu().tolist()
             words = torch.stack([s._pending[1] for s in group if s._pending]).cpu().tolist()
             for s, f, w in zip(group, floats, words):
@@ -337,6 +352,7 @@ class StatsReducer:
         with torch.no_grad():
             record._pending = _reduce(_dense(t))
         record._batch = self.batch
+        self.batch.queued(t.device)
         self.batch.items.append(record)
         if len(self.batch.items) >= _PENDING:
             self.batch.resolve()
