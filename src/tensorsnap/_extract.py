@@ -83,7 +83,9 @@ def extract(
         dtype: Cast floating-point copies to this dtype before writing.
         max_memory: Bytes (or ``"2GB"``) of one batch's copies kept in memory; the rest
             spill to disk until the batch is written. Memory use does not grow with the
-            number of batches in any case: each batch is written out before the next runs.
+            number of batches in any case: each batch is written out while or before the next
+            runs (a writer thread writes it meanwhile on machines with 2 cores or more, so two
+            batches' copies are held then).
         progress: Show a progress bar (batches, samples/s, bytes written) when stderr is a
             terminal and ``rich`` is installed.
         resume: Continue an interrupted run into ``out`` after its last journaled batch (pass
@@ -109,7 +111,10 @@ def extract(
         ``tensorsnap.load(out)``.
 
     Raises:
-        TensorSnapError: A key is missing from a batch (or new in it), or its structure,
+        TensorSnapError: With ``per_token``, a batch is not a Mapping with ``input_ids``
+            (B, S) and a 0/1 ``attention_mask`` of that shape, or selected values have no
+            (B, S) leading dims (the message lists them and the ``exclude`` that leaves them
+            out). A key is missing from a batch (or new in it), or its structure,
             dtype or shape beyond dim 0 differs from the first batch's (the message names
             the key and the batch index); ``out`` exists and ``resume`` is False; ``resume``
             meets a run made with other options (the message names the option), or batches
