@@ -392,6 +392,9 @@ class Writer:
 
     def abort(self) -> None:
         """After an error: journal the batches completed so far, close the files."""
+        if self._thread is not None:  # the batch in flight ends first, even on a second ^C
+            self._thread.shutdown(wait=True)
+            self._thread = None
         try:
             self.wait()
         except Exception:
