@@ -11,7 +11,6 @@ engine), store.
 
 from __future__ import annotations
 
-import sys
 import threading
 import warnings
 from collections.abc import Iterable
@@ -34,6 +33,14 @@ from ._ops import AtenMode, OpMode, aten_name, op_name, quiet
 from ._snapshot import Record, Snapshot
 from ._stats import Stats, stats_session
 from ._store import MemoryStore, Store, parse_size
+from ._torchstate import (
+    DictEntry,
+    ForceEager,
+    Ignored,
+    compiling_possible,
+    has_compiled_parts,
+    unpack,
+)
 
 __all__ = ["capture", "names"]
 
@@ -212,19 +219,19 @@ class _Session(AbstractContextManager[Snapshot]):
             # torch's handle forgets the with_kwargs entry of a global hook (2.13): left there,
             # it would make torch.compile'd modules warn about global hooks forever after
             self._handles.append(
-                _DictEntry(_module_hooks, "_global_forward_hooks_with_kwargs", post.id)
+                DictEntry(_module_hooks, "_global_forward_hooks_with_kwargs", post.id)
             )
             if self.ops:
                 self._guard_user_hooks()
             if self.inputs:
                 self._watch_module_inputs(pre.id)
-            if _compiling_possible():
+            if compiling_possible():
                 # compiled code would skip our hooks silently, and a compiled wrapper around the
                 # model (or a `model.compile()` call) need not be inside `model`: run all
                 # compiled code eagerly while capturing
                 if hasattr(torch.compiler, "set_stance"):
-                    self._enter(_ForceEager())
-                elif _has_compiled_parts(self.model):  # torch < 2.6
+                    self._enter(ForceEager())
+                elif has_compiled_parts(self.model):  # torch < 2.6
                     raise TensorSnapError(
                         f"the model holds torch.compile'd modules, and this torch "
                         f"({torch.__version__}) cannot run them eagerly while capturing "
@@ -233,9 +240,9 @@ class _Session(AbstractContextManager[Snapshot]):
                     )
                 # torch warns that global hooks fire once more for a compiled wrapper; ours skip
                 # wrappers, so the warning would only be noise (and an error under -W error)
-                self._enter(_Ignored(UserWarning, r"Using `torch\.compile\(module\)` when there"))
+                self._enter(Ignored(UserWarning, r"Using `torch\.compile\(module\)` when there"))
             if self.saved:
-                self._enter(torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack))
+                self._enter(torch.autograd.graph.saved_tensors_hooks(self._pack, unpack))
             if self.ops == "aten":
                 self._op_name = aten_name
                 self._enter(AtenMode(self._on_op))
@@ -281,7 +288,7 @@ class _Session(AbstractContextManager[Snapshot]):
                 )
             else:
                 module._forward_pre_hooks_with_kwargs[pre_hook] = True
-                self._handles.append(_DictEntry(module, "_forward_pre_hooks_with_kwargs", pre_hook))
+                self._handles.append(DictEntry(module, "_forward_pre_hooks_with_kwargs", pre_hook))
                 self._inputs_at_pre.add(id(module))
 
     def _forward_starts(self, module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -575,7 +582,7 @@ class _Session(AbstractContextManager[Snapshot]):
                 else:
                     # recorded only when the call ends: copy now, before later in-place ops
                     saved.append(self.copy_value(t, f"{frame.key}:saved"))
-        # with pack hooks autograd no longer checks saved tensors' versions: _unpack does
+        # with pack hooks autograd no longer checks saved tensors' versions: unpack does
         return t, t._version
 
     def _record_saved(self, key: str, frame: _Frame, op: str | None) -> None:
@@ -676,86 +683,6 @@ class _Session(AbstractContextManager[Snapshot]):
         # the model's call returned: read the checks queued on devices, once per call
         if self._finite is not None and threading.get_ident() == self._thread:
             self._finite.read()
-
-
-class _ForceEager:
-    """``torch.compiler.set_stance("force_eager")`` shared by every open capture block.
-
-    The stance is process-wide, and each ``set_stance`` restores what it found: two blocks
-    overlapping in two threads (A enters, B enters, A exits, B exits) would leave it at
-    "force_eager" for good. The first block in sets it, the last one out restores it.
-    """
-
-    _lock = threading.Lock()
-    _open = 0
-    _stance: Any = None
-
-    def __enter__(self) -> None:
-        with _ForceEager._lock:
-            if _ForceEager._open == 0:
-                _ForceEager._stance = torch.compiler.set_stance("force_eager")
-            _ForceEager._open += 1
-
-    def __exit__(self, *exc: Any) -> None:
-        with _ForceEager._lock:
-            _ForceEager._open -= 1
-            if _ForceEager._open == 0:
-                stance, _ForceEager._stance = _ForceEager._stance, None
-                stance.__exit__(None, None, None)
-
-
-class _Ignored:
-    """One warnings filter, added for the block and removed exactly (other filters untouched)."""
-
-    def __init__(self, category: type[Warning], message: str) -> None:
-        self.category, self.message = category, message
-        self.entry: Any = None
-
-    def __enter__(self) -> None:
-        warnings.filterwarnings("ignore", message=self.message, category=self.category)
-        self.entry = warnings.filters[0]
-
-    def __exit__(self, *exc: Any) -> None:
-        filters: list[Any] = warnings.filters  # type: ignore[assignment]
-        if self.entry in filters:
-            filters.remove(self.entry)
-            warnings._filters_mutated()  # type: ignore[attr-defined]
-
-
-class _DictEntry:
-    """A removable handle for one entry of a module-level dict of torch's, if it exists."""
-
-    def __init__(self, owner: Any, name: str, key: Any) -> None:
-        self.owner, self.name, self.key = owner, name, key
-
-    def remove(self) -> None:
-        table = getattr(self.owner, self.name, None)
-        if table is not None:
-            table.pop(self.key, None)
-
-
-def _unpack(packed: tuple[torch.Tensor, int]) -> torch.Tensor:
-    t, version = packed
-    if t._version != version:
-        # the error autograd raises without hooks: capturing must not hide an in-place bug
-        raise RuntimeError(
-            "one of the variables needed for gradient computation has been modified by an "
-            f"inplace operation: [{t.type()} {list(t.shape)}] is at version {t._version}; "
-            f"expected version {version} instead (tensorsnap.capture(saved=True) checked it)"
-        )
-    return t
-
-
-def _has_compiled_parts(model: nn.Module) -> bool:
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    return any(isinstance(m, OptimizedModule) for m in model.modules())
-
-
-def _compiling_possible() -> bool:
-    # torch.compile imports dynamo; when nothing has, nothing is compiled, and importing it
-    # here would cost a second on the first capture
-    return "torch._dynamo" in sys.modules
 
 
 def capture(

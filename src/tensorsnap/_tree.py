@@ -101,6 +101,8 @@ def map_tensors(
     sees the replacements, so a namedtuple that validates its fields (``PackedSequence``) is
     rebuilt all the same. ``leaf`` names the type that ``fn`` replaces, when not a tensor.
     """
+    if isinstance(value, leaf):
+        return fn(value)
     return _Mapper(fn, other, leaf).map(value)[0]
 
 
