@@ -27,6 +27,7 @@ import os
 import re
 import time
 import zlib
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -198,13 +199,26 @@ class Writer:
         if self._thread is None:
             self._write(index, jobs, inputs_crc32)
         else:
-            self._pending = self._thread.submit(self._write, index, jobs, inputs_crc32)
+            # the writer thread reads on its own stream: it first waits for what this thread
+            # queued on its current streams (copies made on a side stream, say)
+            ready = []
+            for device in {t.device for _, t in jobs if t.device.type == "cuda"}:
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(device))
+                ready.append(event)
+            self._pending = self._thread.submit(self._write, index, jobs, inputs_crc32, ready)
         return sum(t.numel() * t.element_size() for _, t in jobs)
 
     def _write(
-        self, index: int, jobs: list[tuple[_Leaf, torch.Tensor]], inputs_crc32: int | None
+        self,
+        index: int,
+        jobs: list[tuple[_Leaf, torch.Tensor]],
+        inputs_crc32: int | None,
+        ready: Sequence[Any] = (),
     ) -> None:
         """Append one checked batch; its sizes and checksums count once every byte is out."""
+        for event in ready:
+            event.synchronize()
         updates = []
         for leaf, t in jobs:
             data = tensor_bytes(t)
