@@ -267,6 +267,20 @@ def test_concatenating_ranks_runs_no_class_code(tmp_path: Any, monkeypatch: Any)
     assert torch.equal(o["last_hidden_state"], full)
 
 
+def test_concatenated_records_describe_the_values(tmp_path: Any) -> None:
+    """A data-parallel bundle's records give the shapes its values have once concatenated."""
+    from tensorsnap import _bundle, _ranks
+
+    for rank in range(3):
+        snap = make({"loss": torch.tensor(1.0 + rank), "h": torch.ones(2 + rank, 4)})
+        _bundle.save(snap, tmp_path / "run" / _ranks.part_name(rank), rank=rank, world_size=3)
+    _ranks.write_index(tmp_path / "run", 3, concat=True)
+    loaded = tensorsnap.load(tmp_path / "run")
+    assert torch.equal(loaded["loss"], torch.tensor([1.0, 2.0, 3.0]))  # 0-dim: stacked
+    assert torch.equal(loaded["h"], torch.ones(9, 4))
+    assert {r.key: r.shape for r in loaded.records} == {"loss": (3,), "h": (9, 4)}
+
+
 class Hooked(type):
     def __getattr__(cls, name: str) -> Any:
         CALLS.append(f"Hooked.__getattr__({name})")

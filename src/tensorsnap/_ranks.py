@@ -269,11 +269,15 @@ def _concatenated(parts: list[Snapshot], root: str) -> Snapshot:
                 "ranks of a data-parallel extract must capture the same keys"
             )
     records = []
-    for record in first.records:
-        per_rank = [snap.records[i] for snap in parts for i in [list(snap).index(record.key)]]
+    # the keys are in the same order on every rank (checked above): records pair by position,
+    # which keeps this linear in the keys (a lookup per key and rank made it cubic)
+    for per_rank in zip(*(snap.records for snap in parts)):
+        record = per_rank[0]
         shape = record.shape
-        if shape is not None and len(shape) > 0:
-            shape = (sum((r.shape or (0,))[0] for r in per_rank), *shape[1:])
+        if shape is not None:
+            # 0-dim values are stacked across ranks (_cat), others concatenated along dim 0
+            rows = [len(parts)] if not shape else [sum((r.shape or (0,))[0] for r in per_rank)]
+            shape = (*rows, *shape[1:])
         records.append(record._replace(shape=shape, nbytes=sum(r.nbytes for r in per_rank)))
     return Snapshot(records, _ConcatStore(parts, root))
 
