@@ -110,3 +110,16 @@ def test_stats_refuses_options_about_copies() -> None:
     ):
         with pytest.raises(tensorsnap.TensorSnapError, match=r"stats=True.* does not apply"):
             tensorsnap.capture(model, stats=True, **option)  # type: ignore[arg-type]
+
+
+def test_diff_of_integer_stats_uses_the_digest() -> None:
+    """Integer statistics equal, bytes not: a permutation of token ids is a difference."""
+    from tensorsnap._stats import stats_of
+
+    ids = torch.tensor([[1, 2, 3]])
+    mask = torch.tensor([True, False])
+    for a, b in ((ids, ids.flip(1)), (mask, mask.flip(0))):
+        found = tensorsnap.diff({"ids": stats_of(a)}, {"ids": stats_of(b)})["ids"]
+        assert not found.close and found.mismatched == 1 and found.max_abs == 1.0
+    same = tensorsnap.diff({"ids": stats_of(ids)}, {"ids": stats_of(ids.clone())})["ids"]
+    assert same.close and same.max_abs == 0.0

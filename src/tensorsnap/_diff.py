@@ -490,6 +490,10 @@ def _compare_stats(x: Any, y: Any, rtol: float | None, atol: float | None) -> _F
     if sx.nan != sy.nan or sx.inf != sy.inf:
         lower = math.inf
     exact = not (sx.dtype.is_floating_point or sx.dtype.is_complex)
+    if exact and sx.dtype == sy.dtype:
+        # integers and bools of one dtype: other bytes are other values, at least 1 apart
+        # (statistics alone miss a permutation such as [1, 2, 3] against [3, 2, 1])
+        lower = max(lower, 1.0)
     limit = 0.0 if exact else a_tol + r * (sy.absmax if math.isfinite(sy.absmax) else 0.0)
     provably = lower > limit or (exact and lower > 0)
     norm_gap = abs(sx.norm - sy.norm) if math.isfinite(sx.norm - sy.norm) else math.inf
@@ -498,9 +502,6 @@ def _compare_stats(x: Any, y: Any, rtol: float | None, atol: float | None) -> _F
         if sy.absmax and math.isfinite(sy.absmax)
         else (0.0 if not lower else math.inf)
     )
-    if lower == 0:
-        # not bitwise equal, yet no statistic moved: some element differs by an unknown amount
-        lower = 0.0
     ref_sq = sy.norm**2 if math.isfinite(sy.norm) else 0.0
     return _Found(lower, rel, 1 if provably else 0, norm_gap**2, ref_sq, r, a_tol, bound=True)
 
