@@ -54,8 +54,9 @@ class Stats:
     Complex tensors are described by their real and imaginary parts together, integer and bool
     tensors by their values as numbers. ``digest`` is a 64-bit hash (16 hex digits) of the
     tensor's bytes in row-major order: equal digests with equal shape and dtype mean bitwise
-    equal values up to hash collisions: it is a weighted sum of one 32-bit term per 4-byte word
-    (a bijection of the word at its position), so a change to a single word always changes it,
+    equal values up to hash collisions: it is a weighted sum of one 32-bit term per word (an
+    element, or half of an 8-byte one; a bijection of the word at its position), so a change to
+    a single word always changes it,
     and changes to several collide by chance about once in 2**32 (not 2**64); it does not
     depend on the device or on the strides.
 
