@@ -110,6 +110,8 @@ def test_stats_refuses_options_about_copies() -> None:
     ):
         with pytest.raises(tensorsnap.TensorSnapError, match=r"stats=True.* does not apply"):
             tensorsnap.capture(model, stats=True, **option)  # type: ignore[arg-type]
+    with pytest.raises(tensorsnap.TensorSnapError, match=r"stats=1: expected True or False"):
+        tensorsnap.capture(model, stats=1)  # type: ignore[arg-type]
 
 
 def test_diff_of_integer_stats_uses_the_digest() -> None:

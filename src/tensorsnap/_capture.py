@@ -134,17 +134,8 @@ class _Session(AbstractContextManager[Snapshot]):
             )
         _validate.capture_options(
             ops=ops, nonfinite=nonfinite, spill=spill_dir, inputs=inputs, grads=grads,
-            saved=saved, lazy=lazy, gather=gather, where=device,
+            saved=saved, lazy=lazy, gather=gather, stats=stats, where=device,
         )  # fmt: skip
-        if ops not in (True, False, "aten"):
-            raise TensorSnapError(
-                f"ops={ops!r}: pass True to capture torch-level ops (relu, add, linear), "
-                "'aten' for the ATen ops beneath them, or False"
-            )
-        if nonfinite not in (None, "raise"):
-            raise TensorSnapError(
-                f"nonfinite={nonfinite!r}: pass 'raise' to stop at the first NaN or Inf, or None"
-            )
         if lazy and ops == "aten":
             raise TensorSnapError(
                 "lazy=True sees writes coming at the torch level; use it with ops=True or "
