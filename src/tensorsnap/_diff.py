@@ -598,6 +598,17 @@ def _compare_key(
     errors = _Errors()
     dtype_mismatch = False
     structure_ok = True
+
+    def compare(x: Any, y: Any, path: str) -> None:
+        nonlocal dtype_mismatch, structure_ok
+        found, more, mismatch = _compare_pair(x, y, f" at {path}" if path else "", rtol, atol)
+        problems.extend(more)
+        dtype_mismatch = dtype_mismatch or mismatch
+        if found is None:
+            structure_ok = False
+        else:
+            errors.add(found, math.prod(x.shape), path)
+
     paired = _pair_leaves(la, lb)
     if paired is not None:
         pairs, notes = paired
@@ -612,14 +623,7 @@ def _compare_key(
                 + (" ..." if len(pairs) > 6 else ""),
             )
         for pa, _, x, y in pairs:
-            where = f" at {pa}" if pa else ""
-            found, more, mismatch = _compare_pair(x, y, where, rtol, atol)
-            problems += more
-            dtype_mismatch = dtype_mismatch or mismatch
-            if found is None:
-                structure_ok = False
-            else:
-                errors.add(found, math.prod(x.shape), pa)
+            compare(x, y, pa)
     else:
         for (parts, x), (_, y) in zip(la, lb):
             path = format_path("", list(parts))
@@ -629,13 +633,7 @@ def _compare_key(
                     notes.append(
                         f"shapes {_shape(x)} and {_shape(y)}{where} differ by dims of size 1"
                     )
-                found, more, mismatch = _compare_pair(x, y, where, rtol, atol)
-                problems += more
-                dtype_mismatch = dtype_mismatch or mismatch
-                if found is None:
-                    structure_ok = False
-                else:
-                    errors.add(found, math.prod(x.shape), path)
+                compare(x, y, path)
             elif _is_array(x) or _is_array(y):
                 problems.append(f"{type(x).__name__} vs {type(y).__name__}{where}")
                 structure_ok = False
