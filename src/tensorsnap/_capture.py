@@ -4,9 +4,9 @@ Module calls are seen through process-wide module hooks installed once per sessi
 module; only the forward hook when nothing but outputs is captured), filtered by module identity
 and thread; functional ops through a function or dispatch mode (:mod:`._ops`); gradients through
 tensor and graph-node hooks, which, unlike full backward hooks, do not break when a later op
-modifies an output in place. Every value goes through one path, :meth:`_Session._record`:
-select, copy (plain tensors and tuples of them by :mod:`._clones`, anything else by the copy
-engine), store.
+modifies an output in place. Every value it selects goes through one path,
+:meth:`._recorder.Recorder.record`: copy (plain tensors and tuples of them by :mod:`._clones`,
+anything else by the copy engine), record, store.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module_hooks
 
-from . import _tree, _validate
-from ._clones import clone, clone_items, storage_bytes
+from . import _validate
 from ._copy import Copier
 from ._errors import TensorSnapError, TensorSnapWarning
 from ._finite import FiniteCheck
@@ -30,8 +29,9 @@ from ._grads import Gradients, InputGradients, Reach
 from ._keys import Selector, module_names
 from ._lazy import Deferred
 from ._ops import AtenMode, OpMode, aten_name, op_name, quiet
-from ._snapshot import Record, Snapshot
-from ._stats import Stats, stats_session
+from ._recorder import Recorder, make_record
+from ._snapshot import Snapshot
+from ._stats import stats_session
 from ._store import MemoryStore, Store, parse_size
 from ._torchstate import (
     DictEntry,
@@ -168,6 +168,10 @@ class _Session(AbstractContextManager[Snapshot]):
         self.snapshot = Snapshot(store=store)
         self._finite = FiniteCheck(self.snapshot) if nonfinite is not None and not dry else None
         self._deferred = Deferred(self._settled) if lazy and not dry and self._plain else None
+        # copy, record, store: what the hooks below hand each value to
+        self.recorder = Recorder(
+            self.snapshot, self.copier, self._plain, self._deferred, self._finite, dry
+        )
         self.open = False
         self._used = False
         self._calls: dict[int, int] = {}
@@ -197,7 +201,7 @@ class _Session(AbstractContextManager[Snapshot]):
             )
         self._used = True
         self._thread = threading.get_ident()
-        self.open = True
+        self.open = self.recorder.open = True
         try:
             light = not (self.ops or self.inputs or self.grads or self.saved or self._deferred)
             if not light:
@@ -336,7 +340,7 @@ class _Session(AbstractContextManager[Snapshot]):
         self.snapshot._store.put(key, copy, copy.nbytes)
 
     def _close(self) -> None:
-        self.open = False
+        self.open = self.recorder.open = False
         for frame in reversed(self._stack):
             self._resume(frame)  # our mode goes back on the stack before its context exits
         while self._contexts:
@@ -398,7 +402,7 @@ class _Session(AbstractContextManager[Snapshot]):
             return
         key = f"{frame.key}:grad_in"
         if self.select(key):
-            sink = None if self.dry else self  # names(): what would carry them is noted at _ended
+            sink = None if self.dry else self.recorder  # names(): noted at _ended instead
             frame.grad_in = InputGradients(sink, key, frame.name, frame.call, args)
 
     def _on_inputs(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -415,11 +419,11 @@ class _Session(AbstractContextManager[Snapshot]):
     ) -> None:
         key = f"{frame.key}:in"
         if self.select(key):
-            self._record(key, frame.name, frame.call, None, "input", args)
+            self.recorder.record(key, frame.name, frame.call, None, "input", args)
         if kwargs:
             key = f"{frame.key}:kwargs"
             if self.select(key):
-                self._record(key, frame.name, frame.call, None, "kwargs", kwargs)
+                self.recorder.record(key, frame.name, frame.call, None, "kwargs", kwargs)
 
     def _post(self, module: nn.Module, args: tuple[Any, ...], *rest: Any) -> None:
         # torch calls always_call hooks with (module, args, result) when forward raised, and
@@ -450,7 +454,7 @@ class _Session(AbstractContextManager[Snapshot]):
         if frame.saved:
             self._record_saved(f"{frame.key}:saved", frame, None)
         if self._all or self.select(frame.key):
-            self._record(frame.key, frame.name, frame.call, None, "output", output)
+            self.recorder.record(frame.key, frame.name, frame.call, None, "output", output)
         if self.grads and torch.is_grad_enabled():
             key = f"{frame.key}:grad"
             if self.select(key):
@@ -461,9 +465,7 @@ class _Session(AbstractContextManager[Snapshot]):
             elif not self.dry:
                 self._handles.extend(grad_in.watch(output))
             elif self._reach.inputs(grad_in.key, grad_in, output):
-                record = self._make_record(
-                    grad_in.key, frame.name, frame.call, None, "grad_in", None
-                )
+                record = make_record(grad_in.key, frame.name, frame.call, None, "grad_in", None)
                 self.snapshot._add(record, None)
         if frame.children == 0 and module._modules and isinstance(module, _FASTPATH):
             self._warn_fastpath(module, frame.name)
@@ -487,9 +489,9 @@ class _Session(AbstractContextManager[Snapshot]):
         if self._all or self.select(key):
             if torch._C._is_torch_function_mode_enabled():
                 with _quiet():
-                    self._record(key, name, call, None, "output", rest[1])
+                    self.recorder.record(key, name, call, None, "output", rest[1])
             else:
-                self._record(key, name, call, None, "output", rest[1])
+                self.recorder.record(key, name, call, None, "output", rest[1])
         if module._modules and isinstance(module, _FASTPATH):
             children = module._modules.values()
             if not any(self._calls.get(id(child)) for child in children if child is not None):
@@ -524,12 +526,14 @@ class _Session(AbstractContextManager[Snapshot]):
             return
         frame.resumes = mode
         self._suspended += 1
+        self.recorder.hold = False
 
     def _resume(self, frame: _Frame) -> None:
         if frame.resumes is not None:
             torch._C._push_on_torch_function_stack(frame.resumes)
             frame.resumes = None
             self._suspended -= 1
+            self.recorder.hold = self._suspended == 0
 
     def _warn_fastpath(self, module: nn.Module, name: str) -> None:
         if id(module) in self._warned:
@@ -555,7 +559,7 @@ class _Session(AbstractContextManager[Snapshot]):
         if frame.saved:
             self._record_saved(f"{key}:saved", frame, name)
         if self._all or self.select(key):
-            self._record(key, frame.name, frame.call, name, "op", result)
+            self.recorder.record(key, frame.name, frame.call, name, "op", result)
         if self.grads and torch.is_grad_enabled():
             grad_key = f"{key}:grad"
             if self.select(grad_key):
@@ -572,7 +576,7 @@ class _Session(AbstractContextManager[Snapshot]):
                     saved.append(t)
                 else:
                     # recorded only when the call ends: copy now, before later in-place ops
-                    saved.append(self.copy_value(t, f"{frame.key}:saved"))
+                    saved.append(self.recorder.copy_value(t, f"{frame.key}:saved"))
         # with pack hooks autograd no longer checks saved tensors' versions: unpack does
         return t, t._version
 
@@ -581,94 +585,21 @@ class _Session(AbstractContextManager[Snapshot]):
         if not self.select(key):
             return
         if self.ops or self.dry:
-            self._record(key, frame.name, frame.call, op, "saved", tensors)
+            self.recorder.record(key, frame.name, frame.call, op, "saved", tensors)
             return
         # _pack already copied them
-        self.snapshot._add(
-            self._make_record(key, frame.name, frame.call, op, "saved", tensors), tensors
-        )
-        self._check_finite(key, tensors)
+        self.snapshot._add(make_record(key, frame.name, frame.call, op, "saved", tensors), tensors)
+        self.recorder.check_finite(key, tensors)
 
     # -- recording --------------------------------------------------------------------------------
 
     def _watch_grads(self, key: str, frame: _Frame, op: str | None, kind: str, value: Any) -> None:
         if self.dry:
             if self._reach.value(key, value):
-                self.snapshot._add(
-                    self._make_record(key, frame.name, frame.call, op, kind, None), None
-                )
+                self.snapshot._add(make_record(key, frame.name, frame.call, op, kind, None), None)
             return
-        gradients = Gradients(self, key, frame.name, frame.call, op, kind, value)
+        gradients = Gradients(self.recorder, key, frame.name, frame.call, op, kind, value)
         self._handles.extend(gradients.handles)
-
-    def _record(
-        self, key: str, name: str, call: int, op: str | None, kind: str, value: Any
-    ) -> None:
-        if self.dry:
-            record = self._make_record(key, name, call, op, kind, value)
-            self.snapshot._add(record, None)
-            return
-        if self._deferred is not None and not self._suspended:
-            alias = self._deferred.hold(key, value)
-            if alias is not None:
-                record = self._make_record(key, name, call, op, kind, alias)
-                self.snapshot._add(record, alias)
-                if self.nonfinite is not None:
-                    self._check_finite(key, alias)
-                return
-        copy: Any = None
-        if self._plain:  # plain tensors and tuples of them: copied in a few calls
-            if type(value) is torch.Tensor:
-                copy = clone(value)
-                if copy is not None:
-                    shape, dtype = tuple(copy.shape), copy.dtype
-                    record = Record(key, name, call, op, kind, shape, dtype, storage_bytes(copy))
-            elif type(value) is tuple or type(value) is list:
-                copy, nbytes = clone_items(value)
-                if copy is not None:
-                    record = Record(key, name, call, op, kind, None, None, nbytes)
-        if copy is None:
-            copy = self.copier.copy_value(value, root=f"snap[{key!r}]")
-            record = self._make_record(key, name, call, op, kind, copy)
-        self.snapshot._add(record, copy)
-        if self.nonfinite is not None:
-            self._check_finite(key, copy)
-
-    def store_gradient(
-        self, key: str, module: str, call: int, op: str | None, kind: str, value: Any
-    ) -> None:
-        """Add or update a gradient key as its parts arrive during backward."""
-        record = self._make_record(key, module, call, op, kind, value)
-        if key in self.snapshot:
-            self.snapshot._replace(record, value)
-        else:
-            self.snapshot._add(record, value)
-        self._check_finite(key, value)
-
-    def copy_value(self, value: Any, key: str) -> Any:
-        """A copy of ``value`` as a capture keeps it (the fast clone, else the copy engine)."""
-        copy = clone(value) if self._plain else None
-        if copy is None:
-            copy = self.copier.copy_value(value, root=f"snap[{key!r}]")
-        return copy
-
-    @staticmethod
-    def _make_record(
-        key: str, module: str, call: int, op: str | None, kind: str, value: Any
-    ) -> Record:
-        if isinstance(value, (torch.Tensor, Stats)):
-            # a nested tensor has no single shape: its parts' shapes are in the value
-            nested = isinstance(value, torch.Tensor) and value.is_nested
-            shape: tuple[int, ...] | None = None if nested else tuple(value.shape)
-            dtype: torch.dtype | None = value.dtype
-        else:
-            shape = dtype = None
-        return Record(key, module, call, op, kind, shape, dtype, _tree.nbytes(value))
-
-    def _check_finite(self, key: str, value: Any) -> None:
-        # CPU values are checked now; device values are read at boundaries (see _finite)
-        if self._finite is not None:
-            self._finite.check(key, value)
 
     def _read_finite(self) -> None:
         # the model's call returned: read the checks queued on devices, once per call
