@@ -331,6 +331,29 @@ def test_class_lookup_runs_no_attribute_hooks(tmp_path: Any) -> None:
     assert type(got) is Point and got.y == 3
 
 
+class Disguised:
+    """A field default whose ``__class__`` hook would run if the loader used isinstance on it."""
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        CALLS.append("Disguised.__class__")
+        return int
+
+
+@dataclasses.dataclass
+class WithDefault:
+    x: torch.Tensor
+    y: Any = Disguised()  # noqa: RUF009 - the default is the point
+
+
+def test_field_defaults_are_inspected_without_their_hooks(tmp_path: Any) -> None:
+    make({"w": WithDefault(torch.ones(2), 3)}).save(tmp_path / "b")
+    CALLS.clear()
+    got = tensorsnap.load(tmp_path / "b")["w"]
+    assert CALLS == []
+    assert type(got) is WithDefault and torch.equal(got.x, torch.ones(2)) and got.y == 3
+
+
 @pytest.mark.parametrize("kind", ["_eq__", "_subclasshook__", "_init__", "warn"])
 def test_node_types_name_only_node_decoders(tmp_path: Any, kind: str) -> None:
     # "_eq__" would reach the decoder's own __eq__ and load NotImplemented as the value

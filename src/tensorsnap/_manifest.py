@@ -477,7 +477,9 @@ def _settable(cls: type, name: str) -> bool:
     data descriptor with that name would run its setter.
     """
     found = _static(cls, name)
-    if found is None or isinstance(found, types.MemberDescriptorType):
+    # type(), not isinstance: isinstance falls back to the object's own __class__, which a
+    # default value's class can define (and so run code)
+    if found is None or type(found) is types.MemberDescriptorType:
         return True
     kind = type(found)
     return not (_static(kind, "__set__") or _static(kind, "__delete__"))
