@@ -331,6 +331,30 @@ def test_class_lookup_runs_no_attribute_hooks(tmp_path: Any) -> None:
     assert type(got) is Point and got.y == 3
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("shape", [2**70], r"its record says shape \[1, 2\].* statistics describe \[1180"),
+        ("dtype", "float16", r"its record says .* float32, but its statistics .* 'float16'"),
+        ("digest", "zz", r"stats field 'digest' is 'zz', expected 16 hex digits"),
+    ],
+)
+def test_stats_nodes_agree_with_their_record(
+    tmp_path: Any, field: str, value: Any, message: str
+) -> None:
+    model = nn.Linear(2, 2)
+    with tensorsnap.capture(model, stats=True) as snap:
+        model(torch.ones(1, 2))
+    snap.save(tmp_path / "b")
+
+    def edit(m: dict[str, Any]) -> None:
+        m["records"][0]["value"][field] = value
+
+    rewrite_manifest(tmp_path / "b", edit)
+    with pytest.raises(BundleError, match=message):
+        tensorsnap.load(tmp_path / "b")[""]
+
+
 class Disguised:
     """A field default whose ``__class__`` hook would run if the loader used isinstance on it."""
 

@@ -435,11 +435,22 @@ class _BundleStore:
             return tensors
 
     def _check_record(self, key: str, entry: dict[str, Any], tensors: list[torch.Tensor]) -> None:
-        """A value that is one tensor must have the shape and dtype its record says."""
+        """A value that is one tensor (or its statistics) must have the shape and dtype its
+        record says."""
         tree = entry["value"]
+        shape = entry.get("shape")
+        if isinstance(tree, dict) and tree.get("type") == "stats" and shape is not None:
+            if tree.get("shape") != shape or tree.get("dtype") != entry.get("dtype"):
+                raise BundleError(
+                    f"{self._manifest}: key {key!r}: its record says shape {shape} and dtype "
+                    f"{entry.get('dtype')}, but its statistics describe {tree.get('shape')!r} "
+                    f"{tree.get('dtype')!r}; the manifest was edited or damaged, re-create the "
+                    "bundle"
+                )
+            return
         if not (isinstance(tree, dict) and tree.get("type") == "tensor"):
             return
-        index, shape = tree.get("index"), entry.get("shape")
+        index = tree.get("index")
         if shape is None or type(index) is not int or not 0 <= index < len(tensors):
             return  # no shape recorded, or a bad index that decoding reports
         t = tensors[index]

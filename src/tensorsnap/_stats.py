@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import types
 from collections.abc import Mapping
 from functools import partial
@@ -43,6 +44,7 @@ _MIX1 = _signed(0xBF58476D1CE4E5B9)
 _MIX2 = _signed(0x94D049BB133111EB)
 # objects whose attributes are code, not data
 _OPAQUE = (type, types.ModuleType, types.FunctionType, types.MethodType, torch.nn.Module)
+_DIGEST = re.compile(r"[0-9a-f]{16}")
 _WORDS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -467,8 +469,8 @@ def stats_from_node(n: dict[str, Any], where: str) -> Stats:
             raise ValueError(f"stats field {name!r} is {value!r}, expected a count")
         counts.append(value)
     digest = n.get("digest")
-    if not isinstance(digest, str) or len(digest) > 64:
-        raise ValueError(f"stats field 'digest' is {digest!r}, expected a hex string")
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+        raise ValueError(f"stats field 'digest' is {digest!r}, expected 16 hex digits")
     dtype = dtype_from_name(n.get("dtype"), where)
     return Stats(tuple(shape), dtype, (*floats, counts[0], counts[1], digest))  # type: ignore[arg-type]
 
