@@ -84,8 +84,9 @@ def extract(
         max_memory: Bytes (or ``"2GB"``) of one batch's copies kept in memory; the rest
             spill to disk until the batch is written. Memory use does not grow with the
             number of batches in any case: each batch is written out while or before the next
-            runs (a writer thread writes it meanwhile on machines with 2 cores or more, so two
-            batches' copies are held then).
+            runs (without ``max_memory``, on machines with 2 cores or more, a writer thread
+            writes one batch while the next runs, so two batches' copies are held then; with
+            it, batches are written one at a time).
         progress: Show a progress bar (batches, samples/s, bytes written) when stderr is a
             terminal and ``rich`` is installed.
         resume: Continue an interrupted run into ``out`` after its last journaled batch (pass
@@ -173,12 +174,16 @@ def extract(
     options = _options(include, exclude, ops, inputs, dtype, per_token)
     root = os.path.abspath(_validate.path(out, "out"))
     group = process_group()
+    # with a memory budget one batch at a time: no writer thread holding a second one
+    alone = max_memory is not None
     if group is not None:
-        return _extract_ranks(root, group, options, model, batches, resume, progress, run)
+        return _extract_ranks(root, group, options, model, batches, resume, progress, run, alone)
     existed = os.path.lexists(root)
     writer = _on_disk(root, _prepare, root, options, _model_id(model), resume)
     if writer is None:
         return load(root)
+    if alone:
+        writer.foreground()
 
     try:
         _run(writer, batches, run, progress)
@@ -197,6 +202,7 @@ def _extract_ranks(
     resume: bool,
     progress: bool,
     run: Callable[[Any, int], Snapshot],
+    alone: bool = False,
 ) -> Snapshot:
     """Data-parallel extract: each rank streams its own batches into ``root/rank-0000r/``.
 
@@ -217,6 +223,8 @@ def _extract_ranks(
         part = os.path.join(root, part_name(rank))
         writer = _on_disk(part, _prepare, part, options, _model_id(model), resume, rank, world_size)
         if writer is not None:
+            if alone:
+                writer.foreground()
             _run(writer, batches, run, progress and rank == 0)
         dist.barrier()
         if rank == 0:
@@ -395,7 +403,7 @@ def _token_run(
     from ._rows import IDS_KEY, RowCopier, positions
     from ._stream import background_writes
 
-    background = background_writes()
+    background = background_writes() and max_memory is None  # as extract decides
 
     budget = parse_size(max_memory, "max_memory")
     half = None if budget is None else budget // 2

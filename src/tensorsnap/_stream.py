@@ -234,6 +234,14 @@ class Writer:
         self.batches = index + 1
         self.inputs_crc32 = inputs_crc32
 
+    def foreground(self) -> None:
+        """Write every batch in the caller's thread (extract with a memory budget: one batch
+        is held at a time)."""
+        self.wait()
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
+
     def wait(self) -> None:
         """Until the batch in flight is written; raises what writing it raised."""
         pending, self._pending = self._pending, None
