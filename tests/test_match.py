@@ -31,6 +31,25 @@ def gpt2():
     return tiny_gpt2().eval(), token_ids()
 
 
+@pytest.mark.parametrize(
+    "bug, at, module",
+    [(None, 0, None), ("ffn_act", 1, "blocks.1.ffn.act"), ("attn_scale", 0, "blocks.0.attn")],
+)
+def test_auto_with_ops_pairs_ops_only_where_their_values_can_be_the_same(
+    gpt2, bug: str | None, at: int, module: str | None
+) -> None:
+    # the port's ops differ from transformers' (a fused qkv split, views in another order):
+    # ops of the same name or shape with unrelated values must not pair, or a faithful port
+    # diverges at its first op
+    ref, ids = gpt2
+    a, b = _runs(ref, GPT2Port(ref, bug=bug, at=at).eval(), ids, ops=True)
+    result = tensorsnap.diff(b, a, match="auto")
+    found = result.first_diverging  # an op key of the buggy module, or the module's own
+    assert (found and found.partition("/")[0]) == module, result
+    if bug is None:
+        assert not result.differing and any("/" in k for k, _, _ in result.pairs)
+
+
 def test_names_alone_do_not_pair_a_port(gpt2) -> None:
     ref, ids = gpt2
     a, b = _runs(ref, GPT2Port(ref).eval(), ids)

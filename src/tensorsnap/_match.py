@@ -44,6 +44,9 @@ _GAP = 1.0
 # elements of each value kept for its fingerprint
 _PROBES = 8
 _FORBIDDEN = -1e9
+# ops of one name whose fingerprints differ by this much (in units of their spread) are
+# different values, not one value with an error: they are not paired
+_OP_UNLIKE = 0.5
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -462,11 +465,18 @@ def _op_nodes(snap: Mapping[str, Any], records: list[Record]) -> dict[tuple[str,
 
 
 def _op_score(x: _Node, y: _Node) -> tuple[float, list[str]]:
+    # ops inside paired calls pair by name *and* values: two implementations of one module
+    # run different ops (a fused qkv splits where three projections do not), and pairing
+    # same-named or same-shaped ops whose values are unrelated would report a divergence
+    # the candidate does not have (an unpaired op is a note, never a divergence)
     if x.shape != y.shape:
         return _FORBIDDEN, []
-    if x.name == y.name:
-        return 3.0, [f"op {x.name}"]
-    return 0.5, [f"op {x.name} vs {y.name}"]
+    d = _distance(x, y)
+    if x.name == y.name and d < _OP_UNLIKE:
+        return (4.0 if d < 0.05 else 3.0), [f"op {x.name}"]
+    if d < 1e-3:
+        return 2.0, [f"op {x.name} vs {y.name}", "values agree"]
+    return _FORBIDDEN, []
 
 
 def _auto(
