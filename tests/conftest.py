@@ -349,14 +349,19 @@ class GradReference:
         self.grads.setdefault(key, {})[path] = grad.detach().clone()
 
 
-def assert_grads_match(snap: Mapping[str, Any], reference: GradReference) -> None:
-    """Every ``P:grad`` of ``snap`` holds exactly the reference's gradients, None elsewhere, and
-    every reference key is in ``snap``."""
-    module_keys = {k for k in snap if k.endswith(":grad") and "/" not in k}
-    assert module_keys == set(reference.grads), (
-        f"only in capture: {sorted(module_keys - set(reference.grads))}; "
-        f"only in reference: {sorted(set(reference.grads) - module_keys)}"
+def assert_grads_match(
+    snap: Mapping[str, Any], reference: Any, ops: bool = False, at_least: int = 1
+) -> None:
+    """The ``P:grad`` keys of ``snap`` (``C/op:grad`` with ``ops``) are exactly the reference's
+    (``reference.grads``: key -> path -> gradient), each holding exactly its gradients, None
+    elsewhere; ``at_least`` keys are compared."""
+    keys = {k for k in snap if k.endswith(":grad") and ("/" in k) == ops}
+    expected_keys = set(reference.grads)
+    assert keys == expected_keys, (
+        f"only in capture: {sorted(keys - expected_keys)[:6]}; "
+        f"only in reference: {sorted(expected_keys - keys)[:6]}"
     )
+    assert len(keys) >= at_least, f"{len(keys)} gradient keys, fewer than {at_least}"
     for key, expected in reference.grads.items():
         got = dict(tensor_paths(snap[key]))
         assert set(got) == set(expected), f"{key}: {sorted(got)} != {sorted(expected)}"
