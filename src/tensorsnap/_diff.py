@@ -420,10 +420,11 @@ def _compare_tensors(
     r = d_rtol if rtol is None else rtol
     a_tol = d_atol if atol is None else atol
     if atol is None and not exact and flat_y.numel():
-        finite_y = flat_y.to(wide).abs()
-        finite_y = torch.where(torch.isfinite(finite_y), finite_y, 0.0)
-        rms = float(finite_y.square().mean().sqrt())
-        a_tol = max(a_tol, r * rms)
+        squares = 0.0
+        for start in range(0, flat_y.numel(), _CHUNK):  # in chunks, as below: bounded memory
+            part = flat_y[start : start + _CHUNK].to(wide).abs()
+            squares += float(torch.where(torch.isfinite(part), part, 0.0).square().sum())
+        a_tol = max(a_tol, r * math.sqrt(squares / flat_y.numel()))
     if exact:
         r = a_tol = 0.0
     max_abs = max_rel = 0.0
