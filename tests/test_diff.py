@@ -233,3 +233,24 @@ def test_a_live_capture_equals_its_saved_bundle(tmp_path: pathlib.Path) -> None:
     changed[""].past_key_values.layers[0].keys.add_(1.0)
     result = tensorsnap.diff(changed, snap)
     assert result.first_diverging == ""
+
+
+def test_a_faithful_bf16_run_is_close_and_a_planted_bug_in_bf16_is_named() -> None:
+    import conftest
+
+    ids = conftest.token_ids()
+    runs = {}
+    for name in ("fp32", "bf16", "bug"):
+        model = conftest.tiny_gpt2(n_layer=6)
+        if name != "fp32":
+            model = model.to(torch.bfloat16)
+        if name == "bug":
+            with torch.no_grad():
+                model.transformer.h[3].mlp.c_fc.weight.mul_(1.05)
+        with torch.no_grad(), tensorsnap.capture(model) as snap:
+            model(ids)
+        runs[name] = snap
+    faithful = tensorsnap.diff(runs["bf16"], runs["fp32"])
+    assert len(faithful.keys) == 79 and faithful.first_diverging is None
+    assert all(k.rel_l2 is not None and 0 < k.rel_l2 < 1.6e-2 for k in faithful.keys[:-1])
+    assert tensorsnap.diff(runs["bug"], runs["fp32"]).first_diverging == "transformer.h.3.mlp.c_fc"
