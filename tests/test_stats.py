@@ -125,3 +125,17 @@ def test_diff_of_integer_stats_uses_the_digest() -> None:
         assert not found.close and found.mismatched == 1 and found.max_abs == 1.0
     same = tensorsnap.diff({"ids": stats_of(ids)}, {"ids": stats_of(ids.clone())})["ids"]
     assert same.close and same.max_abs == 0.0
+
+
+def test_diff_of_stats_with_nans_in_other_places_is_not_close() -> None:
+    """Equal NaN counts cannot show where the NaNs stand; the digests say the bytes differ."""
+    from tensorsnap._stats import stats_of
+
+    nan = math.nan
+    a = torch.tensor([1.0, nan, 3.0, 3.0])
+    b = torch.tensor([1.0, 3.0, nan, 3.0])
+    assert tensorsnap.diff({"x": a}, {"x": b})["x"].close is False  # the tensors themselves
+    found = tensorsnap.diff({"x": stats_of(a)}, {"x": stats_of(b)})["x"]
+    assert not found.close and found.mismatched == 1
+    same = tensorsnap.diff({"x": stats_of(a)}, {"x": stats_of(a.clone())})["x"]
+    assert same.close
