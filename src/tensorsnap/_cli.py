@@ -525,22 +525,10 @@ def _add_blame_parser(sub: Any, formatter: Any) -> None:
     )
     bla.add_argument("reference", metavar="REF", help="MODULE:FACTORY of the reference model")
     bla.add_argument("candidate", metavar="CAND", help="MODULE:FACTORY of the candidate model")
-    bla.add_argument(
-        "--arg", action="append", default=[], metavar="KEY=VALUE",
-        help="keyword argument for both factories (repeatable)",
-    )  # fmt: skip
-    bla.add_argument(
-        "--ref-arg", action="append", default=[], metavar="KEY=VALUE",
-        help="keyword argument for REF's factory only (repeatable)",
-    )  # fmt: skip
-    bla.add_argument(
-        "--cand-arg", action="append", default=[], metavar="KEY=VALUE",
-        help="keyword argument for CAND's factory only (repeatable)",
-    )  # fmt: skip
-    bla.add_argument(
-        "--input", action="append", default=[], metavar="[NAME=]SPEC",
-        help="a model input (repeatable; as for capture)",
-    )  # fmt: skip
+    _add_repeated(bla, "--arg", "KEY=VALUE", "keyword argument for both factories")
+    _add_repeated(bla, "--ref-arg", "KEY=VALUE", "keyword argument for REF's factory only")
+    _add_repeated(bla, "--cand-arg", "KEY=VALUE", "keyword argument for CAND's factory only")
+    _add_repeated(bla, "--input", "[NAME=]SPEC", "a model input (as for capture)")
     bla.add_argument(
         "--candidate-dtype", metavar="DTYPE", default=None,
         help="cast the candidate to this dtype after building it (e.g. bfloat16)",
@@ -611,25 +599,20 @@ def _add_tolerances(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def _add_repeated(parser: argparse.ArgumentParser, flag: str, metavar: str, what: str) -> None:
+    """A repeatable option whose values collect into a list (``--arg a=1 --arg b=2``)."""
+    parser.add_argument(
+        flag, action="append", default=[], metavar=metavar, help=f"{what} (repeatable)"
+    )
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments that build and run a model (capture and names)."""
     parser.add_argument("target", metavar="MODULE:FACTORY", help="e.g. mypkg.models:build")
-    parser.add_argument(
-        "--arg", action="append", default=[], metavar="KEY=VALUE",
-        help="keyword argument for the factory or config (repeatable)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--input", action="append", default=[], metavar="[NAME=]SPEC",
-        help="a model input (repeatable; see below)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--include", action="append", default=[], metavar="PATTERN",
-        help="glob over keys to capture (repeatable; default: all)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--exclude", action="append", default=[], metavar="PATTERN",
-        help="glob over keys not to capture (repeatable)",
-    )  # fmt: skip
+    _add_repeated(parser, "--arg", "KEY=VALUE", "keyword argument for the factory or config")
+    _add_repeated(parser, "--input", "[NAME=]SPEC", "a model input (see below)")
+    _add_repeated(parser, "--include", "PATTERN", "glob over keys to capture (default: all)")
+    _add_repeated(parser, "--exclude", "PATTERN", "glob over keys not to capture")
     parser.add_argument("--ops", action="store_true", help="capture functional ops (C/op keys)")
     parser.add_argument("--grads", action="store_true", help="run backward and capture gradients")
     parser.add_argument("--inputs", action="store_true", help="capture module inputs (P:in)")
