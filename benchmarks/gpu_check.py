@@ -466,7 +466,11 @@ def check_capture_outputs(ctx: Context, name: str, model: nn.Module, ids: torch.
     return f"{n} module outputs bitwise; output unchanged{_sync_note(ctx, name)}"
 
 
-def check_capture_ops(ctx: Context, name: str, model: nn.Module, ids: torch.Tensor) -> str:
+def _ops_against_references(
+    ctx: Context, name: str, model: nn.Module, ids: torch.Tensor, what: str
+) -> tuple[Any, int, int]:
+    """An ops=True capture beside a plain op recorder and output hooks (inside whatever
+    autocast the caller opened): the snapshot, ops in order, outputs bitwise."""
     with torch.no_grad():
         plain = _logits(model(ids))
         with output_hooks(model) as found, tensorsnap.capture(model, ops=True) as snap:
@@ -475,7 +479,12 @@ def check_capture_ops(ctx: Context, name: str, model: nn.Module, ids: torch.Tens
                 out = _logits(model(ids))
     n = ops_in_order(snap, recorder.values)
     m = compare_outputs(snap, found)
-    check(bits(out) == bits(plain), "capture(ops=True) changed the model's output")
+    check(bits(out) == bits(plain), f"capture(ops=True) changed the model's output{what}")
+    return snap, n, m
+
+
+def check_capture_ops(ctx: Context, name: str, model: nn.Module, ids: torch.Tensor) -> str:
+    _, n, m = _ops_against_references(ctx, name, model, ids, "")
     return f"{n} op values in order, {m} outputs bitwise{_sync_note(ctx, name)}"
 
 
@@ -739,16 +748,8 @@ def _busy(ctx: Context) -> None:
 
 
 def check_autocast(ctx: Context, name: str, model: nn.Module, ids: torch.Tensor) -> str:
-    kind = ctx.device.type
-    with torch.no_grad(), torch.autocast(kind, dtype=torch.bfloat16):
-        plain = _logits(model(ids))
-        with output_hooks(model) as found, tensorsnap.capture(model, ops=True) as snap:
-            recorder = OpRecorder()
-            with _guard(ctx, name), recorder:
-                out = _logits(model(ids))
-    n = ops_in_order(snap, recorder.values)
-    compare_outputs(snap, found)
-    check(bits(out) == bits(plain), "capture changed the output under autocast")
+    with torch.autocast(ctx.device.type, dtype=torch.bfloat16):
+        snap, n, _ = _ops_against_references(ctx, name, model, ids, " under autocast")
     dtypes = {r.dtype for r in snap.records if r.dtype is not None}
     check(torch.bfloat16 in dtypes, f"no bfloat16 value under autocast: {dtypes}")
     return f"{n} ops bitwise, dtypes as autocast made them{_sync_note(ctx, name)}"
