@@ -166,6 +166,29 @@ def test_a_fifo_as_journal_fails_at_once(tmp_path: Any) -> None:
         finishes_within(10, resume, unblock=str(out / "extract-journal.json"))
 
 
+@pytest.mark.parametrize("constant", ["Infinity", "-Infinity", "NaN"])
+def test_a_journal_with_nan_or_infinity_is_refused_by_name(tmp_path: Any, constant: str) -> None:
+    out = tmp_path / "out"
+    batches = [torch.randn(2, 6, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+    def failing() -> Any:
+        yield from batches[:2]
+        raise RuntimeError("loader broke")
+
+    with pytest.raises(RuntimeError, match="loader broke"):
+        tensorsnap.extract(Net(), failing(), out=out, progress=False)
+    journal = out / "extract-journal.json"
+    text = journal.read_text()
+    # a leaf's row count: int(inf) would escape as an OverflowError, int(nan) as a ValueError
+    edited = text.replace('"rows":4', f'"rows":{constant}', 1)
+    assert edited != text
+    journal.write_text(edited)
+    with pytest.raises(
+        BundleError, match=rf"extract-journal\.json cannot be read \({constant} is not allowed"
+    ):
+        tensorsnap.extract(Net(), batches, out=out, progress=False, resume=True)
+
+
 # -- 3: world_size of a multi-rank index ------------------------------------------------------
 
 

@@ -87,7 +87,9 @@ def background_writes() -> bool:
 def read_journal(root: str) -> dict[str, Any]:
     path = os.path.join(root, JOURNAL)
     try:
-        state = json.loads(read_small_file(path, _MAX_JOURNAL))
+        # NaN and Infinity are not JSON: a journal holding them was edited (int(inf) would
+        # escape as an OverflowError), so they are refused as the manifest's reader does
+        state = json.loads(read_small_file(path, _MAX_JOURNAL), parse_constant=_no_constant)
     except (OSError, ValueError, RecursionError) as err:
         raise BundleError(f"{path} cannot be read ({err}); remove {root} and start over") from err
     if not isinstance(state, dict) or state.get("format") != _JOURNAL_FORMAT:
@@ -98,6 +100,10 @@ def read_journal(root: str) -> dict[str, Any]:
             f"version {_JOURNAL_VERSION} only: finish it with the tensorsnap that started it"
         )
     return state
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed in JSON")
 
 
 # -- writing ----------------------------------------------------------------------------------
