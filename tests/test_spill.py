@@ -203,3 +203,17 @@ def test_bad_budget_and_closed_store() -> None:
     store.close()
     with pytest.raises(TensorSnapError, match="spill store was closed"):
         store.put("a", torch.ones(1), 4)
+
+
+def test_an_unusable_default_temp_dir_is_named_as_the_default(
+    tmp_path: Any, monkeypatch: Any
+) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    bad = str(tmp_path / "file" / "tmp")
+    monkeypatch.setattr(_spill.tempfile, "gettempdir", lambda: bad)
+    with pytest.raises(
+        BundleError,
+        match=rf"the default temporary directory '{bad}' \(spill_dir=None\) cannot hold spill "
+        r"files \(.*\); pass spill_dir= a writable directory with free space, or set the TMPDIR",
+    ):
+        SpillStore(max_memory=0, spill_dir=None)

@@ -232,6 +232,12 @@ def _probe(parent: str | None) -> None:
             os.close(fd)
             os.unlink(name)
     except OSError as err:
+        if parent is None:  # nobody named this directory: say which one it is and how to move
+            raise BundleError(
+                f"the default temporary directory {where!r} (spill_dir=None) cannot hold spill "
+                f"files ({err}); pass spill_dir= a writable directory with free space, or set "
+                "the TMPDIR environment variable to one"
+            ) from err
         raise BundleError(
             f"spill_dir={where!r} cannot hold spill files ({err}); pass a writable directory "
             "with free space as spill_dir=, or None for the system temp dir"
