@@ -117,7 +117,7 @@ def _find_sync_file_range() -> Callable[[int, int, int, int], int] | None:
         return None
     call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     call.restype = ctypes.c_int
-    return call  # type: ignore[no-any-return]
+    return call
 
 
 _SYNC_FILE_RANGE = _find_sync_file_range()
