@@ -126,6 +126,7 @@ class _Session(AbstractContextManager[Snapshot]):
         dry: bool = False,
         stats: bool = False,
         rows: Any = None,
+        graph: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TensorSnapError(
@@ -134,8 +135,10 @@ class _Session(AbstractContextManager[Snapshot]):
             )
         _validate.capture_options(
             ops=ops, nonfinite=nonfinite, spill=spill_dir, inputs=inputs, grads=grads,
-            saved=saved, lazy=lazy, gather=gather, stats=stats, where=device,
+            saved=saved, lazy=lazy, gather=gather, stats=stats, graph=graph, where=device,
         )  # fmt: skip
+        if graph:
+            _refuse_in_graph_mode(ops=ops, inputs=inputs, grads=grads, saved=saved, lazy=lazy)
         if lazy and ops == "aten":
             raise TensorSnapError(
                 "lazy=True sees writes coming at the torch level; use it with ops=True or "
@@ -190,6 +193,9 @@ class _Session(AbstractContextManager[Snapshot]):
         self._inputs_at_pre: set[int] = set()  # modules whose inputs the pre-hook records
         self._mode: OpMode | None = None
         self._suspended = 0  # calls running without our function mode (lazy=True only)
+        self.graph = graph
+        self._runner: Any = None  # graph mode's GraphRunner
+        self._root: nn.Module = model  # the module whose calls graph mode compiles
 
     # -- entering and leaving ------------------------------------------------------------------
 
@@ -203,52 +209,129 @@ class _Session(AbstractContextManager[Snapshot]):
         self._thread = threading.get_ident()
         self.open = self.recorder.open = True
         try:
-            light = not (self.ops or self.inputs or self.grads or self.saved or self._deferred)
-            if not light:
-                pre = _module_hooks.register_module_forward_pre_hook(self._pre)
-                self._handles.append(pre)
-            post = _module_hooks.register_module_forward_hook(
-                self._post_light if light else self._post, with_kwargs=True, always_call=True
-            )
-            self._handles.append(post)
-            # torch's handle forgets the with_kwargs entry of a global hook (2.13): left there,
-            # it would make torch.compile'd modules warn about global hooks forever after
-            self._handles.append(
-                DictEntry(_module_hooks, "_global_forward_hooks_with_kwargs", post.id)
-            )
-            if self.ops:
-                self._guard_user_hooks()
-            if self.inputs:
-                self._watch_module_inputs(pre.id)
-            if compiling_possible():
-                # compiled code would skip our hooks silently, and a compiled wrapper around the
-                # model (or a `model.compile()` call) need not be inside `model`: run all
-                # compiled code eagerly while capturing
-                if hasattr(torch.compiler, "set_stance"):
-                    self._enter(ForceEager())
-                elif has_compiled_parts(self.model):  # torch < 2.6
-                    raise TensorSnapError(
-                        f"the model holds torch.compile'd modules, and this torch "
-                        f"({torch.__version__}) cannot run them eagerly while capturing "
-                        "(torch.compiler.set_stance needs torch >= 2.6); capture the model "
-                        "before compiling it, or upgrade torch"
-                    )
-                # torch warns that global hooks fire once more for a compiled wrapper; ours skip
-                # wrappers, so the warning would only be noise (and an error under -W error)
-                self._enter(Ignored(UserWarning, r"Using `torch\.compile\(module\)` when there"))
-            if self.saved:
-                self._enter(torch.autograd.graph.saved_tensors_hooks(self._pack, unpack))
-            if self.ops == "aten":
-                self._op_name = aten_name
-                self._enter(AtenMode(self._on_op))
-            elif self.ops or self._deferred is not None:
-                before = self._deferred.before if self._deferred is not None else None
-                self._mode = OpMode(self._on_op if self.ops else None, before)
-                self._enter(self._mode)
+            if self.graph:
+                self._enter_graph()
+            else:
+                self._install()
         except BaseException:
             self._close()
             raise
         return self.snapshot
+
+    def _install(self) -> None:
+        """Put the hooks and modes of the eager capture in place (removed by ``_close``)."""
+        light = not (self.ops or self.inputs or self.grads or self.saved or self._deferred)
+        if not light:
+            pre = _module_hooks.register_module_forward_pre_hook(self._pre)
+            self._handles.append(pre)
+        post = _module_hooks.register_module_forward_hook(
+            self._post_light if light else self._post, with_kwargs=True, always_call=True
+        )
+        self._handles.append(post)
+        # torch's handle forgets the with_kwargs entry of a global hook (2.13): left there,
+        # it would make torch.compile'd modules warn about global hooks forever after
+        self._handles.append(DictEntry(_module_hooks, "_global_forward_hooks_with_kwargs", post.id))
+        if self.ops:
+            self._guard_user_hooks()
+        if self.inputs:
+            self._watch_module_inputs(pre.id)
+        if compiling_possible():
+            # compiled code would skip our hooks silently, and a compiled wrapper around the
+            # model (or a `model.compile()` call) need not be inside `model`: run all
+            # compiled code eagerly while capturing
+            if hasattr(torch.compiler, "set_stance"):
+                self._enter(ForceEager())
+            elif has_compiled_parts(self.model):  # torch < 2.6
+                raise TensorSnapError(
+                    f"the model holds torch.compile'd modules, and this torch "
+                    f"({torch.__version__}) cannot run them eagerly while capturing "
+                    "(torch.compiler.set_stance needs torch >= 2.6); capture the model "
+                    "before compiling it, or upgrade torch"
+                )
+            # torch warns that global hooks fire once more for a compiled wrapper; ours skip
+            # wrappers, so the warning would only be noise (and an error under -W error)
+            self._enter(Ignored(UserWarning, r"Using `torch\.compile\(module\)` when there"))
+        if self.saved:
+            self._enter(torch.autograd.graph.saved_tensors_hooks(self._pack, unpack))
+        if self.ops == "aten":
+            self._op_name = aten_name
+            self._enter(AtenMode(self._on_op))
+        elif self.ops or self._deferred is not None:
+            before = self._deferred.before if self._deferred is not None else None
+            self._mode = OpMode(self._on_op if self.ops else None, before)
+            self._enter(self._mode)
+
+    # -- graph mode ------------------------------------------------------------------------------
+
+    def _enter_graph(self) -> None:
+        """Have the model's calls in this block run through its compiled graph (see _graph)."""
+        from ._graph import GraphRunner, Marks
+        from ._graphnames import measure_operators
+
+        root = self.model
+        while "_orig_mod" in root._modules and _is_compiled_wrapper(root):
+            root = root._modules["_orig_mod"]  # type: ignore[assignment]
+        _graph_mode_possible(root, self._modules, self._wrappers, self.names)
+        self._root = root
+        measure_operators()
+        self._enter(Marks())
+        self._enter(ForceEager())  # compiled parts of the user's run eagerly; ours is exempt
+        self._enter(Ignored(UserWarning, r"Using `torch\.compile\(module\)` when there"))
+        self._runner = GraphRunner(root, self, self._eager_call)
+        self._enter(_CallSlot(root, self._graph_call))
+
+    def _graph_call(self, *args: Any, **kwargs: Any) -> Any:
+        """The root module's call while the block is open (its ``_compiled_call_impl``)."""
+        root = self._root
+        if not self.open or threading.get_ident() != self._thread or _in_backward() != -1:
+            return root._call_impl(*args, **kwargs)
+        for value in (*args, *kwargs.values()):
+            if type(value).__name__ == "DTensor":
+                raise TensorSnapError(
+                    "graph=True cannot capture a model called with DTensor inputs (tensor "
+                    "parallelism): capture it with graph=False"
+                )
+        before = len(self._runner.fallbacks)
+        call = self._calls.get(id(root), 0)
+        output = self._runner.call(args, kwargs)
+        if len(self._runner.fallbacks) > before:
+            _warn_fallback(self._runner.fallbacks[-1])
+        if self._calls.get(id(root), 0) == call:  # the graph ran: the root call is ours to note
+            self._calls[id(root)] = call + 1
+            name = self.names[id(root)]
+            key = name if call == 0 else f"{name}#{call}"
+            if self._all or self.select(key):
+                with _quiet():
+                    self.recorder.record(key, name, call, None, "output", output)
+            self._read_finite()
+        return output
+
+    def _eager_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A call the graph cannot take, captured by the eager hooks and mode as without graph."""
+        handles, contexts = len(self._handles), len(self._contexts)
+        self._install()
+        try:
+            return self._root._call_impl(*args, **kwargs)
+        finally:
+            while len(self._contexts) > contexts:
+                self._contexts.pop().__exit__(None, None, None)
+            while len(self._handles) > handles:
+                self._handles.pop().remove()
+            self._stack.clear()
+            self._target = None
+
+    # the view of the session a graph's values are handed to (_graph.GraphSession)
+
+    @property
+    def plain(self) -> bool:
+        return self._plain
+
+    @property
+    def calls(self) -> dict[int, int]:
+        return self._calls
+
+    def selected(self, key: str) -> bool:
+        return self._all or self.select(key)
 
     def _guard_user_hooks(self) -> None:
         """Keep the ops of other forward hooks on the model's modules out of the snapshot.
@@ -607,6 +690,102 @@ class _Session(AbstractContextManager[Snapshot]):
             self._finite.read()
 
 
+def _refuse_in_graph_mode(**options: Any) -> None:
+    """Name the options graph mode cannot serve, before the block starts."""
+    if options["ops"] is not True:
+        raise TensorSnapError(
+            f"graph=True captures torch-level ops from a compiled graph and needs ops=True, got "
+            f"ops={options['ops']!r}; ATen-level capture (ops='aten') runs eagerly only"
+        )
+    for name, why in (
+        ("grads", "gradients are taken by hooks on the eager autograd graph"),
+        ("saved", "saved tensors are packed by autograd hooks the graph does not run"),
+        ("inputs", "module inputs are recorded by eager pre-hooks"),
+        ("lazy", "lazy copies watch writes through an eager function mode"),
+    ):
+        if options[name]:
+            raise TensorSnapError(
+                f"graph=True cannot be used with {name}=True ({why}); capture with graph=False"
+            )
+
+
+def _is_compiled_wrapper(module: nn.Module) -> bool:
+    return type(module).__name__ == "OptimizedModule"
+
+
+def _graph_mode_possible(
+    root: nn.Module, modules: list[nn.Module], wrappers: set[int], names: dict[int, str]
+) -> None:
+    """Refuse, by name, models whose graph could not give the eager capture's keys."""
+    if any(not _is_compiled_wrapper(m) for m in root.modules() if id(m) in wrappers):
+        raise TensorSnapError(
+            "graph=True cannot capture through DDP, FSDP or checkpoint wrappers (their hooks "
+            "and collectives run outside the model's graph); capture with graph=False"
+        )
+    for module in modules:
+        if module._forward_hooks or module._forward_pre_hooks:
+            name = names.get(id(module), "?")
+            raise TensorSnapError(
+                f"graph=True cannot tell the ops of module {name!r}'s own forward hooks from its "
+                "forward (a graph holds both); remove the hooks or capture with graph=False"
+            )
+        if module is not root and (
+            _is_compiled_wrapper(module) or module.__dict__.get("_compiled_call_impl") is not None
+        ):
+            raise TensorSnapError(
+                f"graph=True cannot compile module {names.get(id(module), '?')!r}, which is "
+                "torch.compile'd on its own; capture the model with graph=False"
+            )
+    if isinstance(root.__dict__.get("_compiled_call_impl"), _GraphCall):
+        raise TensorSnapError(
+            "this model is already captured in graph mode by an open block; nested graph-mode "
+            "captures of one model are not supported (nest an eager capture instead)"
+        )
+
+
+class _GraphCall:
+    """The root module's ``_compiled_call_impl`` during a graph-mode block."""
+
+    __slots__ = ("call",)
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.call(*args, **kwargs)
+
+
+class _CallSlot:
+    """Sets ``module._compiled_call_impl`` for the block and restores exactly what was there."""
+
+    def __init__(self, module: nn.Module, call: Any) -> None:
+        self.module, self.call = module, _GraphCall(call)
+        self.had = False
+        self.old: Any = None
+
+    def __enter__(self) -> None:
+        state = self.module.__dict__
+        self.had = "_compiled_call_impl" in state
+        self.old = state.get("_compiled_call_impl")
+        state["_compiled_call_impl"] = self.call
+
+    def __exit__(self, *exc: Any) -> None:
+        state = self.module.__dict__
+        if self.had:
+            state["_compiled_call_impl"] = self.old
+        else:
+            state.pop("_compiled_call_impl", None)
+
+
+def _warn_fallback(reason: str) -> None:
+    warnings.warn(
+        f"graph=True: the model's calls run through the eager capture instead of its graph "
+        f"({reason}); keys and values are the same, only slower",
+        TensorSnapWarning,
+        stacklevel=4,
+    )
+
+
 def capture(
     model: nn.Module,
     *,
@@ -624,6 +803,7 @@ def capture(
     spill_dir: str | None = None,
     gather: bool = False,
     stats: bool = False,
+    graph: bool = False,
 ) -> AbstractContextManager[Snapshot]:
     """Copy the tensors ``model`` produces inside the block, each at the moment it is produced.
 
@@ -679,6 +859,14 @@ def capture(
             sizes. The reductions stay on the tensors' devices and are read back together at
             the end of the block. Not with ``lazy``, ``nonfinite``, ``device``, ``dtype`` or
             ``max_memory``, which are about copies.
+        graph: With ``ops=True``: take the same keys and values from a dynamo graph of the
+            model, compiled on its first call and reused by later calls and blocks, and run
+            as eager code (the kernels of a plain run). Values are copied only where a later
+            op of the graph overwrites them or the caller can reach them. A call dynamo
+            cannot take whole (a graph break, a construct graph mode cannot name) runs
+            through the eager capture instead, with a :class:`TensorSnapWarning` naming why.
+            Not with ``grads``, ``saved``, ``inputs``, ``lazy`` or ``ops="aten"``, nor for
+            models with forward hooks of their own, wrappers or DTensor inputs.
 
     Returns:
         A context manager whose ``__enter__`` returns the :class:`Snapshot`, filled as the
@@ -712,6 +900,7 @@ def capture(
         spill_dir=spill_dir,
         gather=gather,
         stats=stats,
+        graph=graph,
     )
 
 

@@ -81,6 +81,17 @@ class Recorder:
         self.snapshot._add(record, copy)
         self.check_finite(key, copy)
 
+    def adopt(self, key: str, name: str, call: int, op: str | None, kind: str, value: Any) -> None:
+        """Store ``value``, already a copy nobody else holds (graph mode), as it is."""
+        if type(value) is torch.Tensor:
+            nested = value.is_nested
+            shape = None if nested else tuple(value.shape)
+            record = Record(key, name, call, op, kind, shape, value.dtype, storage_bytes(value))
+        else:
+            record = make_record(key, name, call, op, kind, value)
+        self.snapshot._add(record, value)
+        self.check_finite(key, value)
+
     def store_gradient(
         self, key: str, module: str, call: int, op: str | None, kind: str, value: Any
     ) -> None:
