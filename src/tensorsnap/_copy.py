@@ -30,6 +30,7 @@ from torch import nn
 from . import _validate
 from ._dtensor import copy_distributed, is_distributed
 from ._errors import TensorSnapError, attr, format_path
+from ._offload import Offload
 from ._tree import extent
 
 __all__ = ["Copier", "snapshot"]
@@ -125,6 +126,9 @@ class Copier:
         self._parameters: dict[int, tuple[torch.Tensor, nn.Parameter | None]] = {}
         self._module_depth = 0
         self._sync_devices: set[torch.device] = set()
+        # capture(device="cpu"): device-to-host copies queued through pinned rings (see
+        # start_offload); None copies the blocking way
+        self.offload: Offload | None = None
 
     # -- entry points ----------------------------------------------------------------------
 
@@ -157,8 +161,26 @@ class Copier:
             if gc_was_enabled:
                 gc.enable()
 
+    def start_offload(self) -> Offload | None:
+        """Queue device-to-host copies from now on instead of making each one block the host.
+
+        For a capture with ``device="cpu"``: a copy's bytes arrive later, through the pinned ring
+        of :mod:`._offload`, so whoever reads copies must first complete the returned offload's
+        copies (its ``drain``/``wait_for``; :class:`._offload.PendingStore` does it for reads).
+        None (nothing changes) unless copies go to the CPU, unpinned, and a backend can run.
+        """
+        if self.device is None or self.device.type != "cpu" or self.pin_memory:
+            return None
+        if self.offload is None and Offload.available():
+            self.offload = Offload(clone=True)
+        return self.offload
+
     def finish(self) -> None:
-        """Wait for non-blocking device-to-host copies, then drop the memo."""
+        """Wait for non-blocking device-to-host copies, then drop the memo.
+
+        Copies queued through ``start_offload``'s offload are not waited for here: the capture
+        completes them when they are read, or when its block ends.
+        """
         for device in self._sync_devices:
             torch.cuda.synchronize(device)
         self._sync_devices.clear()
@@ -287,6 +309,23 @@ class Copier:
     def _copy_dense(self, t: torch.Tensor) -> torch.Tensor | None:
         """Copy a non-overlapping, dense tensor in one call; None if its layout did not survive."""
         device = self._target_device(t)
+        offload = self.offload
+        if offload is not None and device.type == "cpu" and offload.handles(t.device):
+            if not _is_dense(t):
+                return None
+            dtype = self._target_dtype(t)
+            result = torch.empty_like(t, device=device, dtype=dtype)
+            if result.stride() != t.stride():
+                return None
+            # dense with equal strides: the flat memory holds the same elements on both sides
+            src = t.as_strided((t.numel(),), (1,))
+            cast = dtype != t.dtype
+            offload.copy(
+                result.as_strided((t.numel(),), (1,)),
+                src.to(dtype) if cast else src,  # a cast on the device is a fresh tensor
+                fresh=cast,
+            )
+            return result
         if self.pin_memory and device.type == "cpu" and t.device.type != "cpu":
             result = torch.empty_like(
                 t, device=device, dtype=self._target_dtype(t), pin_memory=True
@@ -352,6 +391,12 @@ class Copier:
             count = (hi - lo) // width
             src = torch.empty(0, dtype=dtype, device=t.device)
             src.set_(storage, lo // width, (count,), (1,))
+        offload = self.offload
+        if offload is not None and device.type == "cpu" and offload.handles(t.device):
+            dst = torch.empty(count, dtype=dtype, device=device)
+            cast_src = src.to(dtype) if cast else src
+            offload.copy(dst, cast_src, fresh=cast)
+            return dst.untyped_storage()
         pin = self.pin_memory and device.type == "cpu" and t.device.type != "cpu"
         dst = torch.empty(count, dtype=dtype, device=device, pin_memory=pin)
         if pin:

@@ -9,6 +9,10 @@ together, one sync per device, at boundaries: when a call of the captured model 
 a backward pass ends, and when the block ends. The first value that failed is named exactly as
 the immediate check names it, and the keys captured after it are dropped, so the snapshot holds
 what it would have held had the block stopped there.
+
+Host copies whose bytes are still on their way (``capture(device="cpu")`` queues its
+device-to-host copies, see :mod:`._offload`) are checked at the same boundaries, after the
+offload completed them: reading them at once would read memory not yet written.
 """
 
 from __future__ import annotations
@@ -40,9 +44,13 @@ class FiniteCheck:
 
     def __init__(self, snapshot: Any) -> None:
         self.snapshot = snapshot
-        # (key, the (min, max) pairs of its device tensors), in capture order
-        self._pending: list[tuple[str, list[tuple[torch.Tensor, torch.Tensor]]]] = []
+        # (key, the (min, max) pairs of its device tensors, its host tensors not yet arrived),
+        # in capture order
+        self._pending: list[
+            tuple[str, list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]
+        ] = []
         self._task = -1  # the backward pass whose end will read the pending checks
+        self.offload: Any = None  # set by the recorder when host copies arrive later
 
     def check(self, key: str, value: Any) -> None:
         """Check ``value`` (captured under ``key``) now, or queue its check on its device.
@@ -52,9 +60,14 @@ class FiniteCheck:
                 before it on a device turns out to be the first).
         """
         ends: list[tuple[torch.Tensor, torch.Tensor]] = []
+        host: list[torch.Tensor] = []
+        offload = self.offload
         for t in _tree.tensors(value):
             t = local(t)  # a DTensor's own reduction would be a collective: check this rank's
             if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+                continue
+            if t.is_cpu and offload is not None and offload.busy:
+                host.append(t)  # its bytes may still be on their way: check it after they came
                 continue
             if (t.is_cpu and not _DEFER_CPU) or t.layout is not _strided or t.is_nested:
                 if _finite_now(t):
@@ -62,9 +75,9 @@ class FiniteCheck:
                 self.read()  # a value still queued on a device may be the first
                 raise self.error(key)
             ends.append(_extremes(t))
-        if not ends:
+        if not ends and not host:
             return
-        self._pending.append((key, ends))
+        self._pending.append((key, ends, host))
         task = _graph_task()
         if task != -1 and task != self._task:
             # read this backward pass's checks when it ends; raising there stops backward()
@@ -88,7 +101,7 @@ class FiniteCheck:
         if not pending:
             return None
         by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
-        for index, (_, ends) in enumerate(pending):
+        for index, (_, ends, _) in enumerate(pending):
             for low, high in ends:
                 items = by_device.setdefault(low.device, [])
                 items.append((index, low))
@@ -101,6 +114,14 @@ class FiniteCheck:
             for (index, _), ok in zip(items, finite):
                 if not ok:
                     first = index if first is None else min(first, index)
+                    break
+        if any(host for _, _, host in pending):
+            self.offload.drain()  # the host copies' bytes are all there after this
+            for index, (_, _, host) in enumerate(pending):
+                if first is not None and index >= first:
+                    break
+                if not all(_finite_now(t) for t in host):
+                    first = index
                     break
         return None if first is None else pending[first][0]
 

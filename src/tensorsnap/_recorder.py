@@ -4,6 +4,12 @@ Copy it (plain tensors and tuples of them by :mod:`._clones`, anything else by t
 or hold it for a deferred copy under ``lazy=True``), describe it in a :class:`Record`, store it
 in the snapshot, and check it for NaN and Inf when asked. Gradients arrive here too, one part at
 a time (the :class:`._grads.GradientSink` the watchers are handed).
+
+With ``device="cpu"`` the copy engine's device-to-host copies are queued (:mod:`._offload`)
+rather than made while the host waits: the recorder then puts a :class:`._offload.PendingStore`
+in front of the snapshot's store, so that no reader (``snap[key]``, a spill writer, ``save``)
+sees a copy before its bytes arrived, and has the NaN/Inf checks of host copies wait for them
+too. The block's end completes them all (the session flushes its store).
 """
 
 from __future__ import annotations
@@ -16,8 +22,10 @@ from . import _tree
 from ._clones import clone, clone_items, storage_bytes
 from ._finite import FiniteCheck
 from ._lazy import Deferred
+from ._offload import PendingStore
 from ._snapshot import Record, Snapshot
 from ._stats import Stats
+from ._tree import extent
 
 __all__ = ["Recorder", "make_record"]
 
@@ -44,6 +52,12 @@ class Recorder:
         # set by the session: False while writes go unseen (see _Session._suspend), when a
         # lazy capture copies at once
         self.hold = True
+        start = None if dry else getattr(copier, "start_offload", None)
+        self.offload = start() if start is not None else None
+        if self.offload is not None:
+            snapshot._store = PendingStore(snapshot._store, self.offload)
+            if finite is not None:
+                finite.offload = self.offload
 
     def record(
         self,
@@ -82,11 +96,14 @@ class Recorder:
         self.check_finite(key, copy)
 
     def adopt(self, key: str, name: str, call: int, op: str | None, kind: str, value: Any) -> None:
-        """Store ``value``, already a copy nobody else holds (graph mode), as it is."""
-        if type(value) is torch.Tensor:
-            nested = value.is_nested
-            shape = None if nested else tuple(value.shape)
-            record = Record(key, name, call, op, kind, shape, value.dtype, storage_bytes(value))
+        """Store ``value``, already a copy nobody else holds (graph mode), as it is.
+
+        A view keeps its storage shared with the keys it views; its record counts the bytes of
+        the span it reaches, what the copy of it would hold.
+        """
+        if type(value) is torch.Tensor and not value.is_nested:
+            nbytes = value.nbytes if value._base is None else extent(value) * value.element_size()
+            record = Record(key, name, call, op, kind, tuple(value.shape), value.dtype, nbytes)
         else:
             record = make_record(key, name, call, op, kind, value)
         self.snapshot._add(record, value)

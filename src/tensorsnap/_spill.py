@@ -5,6 +5,14 @@ from a background thread, then points those very tensor objects at a memory map 
 (``Tensor.set_``): the value keeps its types, identities and views, reads come back from the
 page cache or the disk, and the memory the copies held is freed. ``save`` hard-links these
 shard files into a bundle instead of writing the bytes again.
+
+Copies kept on an accelerator spill too. Their bytes reach the file through the writer's pinned
+staging ring (:mod:`._offload`), ordered after an event that ``put`` recorded on the stream the
+value was made on; the store then lets go of the device tensors (their memory returns to the
+device) and keeps the value with CPU tensors mapped from the file in their place. Reading such a
+key gives a new copy on the device each value was captured on (views of one storage stay views of
+one copy), so a spilled value reads back where an unspilled one would; it is a fresh copy at each
+read, not the same object.
 """
 
 from __future__ import annotations
@@ -21,9 +29,12 @@ from typing import Any
 import torch
 
 from . import _validate
+from ._copy import Copier
 from ._errors import BundleError, TensorSnapError
 from ._manifest import tensors_in
+from ._offload import Offload
 from ._shards import BlobRef, Span, map_file, plan_spans, write_all, write_shard
+from ._tree import tensors as _tensors
 
 __all__ = ["SpillStore"]
 
@@ -39,15 +50,19 @@ class _Item:
     to be swapped in the caller's thread), ``disk``, ``pinned`` (stays in memory) or
     ``dropped`` (replaced or closed)."""
 
-    __slots__ = ("handed_out", "key", "located", "nbytes", "state", "value")
+    __slots__ = ("handed_out", "key", "located", "marks", "nbytes", "origin", "state", "value")
 
-    def __init__(self, key: str, value: Any, nbytes: int) -> None:
+    def __init__(self, key: str, value: Any, nbytes: int, marks: dict[torch.device, Any]) -> None:
         self.key = key
         self.value = value
         self.nbytes = nbytes
         self.state = "ram"
         self.handed_out = False
         self.located: list[int] = []
+        # per accelerator the value has tensors on: an event after the work that made them
+        self.marks = marks
+        # once spilled: the mapped CPU tensors that stand for device tensors, and their devices
+        self.origin: list[tuple[torch.Tensor, torch.device]] = []
 
 
 # (tensor, its version when written, mapped storage, element offset, blob, byte offset in blob)
@@ -76,6 +91,7 @@ class _State:
         self.thread: threading.Thread | None = None
         self.shards = 0
         self.blobs = 0
+        self.offload: Offload | None = None  # the writer thread's staging of device bytes
 
 
 class SpillStore:
@@ -85,8 +101,15 @@ class SpillStore:
     values are queued for a background writer; ``put`` waits only when the writer falls behind
     by more than ``max(slack, the value being put)`` bytes, where ``slack`` is an eighth of the
     budget (between 1 MiB and 64 MiB). Memory therefore stays near ``max_memory`` plus that.
-    Spilled values read back transparently from a private memory map of their shard; only CPU
-    tensors spill (others stay where they are). The spill files live in a fresh directory
+
+    The budget counts the bytes of every value held in memory, wherever its tensors are: host
+    memory and accelerator memory together (not the writer's staging buffers, nor the page
+    cache that reads of spilled values come from). Spilled CPU tensors read back transparently
+    from a private memory map of their shard, the same objects as before. A value's tensors on a
+    CUDA device are copied to the file through pinned staging and their device memory is let go;
+    ``get`` then returns a new copy of the value with those tensors back on their devices (see
+    the module docstring). Tensors on devices without a staging backend stay where they are.
+    The spill files live in a fresh directory
     (inside ``spill_dir`` when given, else the system temp dir) removed by ``close()`` or when
     the store is garbage collected; tensors already handed out stay readable after that.
 
@@ -124,7 +147,7 @@ class SpillStore:
             old = s.items.pop(key, None)
             if old is not None:
                 _drop(s, old)
-            item = _Item(key, value, nbytes)
+            item = _Item(key, value, nbytes, _marks(value))
             s.items[key] = item
             s.order.append(item)
             s.ram += nbytes
@@ -136,13 +159,18 @@ class SpillStore:
                 s.cond.wait()
 
     def get(self, key: str) -> Any:
-        """The value, the same object every time (spilled tensors are memory-mapped)."""
+        """The value: the same object every time, except where device tensors were spilled.
+
+        Spilled CPU tensors are memory-mapped in place. A value whose device tensors were
+        spilled comes back as a new copy at each call, those tensors on their devices again.
+        """
         s = self._state
         with s.cond:
             _apply_deferred(s)
             item = s.items[key]
             item.handed_out = True
-            return item.value
+            value, origin = item.value, item.origin
+        return _restore(value, origin) if origin else value
 
     def close(self) -> None:
         """Drop every value and remove the spill directory."""
@@ -189,7 +217,8 @@ class SpillStore:
             ) from error
 
     def _peek(self, key: str) -> Any:
-        """The value, for ``save``, without marking it handed out."""
+        """The value, for ``save``, without marking it handed out (spilled device tensors
+        stay the mapped CPU tensors: ``save`` links their blobs rather than copying them)."""
         with self._state.cond:
             return self._state.items[key].value
 
@@ -269,39 +298,47 @@ def _writer(s: _State) -> None:
                 if item.state == "queued":
                     batch.append(item)
                     size += item.nbytes
-            values = [item.value for item in batch]
-        try:
-            swaps = _write_batch(s, values)
-        except Exception as err:  # a full disk, most likely: keep the values in memory
-            with s.cond:
-                # without its traceback: the frames hold the values and maps being written
-                s.error = err.with_traceback(None)
-                # nothing more is queued after a failure, but values queued before it are
-                # pinned too, so that flush() does not wait for a writer that gave up
-                for item in [*batch, *s.queue]:
-                    if item.state == "queued":
-                        item.state = "pinned"
-                        s.queued -= item.nbytes
-                s.queue.clear()
-                s.cond.notify_all()
-            continue
+        _spill_batch(s, batch)  # in a call of its own: its locals (the values) die with it
+
+
+def _spill_batch(s: _State, batch: list[_Item]) -> None:
+    """Write one batch and swap its values (or keep them in memory if the write failed)."""
+    values = [(item.value, item.marks) for item in batch]
+    try:
+        swaps = _write_batch(s, values)
+    except Exception as err:  # a full disk, most likely: keep the values in memory
         with s.cond:
-            for item, swap in zip(batch, swaps):
-                if item.state != "queued":  # replaced or closed while it was being written
-                    continue
-                s.queued -= item.nbytes
-                if not swap:
-                    item.state = "pinned"  # nothing that can spill (e.g. CUDA tensors only)
-                elif item.handed_out:
-                    # the caller may be computing with it right now: swap in its own thread
-                    item.state = "written"
-                    s.deferred.append((item, swap))
-                else:
-                    _swap(s, item, swap)
+            # without its traceback: the frames hold the values and maps being written
+            s.error = err.with_traceback(None)
+            # nothing more is queued after a failure, but values queued before it are
+            # pinned too, so that flush() does not wait for a writer that gave up
+            for item in [*batch, *s.queue]:
+                if item.state == "queued":
+                    item.state = "pinned"
+                    s.queued -= item.nbytes
+            s.queue.clear()
             s.cond.notify_all()
+        return
+    del values
+    with s.cond:
+        for item, swap in zip(batch, swaps):
+            if item.state != "queued":  # replaced or closed while it was being written
+                continue
+            s.queued -= item.nbytes
+            if not swap:
+                item.state = "pinned"  # nothing that can spill (e.g. on a device without staging)
+            elif item.handed_out:
+                # the caller may be computing with it right now: swap in its own thread
+                item.state = "written"
+                s.deferred.append((item, swap))
+            else:
+                _swap(s, item, swap)
+        # before flush() can see the batch done: these would keep device tensors alive
+        swap = swaps = None  # type: ignore[assignment]
+        s.cond.notify_all()
 
 
-def _write_batch(s: _State, values: list[Any]) -> list[_Swap]:
+def _write_batch(s: _State, values: list[tuple[Any, dict[torch.device, Any]]]) -> list[_Swap]:
     """Write the tensors of ``values`` into one new shard; return how to point them at it."""
     if s.directory is None:
         if s.parent is not None:
@@ -309,15 +346,19 @@ def _write_batch(s: _State, values: list[Any]) -> list[_Swap]:
         s.directory = tempfile.mkdtemp(prefix="tensorsnap-spill-", dir=s.parent)
     plans = []
     spans: list[Span] = []
-    for value in values:
-        tensors = [t for t in tensors_in(value) if t.device.type == "cpu"]
+    for value, marks in values:
+        tensors = [t for t in tensors_in(value) if _staged(t) or t.device.type == "cpu"]
         versions = [t._version for t in tensors]
         value_spans, placements = plan_spans(tensors)
         for span in value_spans:
             span.name = str(s.blobs)
             s.blobs += 1
+            if Offload.handles(span.device):
+                _stage(s, span, marks.get(span.device))
         plans.append((tensors, versions, len(spans), placements))
         spans.extend(value_spans)
+    if s.offload is not None:
+        s.offload.drain()  # every staged span's bytes are in host memory now
     if not spans:
         return [[] for _ in values]
     path = os.path.join(s.directory, f"spill-{s.shards:06d}.safetensors")
@@ -348,24 +389,93 @@ def _write_batch(s: _State, values: list[Any]) -> list[_Swap]:
 
 
 def _swap(s: _State, item: _Item, swap: _Swap) -> None:
-    """Point the value's tensors at the file; the memory they held is freed with them."""
+    """Point the value's tensors at the file; the memory they held is freed with them.
+
+    A device tensor cannot point at a file: the value is rebuilt with a mapped CPU tensor in
+    its place (noted in ``item.origin`` with its device), and the device tensor is let go.
+    """
     if any(t._version != version for t, version, *_ in swap):
         item.state = "pinned"  # changed in place while it was written: keep it as it is now
         return
     swapped = []
+    standins: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         for t, _, storage, offset, ref, blob_offset in swap:
+            if _staged(t):
+                mapped = torch.empty(0, dtype=t.dtype)
+                mapped.set_(storage, offset, t.shape, t.stride())
+                standins[id(t)] = mapped
+                item.origin.append((mapped, t.device))
+                swapped.append((mapped, ref, blob_offset))
+                continue
             try:
                 t.set_(storage, offset, t.shape, t.stride())
             except RuntimeError:  # e.g. a tensor autograd forbids changing: it stays in memory
                 continue
             swapped.append((t, ref, blob_offset))
+    if standins:
+        item.value = _replace_tensors(item.value, standins)
     # views share one version counter, which every set_ bumps: read it after the last one
     for t, ref, blob_offset in swapped:
         s.located[id(t)] = (t, t._version, ref, blob_offset)
         item.located.append(id(t))
     item.state = "disk"
     s.ram -= item.nbytes
+
+
+def _staged(t: torch.Tensor) -> bool:
+    """Whether ``t``'s bytes reach spill files through staging (an accelerator's tensor)."""
+    return Offload.handles(t.device)
+
+
+def _marks(value: Any) -> dict[torch.device, Any]:
+    """Events on the current streams of the accelerators that hold ``value``'s tensors."""
+    devices = {t.device for t in _tensors(value) if _staged(t)}
+    return {device: Offload.mark(device) for device in devices}
+
+
+def _stage(s: _State, span: Span, after: Any) -> None:
+    """Queue the copy of a device span's bytes into host memory, and make the span read there.
+
+    The copy waits for ``after`` (recorded by ``put`` on the stream that made the value); the
+    writer drains the staging before the shard is written.
+    """
+    if s.offload is None:
+        s.offload = Offload(clone=False)  # nothing writes a stored copy: no clone needed
+    count = span.hi - span.lo
+    source = torch.empty(0, dtype=torch.uint8, device=span.device)
+    source.set_(span.storage, span.lo, (count,), (1,))
+    host = torch.empty(count, dtype=torch.uint8)
+    s.offload.copy(host, source, after=after)
+    # the span's placements are offsets from its start, which the host copy keeps
+    span.storage, span.device, span.lo, span.hi = host.untyped_storage(), host.device, 0, count
+
+
+def _replace_tensors(value: Any, replacements: dict[int, torch.Tensor]) -> Any:
+    """``value`` rebuilt (as the copy engine rebuilds structures) with some tensors replaced.
+
+    Every other tensor stays the object it was.
+    """
+    copier = Copier()
+    for t in _tensors(value):
+        copier.memo[id(t)] = replacements.get(id(t), t)
+    return copier.copy_value(value)
+
+
+def _restore(value: Any, origin: list[tuple[torch.Tensor, torch.device]]) -> Any:
+    """A new copy of a spilled value with its stand-ins copied back to their devices.
+
+    The stand-ins of one device are copied by one copier, so views of one storage stay views of
+    one copy there; the rest of the value (CPU tensors, other leaves) is kept as it is.
+    """
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for standin, device in origin:
+        by_device.setdefault(device, []).append(standin)
+    back: dict[int, torch.Tensor] = {}
+    for device, standins in by_device.items():
+        copies = Copier(device=device).copy_value(standins, root="spilled value")
+        back.update((id(m), c) for m, c in zip(standins, copies))
+    return _replace_tensors(value, back)
 
 
 def _apply_deferred(s: _State) -> None:
@@ -392,5 +502,6 @@ def _shutdown(s: _State) -> None:
     thread = s.thread
     if thread is not None and thread is not threading.current_thread():
         thread.join()
+    s.offload = None
     if s.directory is not None:
         shutil.rmtree(s.directory, ignore_errors=True)
