@@ -330,6 +330,10 @@ class _Session(AbstractContextManager[Snapshot]):
     def calls(self) -> dict[int, int]:
         return self._calls
 
+    @property
+    def everything(self) -> bool:
+        return self._all
+
     def selected(self, key: str) -> bool:
         return self._all or self.select(key)
 

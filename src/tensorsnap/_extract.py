@@ -52,6 +52,7 @@ def extract(
     progress: bool = True,
     resume: bool = False,
     per_token: bool = False,
+    graph: bool = False,
 ) -> Snapshot:
     """Run ``model`` over ``batches`` and stream the selected captures into one bundle.
 
@@ -107,6 +108,9 @@ def extract(
             with ``max_memory`` the buffers kept take up to half of it and rows beyond spill.
             ``load(out)[key]`` is a memory-mapped (n_tokens, ...) tensor: see
             ``docs/training-data.md`` for DataLoader, numpy and HF datasets recipes.
+        graph: With ``ops=True``, capture each batch from the model's dynamo graph, compiled
+            on the first batch and reused by the others (``capture(..., graph=True)``; a batch
+            of a new shape may compile once more). The bundle is the same as without it.
 
     Returns:
         ``tensorsnap.load(out)``.
@@ -135,7 +139,14 @@ def extract(
     include = None if include is None else _validate.patterns(include, "include")
     exclude = None if exclude is None else _validate.patterns(exclude, "exclude")
     capture(
-        model, include=include, exclude=exclude, ops=ops, inputs=inputs, device=device, dtype=dtype
+        model,
+        include=include,
+        exclude=exclude,
+        ops=ops,
+        inputs=inputs,
+        device=device,
+        dtype=dtype,
+        graph=graph,
     )
     parse_size(max_memory, "max_memory")
     if not isinstance(per_token, bool):
@@ -161,13 +172,14 @@ def extract(
                 device=device,
                 dtype=dtype,
                 max_memory=max_memory,
+                graph=graph,
             ) as snap,
         ):
             _call(model, batch)
-        return snap
+        return snap, ()
 
     run = (
-        _token_run(model, include, exclude, ops, inputs, device, dtype, max_memory)
+        _token_run(model, include, exclude, ops, inputs, device, dtype, max_memory, graph)
         if per_token
         else whole
     )
@@ -391,13 +403,18 @@ def _token_run(
     device: torch.device | str | None,
     dtype: torch.dtype | None,
     max_memory: int | str | None,
-) -> Callable[[Any, int], Snapshot]:
+    graph: bool = False,
+) -> Callable[[Any, int], tuple[Snapshot, Sequence[Any]]]:
     """``run`` for ``per_token=True``: one batch's token rows, ``input_ids`` first.
 
     The rows are cut by a :class:`~tensorsnap._rows.RowCopier` in place of the capture's copies;
     its staging buffers live as long as the run, so each batch reuses the previous one's (it has
-    been written by then). With ``max_memory`` the buffers kept take half of it and the spill
-    store the other half, so that the rows of one batch stay within it.
+    been written by then). Rows copied from a CUDA device are still in flight when ``run``
+    returns: it returns the fences the writer waits on before it reads them, so the copies of one
+    batch overlap the model's work on the next (with a writer thread; without one, the rest of
+    the same batch). With ``max_memory`` the buffers kept take half of it and the spill
+    store the other half, so that the rows of one batch stay within it, and each copy is waited
+    for as it is made (the spill store may read a value at once).
     """
     from ._capture import _Session
     from ._rows import IDS_KEY, RowCopier, positions
@@ -420,6 +437,7 @@ def _token_run(
             inputs=inputs,
             max_memory=half,
             rows=rows,
+            graph=graph,
         )
         try:
             with torch.no_grad(), session as snap:

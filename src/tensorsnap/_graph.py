@@ -116,6 +116,7 @@ class GraphSession(Protocol):
     recorder: Recorder
     plain: bool  # no device=, dtype=, stats or rows: values it keeps need no further copy
     calls: dict[int, int]  # calls of each module so far in the block, by id
+    everything: bool  # no include or exclude patterns: every key is selected
 
     def selected(self, key: str) -> bool: ...
 
@@ -307,7 +308,7 @@ class Plan:
         gm.recompile()
         self._values.clear()
         self._written.clear()
-        self._keys: tuple[tuple[int, ...], list[str]] | None = None
+        self._rows: tuple[tuple[int, ...], list[tuple[Any, ...]]] | None = None
 
     # -- naming ----------------------------------------------------------------------------------
 
@@ -426,8 +427,6 @@ class Plan:
             return _Leaf(len(self._extras) - 1, _COPIED)
         self._extras.append(node)
         how = _COPY if storages & self._reachable else _KEEP
-        if how == _KEEP and not isinstance(value, torch.Tensor):
-            how = _COPY  # tuples of parts: copied as the eager capture copies them
         return _Leaf(len(self._extras) - 1, how)
 
     # -- running ---------------------------------------------------------------------------------
@@ -436,50 +435,51 @@ class Plan:
         """Give the session each captured value, under the key the eager capture would use."""
         calls = session.calls
         base = tuple(calls.get(module_id, 0) for module_id, _, _ in self.frames)
-        keys = self._keys_for(base)
+        rows = self._rows_for(base)
         recorder = session.recorder
         plain = session.plain
-        for entry, key in zip(self.entries, keys, strict=True):
-            if not session.selected(key):
+        store = recorder.adopt if plain else recorder.record
+        selected = None if session.everything else session.selected
+        for key, name, call, op, kind, value in rows:
+            if selected is not None and not selected(key):
                 continue
-            module_id, name, call = self.frames[entry.frame]
-            call += base[entry.frame]
-            value = entry.value
-            if isinstance(value, _Leaf):
-                kind = "op" if entry.op is not None else "output"
+            if type(value) is _Leaf:
                 value = _take(extras, value, plain, recorder, key)
             else:
-                kind = "output"
                 value = _fill(value, extras, plain, recorder, key)
-            if plain:
-                recorder.adopt(key, name, call, entry.op, kind, value)
-            else:
-                recorder.record(key, name, call, entry.op, kind, value)
+            store(key, name, call, op, kind, value)
         for module_id, n in self.calls.items():
             calls[module_id] = calls.get(module_id, 0) + n
 
-    def _keys_for(self, base: tuple[int, ...]) -> list[str]:
-        cached = self._keys
+    def _rows_for(self, base: tuple[int, ...]) -> list[tuple[Any, ...]]:
+        """Each entry's key and record fields, for module calls numbered from ``base``."""
+        cached = self._rows
         if cached is not None and cached[0] == base:
             return cached[1]
-        keys = []
+        rows = []
         for entry in self.entries:
             _, name, call = self.frames[entry.frame]
             call += base[entry.frame]
             key = name if call == 0 else f"{name}#{call}"
             if entry.op is not None:
                 key = f"{key}/{entry.op}" if entry.count == 0 else f"{key}/{entry.op}#{entry.count}"
-            keys.append(key)
-        self._keys = (base, keys)
-        return keys
+            kind = "op" if entry.op is not None else "output"
+            rows.append((key, name, call, entry.op, kind, entry.value))
+        self._rows = (base, rows)
+        return rows
 
 
 def _take(extras: Any, leaf: _Leaf, plain: bool, recorder: Recorder, key: str) -> Any:
     value = extras[leaf.index]
     if not plain or leaf.how == _COPIED:
         return value  # the session's copier copies it, or it is a copy already
-    if leaf.how == _KEEP and type(value) is torch.Tensor and value._base is None:
-        return value.detach() if value.requires_grad else value
+    if leaf.how == _KEEP:
+        # fresh storage that nothing writes again and only the snapshot will hold: views of
+        # it stay views (of one storage with the other keys that view it), as lazy=True keeps
+        if type(value) is torch.Tensor:
+            return value.detach() if value.requires_grad else value
+        if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in value):
+            return value
     return recorder.copy_value(value, key)
 
 
