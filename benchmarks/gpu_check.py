@@ -651,22 +651,56 @@ def _stats_leaves(value: Any) -> list[Any]:
 
 
 def check_offload(ctx: Context, name: str, model: nn.Module, ids: torch.Tensor) -> str:
-    recorder = OpRecorder()
-    with (
-        torch.no_grad(),
-        output_hooks(model) as found,
-        tensorsnap.capture(model, ops=True, device="cpu") as snap,
-        recorder,
-    ):
-        model(ids)
+    """device='cpu': copies queued through the pinned ring, no host sync inside the forward
+    (the ring's own waits, when a region is reused, are the only ones allowed)."""
+    with torch.no_grad():
+        plain = _logits(model(ids))
+        with (
+            output_hooks(model) as found,
+            tensorsnap.capture(model, ops=True, device="cpu") as snap,
+        ):
+            recorder = OpRecorder()
+            with _guard(ctx, name), recorder:
+                out = _logits(model(ids))
     devices = {t.device.type for k in snap for t in leaves(snap[k])}
     check(devices == {"cpu"}, f"offloaded copies on {devices}")
+    pinned = sum(t.is_pinned() for k in snap for t in leaves(snap[k]))
+    check(pinned == 0, f"{pinned} offloaded copies are pinned (they must be plain memory)")
     n = ops_in_order(snap, recorder.values)
     m = compare_outputs(snap, found)
-    return f"{n} ops + {m} outputs on the CPU, bitwise"
+    check(bits(out) == bits(plain), "capture(device='cpu') changed the model's output")
+    return f"{n} ops + {m} outputs on the CPU, bitwise{_sync_note(ctx, name)}"
+
+
+def check_offload_ring(ctx: Context) -> str:
+    """The ring itself: 300 values through a 1 MiB ring (it wraps ~150 times), each source
+    overwritten right after its copy was queued, with device work queued in between."""
+    if not ctx.cuda:
+        raise Skip("CUDA only (the CPU side is tests/test_offload.py)")
+    from tensorsnap._offload import Offload
+
+    torch.manual_seed(3)
+    offload = Offload(clone=True, arena=_MiB, chunk=_MiB // 4)
+    pairs = []
+    a = torch.randn(1024, 1024, device=ctx.device)
+    with no_sync(ctx):
+        for i in range(300):
+            src = torch.randn(1000 + 997 * i % 300_000, device=ctx.device)
+            dst = torch.empty(src.numel())
+            offload.copy(dst, src)
+            pairs.append((dst, src.clone()))
+            src.mul_(-3)  # queued after the copy on the same stream: must not reach it
+            if i % 50 == 0:
+                a = torch.tanh(a @ a)  # the side stream's copies wait behind this
+    offload.drain()
+    bad = sum(not torch.equal(dst, want.cpu()) for dst, want in pairs)
+    check(bad == 0, f"{bad} of {len(pairs)} values differ after the ring wrapped")
+    return f"{len(pairs)} values, {offload.issued} copies through 1 MiB: bitwise, no sync"
 
 
 def check_spill(ctx: Context, name: str, model: nn.Module, ids: torch.Tensor) -> str:
+    """max_memory keeps the budget for copies on the CPU and on the device alike; a spilled
+    device copy reads back on its device, bitwise."""
     budget = 64 * 1024
     notes = []
     for where in ("cpu", None):
@@ -675,19 +709,57 @@ def check_spill(ctx: Context, name: str, model: nn.Module, ids: torch.Tensor) ->
                 options = dict(device=where, max_memory=budget, spill_dir=spill)
                 with tensorsnap.capture(model, ops=True, **options) as snap:  # type: ignore[arg-type]
                     model(ids)
+                    if ctx.cuda:
+                        _busy(ctx)  # the spill writer must wait for the copies, not race them
             compare_outputs(snap, found)
+            check(all(same(snap[k], snap[k]) for k in snap), "a second read differs")
             held = snap._store.memory
             spilled = sum(len(files) for _, _, files in os.walk(spill))
-            label = "device='cpu'" if where else "copies on the device"
+            label = "device='cpu'" if where else f"copies on {ctx.device.type}"
             check(
                 held <= budget,
                 f"{label}: {held / _MiB:.1f} MiB held in memory over a {budget // 1024} KiB "
-                f"budget ({spilled} spill files): copies on {ctx.device.type} are not spilled "
-                "(see docs/gpu.md)",
+                f"budget ({spilled} spill files)",
             )
+            check(spilled > 0, f"{label}: nothing was spilled")
+            want = torch.device("cpu") if where else ctx.device
+            devices = {t.device for k in snap for t in leaves(snap[k])}
+            check(devices == {want}, f"{label}: spilled values read back on {devices}, not {want}")
             notes.append(f"{label}: {spilled} files")
             del snap
-    return "bitwise after spilling; " + ", ".join(notes)
+    return "bitwise after spilling, read back where captured; " + ", ".join(notes)
+
+
+def check_spill_bytes(ctx: Context) -> str:
+    """Device values made on a side stream behind queued work, spilled at once (budget 0): the
+    bytes in the spill file and the copies read back are the values, bitwise."""
+    if not ctx.cuda:
+        raise Skip("CUDA only (the CPU side is tests/test_offload.py)")
+    from tensorsnap._spill import SpillStore
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    kept = []
+    with tempfile.TemporaryDirectory() as spill:
+        store = SpillStore(max_memory=0, spill_dir=spill)
+        with torch.cuda.stream(side):
+            for i in range(6):
+                a = torch.randn(2048, 2048, device=ctx.device)
+                for _ in range(10):
+                    a = torch.tanh(a @ a)  # long, so that a missing wait would read it early
+                value = (a, a[::3], a.t().half())
+                kept.append(value)
+                store.put(f"k{i}", value, a.nbytes + value[2].nbytes)
+        store.flush()
+        torch.cuda.synchronize()
+        check(store.memory == 0, f"{store.memory} bytes still held with a budget of 0")
+        for i, value in enumerate(kept):
+            got = store.get(f"k{i}")
+            check(same(got, value), f"k{i}: spilled bytes differ from the device values")
+            check({t.device for t in got} == {ctx.device}, f"k{i}: read back on another device")
+            check(got[2].stride() == value[2].stride(), f"k{i}: strides changed")
+        store.close()
+    return f"{len(kept)} values from a side stream: bitwise after disk, on {ctx.device}"
 
 
 def check_side_stream_capture(ctx: Context, name: str, model: nn.Module, ids: torch.Tensor) -> str:
@@ -940,6 +1012,8 @@ def run(ctx: Context) -> None:
     _attempt(ctx, "snapshot", "staged > 32 MiB, cast, race", check_snapshot_staged, ctx)
     _attempt(ctx, "snapshot", "side stream", check_side_stream_snapshot, ctx)
     _attempt(ctx, "capture", "nonfinite device check", check_finite_kernel, ctx)
+    _attempt(ctx, "capture", "offload ring reuse", check_offload_ring, ctx)
+    _attempt(ctx, "capture", "spill of device values", check_spill_bytes, ctx)
     checks: list[tuple[str, Callable[..., str]]] = [
         ("outputs, no sync", check_capture_outputs),
         ("ops, no sync", check_capture_ops),
@@ -947,7 +1021,7 @@ def run(ctx: Context) -> None:
         ("saved, no sync", check_capture_saved),
         ("nonfinite='raise'", check_nonfinite),
         ("stats=True, no sync", check_stats),
-        ("device='cpu' offload", check_offload),
+        ("device='cpu' offload, no sync", check_offload),
         ("max_memory spill", check_spill),
         ("non-default stream", check_side_stream_capture),
         ("reads across streams", check_cross_stream_reads),

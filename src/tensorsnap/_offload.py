@@ -239,6 +239,15 @@ class Offload:
         while self._entries:
             self._complete_oldest()
 
+    def release(self) -> None:
+        """Complete every copy and let go of the pinned rings (a later copy makes new ones).
+
+        A snapshot outlives its block; its rings must not: pinned memory is scarce.
+        """
+        self.drain()
+        self._rings.clear()
+        self._backends.clear()
+
     def _complete_oldest(self) -> None:
         entry = self._entries.popleft()
         entry.ring.backend.wait(entry.event)
@@ -307,15 +316,19 @@ class PendingStore:
         return None if locate is None else locate(t)
 
     def flush(self) -> None:
-        """Complete every copy and pass every value on (then flush the store behind)."""
-        self.offload.drain()
+        """Complete every copy and pass every value on (then flush the store behind).
+
+        The capture calls it when its block ends, after which no copy comes: the pinned rings
+        are let go.
+        """
+        self.offload.release()
         self._pass_on()
         flush = getattr(self.inner, "flush", None)
         if flush is not None:
             flush()
 
     def close(self) -> None:
-        self.offload.drain()  # nothing may still be copying into memory being dropped
+        self.offload.release()  # nothing may still be copying into memory being dropped
         self._waiting.clear()
         self._last.clear()
         self._count.clear()

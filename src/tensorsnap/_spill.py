@@ -358,7 +358,7 @@ def _write_batch(s: _State, values: list[tuple[Any, dict[torch.device, Any]]]) -
         plans.append((tensors, versions, len(spans), placements))
         spans.extend(value_spans)
     if s.offload is not None:
-        s.offload.drain()  # every staged span's bytes are in host memory now
+        s.offload.release()  # every staged span's bytes are in host memory now
     if not spans:
         return [[] for _ in values]
     path = os.path.join(s.directory, f"spill-{s.shards:06d}.safetensors")
