@@ -311,8 +311,8 @@ def test_per_token_must_be_a_bool(tmp_path: Any) -> None:
             tiny_gpt2(),
             [],
             out=tmp_path / "acts",
-            per_token="yes",
-            progress=False,  # type: ignore[arg-type]
+            per_token="yes",  # type: ignore[arg-type]
+            progress=False,
         )
     assert not os.path.exists(tmp_path / "acts")
 
@@ -431,3 +431,151 @@ def test_a_writer_thread_resumes_after_an_interruption(
     expected = rows_by_hand(model, batches, GPT2_KEYS)
     for key, value in expected.items():
         assert torch.equal(got[key], value), key
+
+
+# -- device-to-host copies left in flight (tensorsnap._transfer) --------------------------------
+
+
+class Deferred:
+    """Device copies run as late as a real side stream may run them: only when a fence after
+    them is waited for, reading their sources then. A copy's destination is poisoned (all bits
+    set: NaN, -1) when it is queued, so bytes read before the wait are wrong; a source that the
+    model writes in place after the copy was queued gives the later value; and queueing a copy
+    into a staging buffer that a copy still in flight writes fails at once."""
+
+    pins = False
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.ran = 0  # copies run so far (a prefix of the queue, as on one stream)
+        self.fenced = 0
+        self.waited_in: set[str] = set()  # threads that waited for fences
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        for pending, _ in self.queue[self.ran :]:
+            if pending.untyped_storage().data_ptr() == dst.untyped_storage().data_ptr():
+                raise AssertionError("a staging buffer was reused while a copy into it ran")
+        dst.view(torch.uint8).fill_(0xFF)
+        self.queue.append((dst, src))
+
+    def fence(self) -> Any:
+        if self.fenced == len(self.queue):
+            return None
+        self.fenced = upto = len(self.queue)
+        deferred = self
+
+        class Fence:
+            def synchronize(self) -> None:
+                import threading
+
+                deferred.waited_in.add(threading.current_thread().name.split("_")[0])
+                for dst, src in deferred.queue[deferred.ran : upto]:
+                    dst.copy_(src)
+                deferred.ran = max(deferred.ran, upto)
+
+        return Fence()
+
+
+def deferred_copies(monkeypatch: pytest.MonkeyPatch) -> Deferred:
+    """Every value's rows go through one Deferred, as rows from a CUDA device would."""
+    from tensorsnap import _rows
+
+    fake = Deferred()
+    monkeypatch.setattr(_rows, "transfers_for", lambda source, target: fake)
+    return fake
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["loop", "writer-thread"])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("mask", ["runs", "none"])
+def test_copies_left_in_flight_give_the_hooks_values(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, background: bool, dtype: Any, mask: str
+) -> None:
+    from tensorsnap import _stream
+
+    monkeypatch.setattr(_stream, "BACKGROUND", background)
+    fake = deferred_copies(monkeypatch)
+    model = Odd()
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for b, s in [(4, 30), (3, 20), (4, 30), (2, 10)]:
+        batch = {"input_ids": torch.randint(0, 100, (b, s), generator=g)}
+        if mask == "runs":
+            lengths = torch.randint(0, s + 1, (b, 1), generator=g)
+            batch["attention_mask"] = (torch.arange(s) < lengths).long()
+        batches.append(batch)
+    got = tensorsnap.extract(
+        model, batches, out=tmp_path / "acts", per_token=True, dtype=dtype, progress=False
+    )
+    expected = rows_by_hand(model, batches, ["emb", "lin", "act", "flip", ""])
+    for key, value in expected.items():
+        want = value.to(dtype) if dtype is not None and value.is_floating_point() else value
+        assert torch.equal(got[key], want), key
+    # lin's rows were read by a copy queued before the in-place ReLU ran: negatives survive
+    assert bool((got["lin"] < 0).any()) and not bool((got["act"] < 0).any())
+    # every value of every batch (ids and 5 modules) went through the deferred copies, and
+    # the fences were waited for where the bytes are written
+    assert len(fake.queue) == 6 * len(batches) and fake.ran == len(fake.queue)
+    assert fake.waited_in == ({"tensorsnap-extract"} if background else {"MainThread"})
+
+
+def test_gpt2_rows_through_copies_left_in_flight(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = deferred_copies(monkeypatch)
+    model = tiny_gpt2()
+    batches = padded_batches() + padded_batches(right=False, seed=9)
+    expected = rows_by_hand(model, batches, GPT2_KEYS)
+    got = tensorsnap.extract(
+        model, batches, out=tmp_path / "acts", include=GPT2_KEYS, per_token=True, progress=False
+    )
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    assert len(fake.queue) == (len(GPT2_KEYS) + 1) * len(batches)
+
+
+def test_with_max_memory_each_copy_is_waited_for_as_it_is_made(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = deferred_copies(monkeypatch)
+    queued = Deferred.copy
+
+    def copy_then_check(self: Deferred, dst: torch.Tensor, src: torch.Tensor) -> None:
+        assert self.ran == len(self.queue)  # the copy before was waited for
+        queued(self, dst, src)
+
+    monkeypatch.setattr(Deferred, "copy", copy_then_check)
+    model = tiny_gpt2()
+    batches = padded_batches()
+    got = tensorsnap.extract(
+        model,
+        batches,
+        out=tmp_path / "acts",
+        include=GPT2_KEYS,
+        per_token=True,
+        max_memory="4KB",  # values spill as they are stored: their bytes must be there
+        progress=False,
+    )
+    expected = rows_by_hand(model, batches, GPT2_KEYS)
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    assert fake.ran == len(fake.queue) == (len(GPT2_KEYS) + 1) * len(batches)
+
+
+def test_the_row_copier_returns_fences_and_copies_a_private_source() -> None:
+    from tensorsnap import _rows
+
+    fake = Deferred()
+    rows = _rows.RowCopier()
+    rows._transfers[torch.device("cpu")] = fake
+    ids = token_ids(2, 3, seed=0)
+    live = torch.randn(2, 3, 4)
+    before = live.clone()
+    ids_rows = rows.begin(_rows.positions({"input_ids": ids}, 0))
+    got = rows.copy_value(live, "snap['x']")
+    live.mul_(2)  # the model writes its value in place after it was captured
+    fences = rows.end()
+    assert len(fences) == 1 and bool(got.isnan().all())  # in flight: nothing is there yet
+    fences[0].synchronize()
+    assert torch.equal(got, before.reshape(6, 4)) and torch.equal(ids_rows, ids.reshape(6))
+    assert rows.end() == [] and fake.fence() is None  # nothing queued since

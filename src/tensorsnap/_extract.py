@@ -16,7 +16,7 @@ import os
 import re
 import time
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sized
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from os import PathLike
 from typing import Any, TypeVar
 
@@ -160,7 +160,7 @@ def extract(
         )
     _check_run(batches, progress, resume)
 
-    def whole(batch: Any, index: int) -> Snapshot:
+    def whole(batch: Any, index: int) -> tuple[Snapshot, Sequence[Any]]:
         with (
             torch.no_grad(),
             capture(
@@ -213,7 +213,7 @@ def _extract_ranks(
     batches: Iterable[Any],
     resume: bool,
     progress: bool,
-    run: Callable[[Any, int], Snapshot],
+    run: Callable[[Any, int], tuple[Snapshot, Sequence[Any]]],
     alone: bool = False,
 ) -> Snapshot:
     """Data-parallel extract: each rank streams its own batches into ``root/rank-0000r/``.
@@ -246,8 +246,13 @@ def _extract_ranks(
 
 
 def _run(
-    writer: Writer, batches: Iterable[Any], run: Callable[[Any, int], Snapshot], progress: bool
+    writer: Writer,
+    batches: Iterable[Any],
+    run: Callable[[Any, int], tuple[Snapshot, Sequence[Any]]],
+    progress: bool,
 ) -> None:
+    """Each batch through ``run`` (its snapshot and the fences its values' bytes wait on),
+    then into ``writer``."""
     total = len(batches) if isinstance(batches, Sized) else None
     bar = _Bar(progress, total)
     done = writer.batches
@@ -271,9 +276,9 @@ def _run(
                         "before are skipped: give each batch its own"
                     )
                 continue
-            snap = run(batch, index)
+            snap, ready = run(batch, index)
             try:
-                written = _on_disk(writer.root, writer.add, index, snap, crc)
+                written = _on_disk(writer.root, writer.add, index, snap, crc, ready)
             finally:
                 snap.close()
             _on_disk(writer.root, writer.maybe_commit)
@@ -425,9 +430,15 @@ def _token_run(
     budget = parse_size(max_memory, "max_memory")
     half = None if budget is None else budget // 2
     # a writer thread writes one batch while the next runs: two sets of buffers, in turn
-    rows = RowCopier(device=device, dtype=dtype, budget=half, generations=2 if background else 1)
+    rows = RowCopier(
+        device=device,
+        dtype=dtype,
+        budget=half,
+        generations=2 if background else 1,
+        overlap=budget is None,
+    )
 
-    def run(batch: Any, index: int) -> Snapshot:
+    def run(batch: Any, index: int) -> tuple[Snapshot, Sequence[Any]]:
         pos = positions(batch, index)
         session = _Session(
             model,
@@ -445,12 +456,12 @@ def _token_run(
                 record = Record(IDS_KEY, "", 0, None, "input", tuple(ids.shape), ids.dtype, 0)
                 snap._add(record._replace(nbytes=ids.nbytes), ids)
                 _call(model, batch)
-            rows.end()  # raises for values that have no token rows, naming them all
+            ready = rows.end()  # raises for values that have no token rows, naming them all
         except BaseException:
             rows.abort()
             session.snapshot.close()
             raise
-        return snap
+        return snap, ready
 
     return run
 

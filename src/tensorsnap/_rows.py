@@ -7,9 +7,11 @@ the copy engine), so each value is copied once, from the live tensor straight in
 
 Rows land in staging buffers that are kept from one batch to the next (a copy into memory that
 was written before runs several times faster than one into fresh pages, which the kernel must
-fault in and zero), pinned when the rows come from an accelerator so that the device-to-host
-copy runs asynchronously. A batch's buffers are reused only after its rows have been written,
-which ``extract`` guarantees by writing each batch before it runs the next.
+fault in and zero). Rows from a CUDA device are cut and cast there and copied into pinned host
+buffers on a side stream (:mod:`tensorsnap._transfer`): :meth:`RowCopier.end` returns the
+fences the writer waits on before it reads their bytes, so the copies overlap the model's work.
+A batch's buffers are reused only after its rows have been written, which ``extract``
+guarantees by writing each batch before it runs the one that takes its buffers again.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 
 from ._errors import TensorSnapError, attr, format_path
+from ._transfer import Fence, Transfers, transfers_for
 
 __all__ = ["IDS_KEY", "REUSE_STAGING", "Positions", "RowCopier", "positions"]
 
@@ -158,6 +161,9 @@ class RowCopier:
             reuse buys).
         generations: Sets of buffers used in turn, batch after batch: 2 when a writer thread
             writes one batch while the next one runs (its rows must stay as they are until then).
+        overlap: Leave device-to-host copies in flight until the writer waits for them (the
+            fences ``end`` returns); False waits for each as it is made (with a spill store,
+            which may read a value as soon as it is stored).
     """
 
     def __init__(
@@ -167,6 +173,7 @@ class RowCopier:
         budget: int | None = None,
         reuse: bool | None = None,
         generations: int = 1,
+        overlap: bool = True,
     ) -> None:
         self.device = torch.device(device) if device is not None else None
         self.dtype = dtype
@@ -178,7 +185,9 @@ class RowCopier:
         self._kept_bytes = 0
         self._pos: Positions | None = None
         self._wrong: list[tuple[str, str]] = []  # (root, what is wrong there)
-        self._sync: set[torch.device] = set()
+        self.overlap = overlap
+        self._transfers: dict[torch.device, Transfers | None] = {}
+        self._used: list[Transfers] = []  # those that copied this batch's rows
         self._collision = False
 
     # -- one batch --------------------------------------------------------------------------
@@ -191,11 +200,13 @@ class RowCopier:
         self._collision = False
         return self._rows(pos.ids, _IDS_ROOT, 0, cast=False)
 
-    def end(self) -> None:
-        """Wait for the batch's copies; raise for values without ``(B, S)`` leading dims."""
-        for device in self._sync:
-            torch.cuda.synchronize(device)
-        self._sync.clear()
+    def end(self) -> list[Fence]:
+        """End the batch; raise for values without ``(B, S)`` leading dims.
+
+        Returns:
+            The fences to wait on before the rows' bytes are read (copies still in flight).
+        """
+        fences = self._fences()
         pos, self._pos = self._pos, None
         if self._collision:
             raise TensorSnapError(
@@ -215,13 +226,18 @@ class RowCopier:
                 f"exclude=[{', '.join(repr(k) for k in self._wrong_keys())}] (add your own "
                 "patterns to it), or name the keys you want with include="
             )
+        return fences
 
     def abort(self) -> None:
         """After an error inside a batch: wait for its copies, forget it."""
-        for device in self._sync:
-            torch.cuda.synchronize(device)
-        self._sync.clear()
+        for fence in self._fences():
+            fence.synchronize()
         self._pos = None
+
+    def _fences(self) -> list[Fence]:
+        fences = [f for f in (t.fence() for t in self._used) if f is not None]
+        self._used = []
+        return fences
 
     def _wrong_keys(self) -> list[str]:
         keys: list[str] = []
@@ -301,18 +317,31 @@ class RowCopier:
         dtype = self.dtype if cast and self.dtype is not None and t.is_floating_point() else t.dtype
         source = t.device
         target = self.device if self.device is not None else torch.device("cpu")
-        pin = target.type == "cpu" and source.type != "cpu" and torch.cuda.is_available()
+        if source not in self._transfers:
+            self._transfers[source] = transfers_for(source, target)
+        transfers = self._transfers[source]
+        pin = transfers is not None and transfers.pins
         dst = self._buffer(
             (root, leaf, self._batch % self.generations), pos.rows, rest, dtype, target, pin
         )
-        if source != target:
-            # cut (and cast) where the value is, so that only the kept rows cross; the copy is
-            # asynchronous into pinned memory and waited for in end()
+        if transfers is not None or source != target:
+            # cut (and cast) where the value is, so that only the kept rows cross
             rows = self._gather(t, pos) if pos.kept is not None else t.reshape(pos.rows, *rest)
             rows = rows.to(dtype)
-            dst.copy_(rows, non_blocking=pin)
-            if pin:
-                self._sync.add(source)
+            if transfers is None:
+                dst.copy_(rows)
+                return dst
+            if rows.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+                # still the live value (nothing cut, nothing cast): the model may write it in
+                # place while the copy is in flight, so the copy reads a clone of it
+                rows = rows.clone()
+            transfers.copy(dst, rows)
+            if not self.overlap:
+                fence = transfers.fence()
+                if fence is not None:
+                    fence.synchronize()
+            elif transfers not in self._used:
+                self._used.append(transfers)
             return dst
         if pos.kept is None:
             dst.view(*pos.shape, *rest).copy_(t)  # one pass, any strides, cast included
