@@ -8,6 +8,7 @@ gives rows batch-major) and concatenated by hand with ``torch.cat``.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -579,3 +580,59 @@ def test_the_row_copier_returns_fences_and_copies_a_private_source() -> None:
     fences[0].synchronize()
     assert torch.equal(got, before.reshape(6, 4)) and torch.equal(ids_rows, ids.reshape(6))
     assert rows.end() == [] and fake.fence() is None  # nothing queued since
+
+
+# -- writeback started per batch (_stream._writeback) -------------------------------------------
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["loop", "writer-thread"])
+def test_writeback_is_asked_for_every_byte_once_in_order(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, background: bool
+) -> None:
+    from tensorsnap import _stream
+
+    monkeypatch.setattr(_stream, "BACKGROUND", background)
+    monkeypatch.setattr(_stream, "_WRITEBACK_BYTES", 600)
+    asked: dict[str, list[tuple[int, int]]] = {}
+    real = _stream._writeback
+
+    def record(fd: int, offset: int, nbytes: int) -> None:
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        assert os.fstat(fd).st_size >= offset + nbytes  # only bytes already written
+        asked.setdefault(name, []).append((offset, nbytes))
+        real(fd, offset, nbytes)
+
+    monkeypatch.setattr(_stream, "_writeback", record)
+    model = tiny_gpt2()
+    batches = padded_batches() + padded_batches(right=False, seed=9)
+    out = tmp_path / "acts"
+    got = tensorsnap.extract(
+        model, batches, out=out, include=GPT2_KEYS, per_token=True, progress=False
+    )
+    expected = rows_by_hand(model, batches, GPT2_KEYS)
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    # the activations' shards (the token ids' one holds less than 600 bytes in all)
+    assert len(asked) == len(GPT2_KEYS)
+    for name, ranges in asked.items():
+        # contiguous from the data's start, each at least the threshold, and what is left
+        # after the last less than it (plus the blob padding the end adds)
+        starts = [_stream._DATA_START] + [offset + n for offset, n in ranges[:-1]]
+        assert [offset for offset, _ in ranges] == starts, name
+        assert all(n >= 600 for _, n in ranges), name
+        left = (out / name).stat().st_size - (ranges[-1][0] + ranges[-1][1])
+        assert 0 <= left < 600 + 16, name
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_sync_file_range_is_found_and_accepts_a_written_range(tmp_path: Any) -> None:
+    from tensorsnap import _stream
+
+    assert _stream._SYNC_FILE_RANGE is not None
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    try:
+        os.write(fd, b"x" * 10000)
+        assert _stream._SYNC_FILE_RANGE(fd, 0, 10000, _stream._SYNC_FILE_RANGE_WRITE) == 0
+        assert _stream._SYNC_FILE_RANGE(-1, 0, 10000, _stream._SYNC_FILE_RANGE_WRITE) == -1
+    finally:
+        os.close(fd)
