@@ -13,9 +13,13 @@ repeats), plus the bytes written per second:
 2. ``disk``: a per-token extract whose bytes outrun the disk (the same model's embedding stage
    alone: almost no compute per byte), against the raw sequential write bandwidth of the same
    directory: a dd-style loop written here (one reused buffer, ``os.write`` of 8 MiB chunks,
-   one ``fsync`` at the end) writing the same number of bytes. Goal >= 0.9x.
+   one ``fsync`` at the end, as ``dd bs=8M conv=fsync``) writing the same number of bytes.
+   Goal >= 0.9x. Beside it, a stricter baseline (the same loop asking the kernel to start
+   writing back each chunk, ``sync_file_range``, as the extract does) and the extract without
+   that writeback (what it buys).
 3. ``staging``: the ``disk`` workload with the row copier's staging buffers reused across
-   batches (the default) and allocated fresh per batch, interleaved: what the reuse buys.
+   batches (the default) and allocated fresh per batch, interleaved: what the reuse buys, with
+   the page faults of each run (fresh pages the kernel had to supply).
    ``background``: the same with each batch written by a writer thread while the next one runs,
    and written in the loop (the default decides by the cores present).
 4. ``read``: random-access batches from the rows of ``tensorsnap.load(out)[key]`` (the sparse
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -54,15 +59,21 @@ def folder_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
 
 
-def raw_write(path: str, nbytes: int) -> float:
-    """Seconds to write ``nbytes`` sequentially to a new file and fsync it (dd-style)."""
+def raw_write(path: str, nbytes: int, writeback: bool = False) -> float:
+    """Seconds to write ``nbytes`` sequentially to a new file and fsync it (dd-style); with
+    ``writeback``, the kernel is asked to start writing each chunk as soon as it is written."""
+    from tensorsnap import _stream
+
     chunk = memoryview(os.urandom(_CHUNK))  # one buffer, written again and again
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         start = time.perf_counter()
         left = nbytes
         while left > 0:
-            left -= os.write(fd, chunk[: min(_CHUNK, left)])
+            done = os.write(fd, chunk[: min(_CHUNK, left)])
+            if writeback:
+                _stream._writeback(fd, nbytes - left, done)
+            left -= done
         os.fsync(fd)
         return time.perf_counter() - start
     finally:
@@ -173,6 +184,8 @@ def disk_workload(quick: bool) -> tuple[nn.Module, list[Any], dict[str, Any]]:
 
 
 def bench_disk(work: str, repeat: int, quick: bool) -> None:
+    from tensorsnap import _stream
+
     model, batches, options = disk_workload(quick)
     timed_extract(model, batches[:1], os.path.join(work, "warm"), **options)
     print(
@@ -181,29 +194,44 @@ def bench_disk(work: str, repeat: int, quick: bool) -> None:
         f"bytes; {work}"
     )
     print(
-        f"{'':<9} {'plain s':>8} {'raw s':>8} {'extract s':>10} {'vs raw':>7} "
-        f"{'raw MB/s':>9} {'extract MB/s':>13} {'GB':>6}"
+        f"{'':<9} {'plain s':>8} {'raw s':>8} {'raw+wb s':>9} {'extract s':>10} {'vs raw':>7} "
+        f"{'vs raw+wb':>10} {'no-wb s':>8} {'no-wb vs raw':>13} {'raw MB/s':>9} "
+        f"{'extract MB/s':>13} {'GB':>6}"
     )
     written = [0]
 
-    def run_extract() -> float:
-        seconds, written[0] = timed_extract(model, batches, os.path.join(work, "disk"), **options)
+    def run_extract(writeback: bool = True) -> float:
+        real = _stream._SYNC_FILE_RANGE
+        if not writeback:
+            _stream._SYNC_FILE_RANGE = None
+        try:
+            out = os.path.join(work, "disk")
+            seconds, written[0] = timed_extract(model, batches, out, **options)
+        finally:
+            _stream._SYNC_FILE_RANGE = real
         return seconds
 
     run_extract()  # learn the byte count for the raw baseline
     raw_path = os.path.join(work, "raw.bin")
-    base, raw, ext = interleaved(
+    base, raw, raw_wb, ext, no_wb = interleaved(
         repeat,
         lambda: plain(model, batches),
         lambda: raw_write(raw_path, written[0]),
+        lambda: raw_write(raw_path, written[0], writeback=True),
         run_extract,
+        lambda: run_extract(writeback=False),
     )
-    b, r, e = median(base), median(raw), median(ext)
+    b, r, rw, e, n = map(median, (base, raw, raw_wb, ext, no_wb))
     print(
-        f"{'fp32':<9} {b:8.3f} {r:8.3f} {e:10.3f} {r / e:7.3f} {written[0] / 1e6 / r:9.0f} "
-        f"{written[0] / 1e6 / e:13.0f} {written[0] / 1e9:6.2f}"
+        f"{'fp32':<9} {b:8.3f} {r:8.3f} {rw:9.3f} {e:10.3f} {r / e:7.3f} {rw / e:10.3f} "
+        f"{n:8.3f} {r / n:13.3f} {written[0] / 1e6 / r:9.0f} {written[0] / 1e6 / e:13.0f} "
+        f"{written[0] / 1e9:6.2f}"
     )
-    print(f"   ('vs raw' is extract MB/s over raw MB/s; the model alone takes {b:.2f} s)")
+    spread = ", ".join(f"{r / x:.2f}" for x in sorted(ext))
+    print(
+        f"   ('vs raw' is extract MB/s over raw MB/s, each repeat's extract against the median "
+        f"raw: {spread}; the model alone takes {b:.2f} s; 'wb': writeback started per chunk)"
+    )
 
 
 # -- 3. staging buffers reused vs fresh -----------------------------------------------------
@@ -215,20 +243,34 @@ def bench_staging(work: str, repeat: int, quick: bool) -> None:
         "\n3. staging buffers reused across batches (default) vs allocated per batch, the "
         "workload of 2"
     )
-    print(f"{'dtype':<9} {'reused s':>9} {'fresh s':>8} {'fresh/reused':>13}")
+    print(
+        f"{'dtype':<9} {'reused s':>9} {'fresh s':>8} {'fresh/reused':>13} "
+        f"{'faults reused':>14} {'faults fresh':>13}"
+    )
     for dtype in (None, torch.bfloat16):
+        faults: dict[bool, list[float]] = {True: [], False: []}
 
-        def run(reuse: bool, dtype: Any = dtype) -> float:
+        def run(reuse: bool, dtype: Any = dtype, faults: dict[bool, list[float]] = faults) -> float:
             _rows.REUSE_STAGING = reuse
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             try:
                 out = os.path.join(work, "staging")
                 return timed_extract(model, batches, out, dtype=dtype, **options)[0]
             finally:
                 _rows.REUSE_STAGING = True
+                faults[reuse].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
         reused, fresh = interleaved(repeat, lambda: run(True), lambda: run(False))
         r, f = median(reused), median(fresh)
-        print(f"{'fp32' if dtype is None else 'bf16':<9} {r:9.3f} {f:8.3f} {f / r:13.3f}")
+        print(
+            f"{'fp32' if dtype is None else 'bf16':<9} {r:9.3f} {f:8.3f} {f / r:13.3f} "
+            f"{median(faults[True]):14.0f} {median(faults[False]):13.0f}"
+        )
+    print(
+        "   (faults: minor page faults per run, 4 KiB each; a run's fresh staging would add "
+        "one per page of rows, the model's own temporaries fault as glibc's dynamic mmap and "
+        "trim thresholds decide, which is what moves these figures: see docs/performance.md)"
+    )
     # the copy alone: rows of a (16, 256, 3072) activation cut by a mask, 20 times
     x = torch.randn(16, 256, 3072)
     mask = (torch.arange(256) < torch.randint(128, 257, (16, 1))).reshape(-1)
