@@ -708,9 +708,9 @@ def check_spill(ctx: Context, name: str, model: nn.Module, ids: torch.Tensor) ->
             with output_hooks(model) as found:
                 options = dict(device=where, max_memory=budget, spill_dir=spill)
                 with tensorsnap.capture(model, ops=True, **options) as snap:  # type: ignore[arg-type]
-                    model(ids)
                     if ctx.cuda:
-                        _busy(ctx)  # the spill writer must wait for the copies, not race them
+                        _busy(ctx)  # the model's work waits behind this: a writer that did not
+                    model(ids)  # wait for each copy's event would read it unfinished
             compare_outputs(snap, found)
             check(all(same(snap[k], snap[k]) for k in snap), "a second read differs")
             held = snap._store.memory
