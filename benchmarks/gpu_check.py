@@ -871,6 +871,70 @@ def check_extract(ctx: Context, name: str, model: nn.Module, ids: torch.Tensor) 
     return f"{len(want)} keys x {len(batches)} batches bitwise; per-token rows bitwise"
 
 
+def check_extract_token_copies(ctx: Context, name: str, model: nn.Module, ids: torch.Tensor) -> str:
+    """per_token extract with rows copied on a side stream into pinned staging (issue 14,
+    tensorsnap._transfer): bitwise against hook-and-mask rows, with device work queued before
+    each batch (a writer that read a copy before its fence would read it unfinished), with the
+    writer thread on and off, fp32 and bf16."""
+    if not ctx.cuda:
+        raise Skip("CUDA only")
+    from tensorsnap import _stream, _transfer
+
+    pattern = "blocks.*.attn" if isinstance(model, Tiny) else "transformer.h.*.mlp"
+    batches = []
+    for i, b in enumerate([ids, ids.flip(0), (ids + 1) % 97, ids]):
+        mask = torch.ones_like(b)
+        mask[i % b.shape[0], b.shape[1] - 1 - i :] = 0
+        batches.append({"input_ids": b, "attention_mask": mask})
+    want: dict[str, list[torch.Tensor]] = {}
+    for batch in batches:
+        with torch.no_grad(), output_hooks(model) as found:
+            model(**batch)
+        keep = batch["attention_mask"].flatten().bool()
+        for key, value in found.items():
+            if _fnmatch(key, pattern):
+                want.setdefault(key, []).append(value[0].flatten(0, 1)[keep].cpu())
+
+    def slow() -> Iterator[dict[str, torch.Tensor]]:
+        for batch in batches:
+            _busy(ctx)
+            yield batch
+
+    copies = [0]
+    real = _transfer.CudaTransfers.copy
+
+    def counted(self: Any, dst: torch.Tensor, src: torch.Tensor) -> None:
+        check(dst.is_pinned(), "a host staging buffer is not pinned")
+        copies[0] += 1
+        real(self, dst, src)
+
+    _transfer.CudaTransfers.copy = counted  # type: ignore[method-assign]
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for background in (False, True):
+                for dtype in (None, torch.bfloat16):
+                    _stream.BACKGROUND = background
+                    got = tensorsnap.extract(
+                        model,
+                        slow(),
+                        out=os.path.join(tmp, f"rows-{background}-{dtype}"),
+                        include=pattern,
+                        per_token=True,
+                        dtype=dtype,
+                        progress=False,
+                    )
+                    for key, parts in want.items():
+                        expect = torch.cat(parts)
+                        expect = expect.to(dtype) if dtype is not None else expect
+                        where = f"(writer thread {background}, {dtype})"
+                        check(bits(leaves(got[key])[0]) == bits(expect), f"{key!r} differs {where}")
+    finally:
+        _transfer.CudaTransfers.copy = real  # type: ignore[method-assign]
+        _stream.BACKGROUND = None
+    check(copies[0] == 4 * 4 * (len(want) + 1), f"{copies[0]} side-stream copies")
+    return f"{len(want)} keys x {len(batches)} batches x 4 settings bitwise, {copies[0]} copies"
+
+
 def _slow(ctx: Context, batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
     """The batches, with device work queued before each (CUDA only)."""
     for b in batches:
@@ -1027,6 +1091,7 @@ def run(ctx: Context) -> None:
         ("reads across streams", check_cross_stream_reads),
         ("autocast bfloat16", check_autocast),
         ("extract (+per_token)", check_extract),
+        ("per_token side-stream copies", check_extract_token_copies),
         ("bundle save/load", check_bundle),
     ]
     for name, (model, ids, why) in _models(ctx).items():
