@@ -277,7 +277,14 @@ class _Session(AbstractContextManager[Snapshot]):
         self._enter(Marks())
         self._enter(ForceEager())  # compiled parts of the user's run eagerly; ours is exempt
         self._enter(Ignored(UserWarning, r"Using `torch\.compile\(module\)` when there"))
-        self._runner = GraphRunner(root, self, self._eager_call)
+        name = self.names[id(root)]
+        self._runner = GraphRunner(
+            root,
+            self,
+            self._eager_call,
+            lambda start: [r.key for r in self.snapshot._records[start:]],
+            lambda call: name if call == 0 else f"{name}#{call}",
+        )
         self._enter(_CallSlot(root, self._graph_call))
 
     def _graph_call(self, *args: Any, **kwargs: Any) -> Any:

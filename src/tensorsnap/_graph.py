@@ -55,8 +55,12 @@ def _mark(module_id: int, output: Any) -> None:
     return None
 
 
+# True while a graph-mode call runs; dynamo reads it (and guards on it) when it traces the hook
+_TRACING = False
+
+
 def _mark_output(module: nn.Module, args: Any, output: Any) -> None:
-    if torch.compiler.is_compiling():
+    if _TRACING:
         _mark(id(module), _markable(output))
 
 
@@ -114,9 +118,18 @@ class GraphSession(Protocol):
     """The parts of the capture session a graph's values are handed to."""
 
     recorder: Recorder
-    plain: bool  # no device=, dtype=, stats or rows: values it keeps need no further copy
-    calls: dict[int, int]  # calls of each module so far in the block, by id
-    everything: bool  # no include or exclude patterns: every key is selected
+
+    @property
+    def plain(self) -> bool:
+        """No device=, dtype=, stats or rows: values it keeps need no further copy."""
+
+    @property
+    def calls(self) -> dict[int, int]:
+        """Calls of each module so far in the block, by id."""
+
+    @property
+    def everything(self) -> bool:
+        """No include or exclude patterns: every key is selected."""
 
     def selected(self, key: str) -> bool: ...
 
@@ -338,12 +351,12 @@ class Plan:
             return str(node.args[1])  # a tensor property: x.T, x.mT
         if isinstance(target, torch._ops.HigherOrderOperator):
             raise Unsupported(f"the graph holds {target.__name__}, which runs a subgraph")
-        if getattr(target, "__module__", None) == "_operator":
+        if callable(target) and getattr(target, "__module__", None) == "_operator":
             tensor_first = isinstance(first, torch.Tensor)
-            name = operator_name(target, tensor_first)
-            if name is None:
+            found = operator_name(target, tensor_first)
+            if found is None:
                 raise Unsupported(f"no eager name is known for operator.{target.__name__}")
-            return name
+            return found
         name = op_name(target)
         if name in _FUSED_KERNELS:
             raise Unsupported(
@@ -555,7 +568,12 @@ def _unwrap(value: Any) -> Any:
 
 def _arg_nodes(args: Any) -> list[fx.Node]:
     found: list[fx.Node] = []
-    fx.node.map_arg(args, lambda n: found.append(n) or n)
+
+    def note(node: fx.Node) -> fx.Node:
+        found.append(node)
+        return node
+
+    fx.node.map_arg(args, note)
     return found
 
 
@@ -594,8 +612,35 @@ class _Active(threading.local):
 _active = _Active()
 
 
+class _Tracing:
+    """Sets ``_TRACING`` for one graph-mode call, so that dynamo traces the marks."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        global _TRACING
+        _TRACING = True
+
+    def __exit__(self, *exc: Any) -> None:
+        global _TRACING
+        _TRACING = False
+
+
+class _Verify(Exception):
+    """Raised by the backend for a graph seen for the first time: run the call eagerly."""
+
+
 class _Compiled:
-    """One model's compiled call, kept as long as the model lives, across blocks."""
+    """One model's compiled call, kept as long as the model lives, across blocks.
+
+    A graph is trusted only after its keys were checked against the eager capture's: the
+    first time the backend is handed a graph (new code, new shapes), it plans it and refuses
+    to run it; the call runs through the eager capture, and the keys it produced are compared
+    with the plan's. Equal: the next call compiles the same graph again and runs it. Not
+    equal (library code that runs other ops when compiled, e.g. transformers' mask builders;
+    a call dynamo drops as dead code), the model's calls run eagerly from then on, and the
+    warning names the first key that differs.
+    """
 
     _count = 0
 
@@ -603,6 +648,10 @@ class _Compiled:
         from ._keys import module_names
 
         self.eager: str | None = None  # why this model's calls run through the eager capture
+        self.compiles = 0  # graphs the backend was handed and ran
+        self.checked: dict[str, str | None] = {}  # graph code -> None (keys equal) or why not
+        self.pending: tuple[str, Plan] | None = None  # a graph whose keys are being checked
+        self.warned: set[str] = set()  # reasons for running eagerly, warned about once each
         self._model = weakref.ref(model)
         self._names = module_names
         # a code object of its own: dynamo's cache (and its recompile limit) is per code object
@@ -615,7 +664,15 @@ class _Compiled:
         model = self._model()
         if model is None:
             raise Unsupported("the model is gone")
+        code = gm.code
+        checked = self.checked.get(code, "")
+        if checked:  # a reason: keys differ
+            raise Unsupported(checked)
         plan = Plan(gm, example_inputs, model, self._names(model))
+        if checked == "" and code not in self.checked:
+            self.pending = (code, plan)
+            raise _Verify()
+        self.compiles += 1
 
         def run(*args: Any) -> Any:
             outputs = plan.gm(*args)
@@ -635,10 +692,19 @@ _compiled_lock = threading.Lock()
 class GraphRunner:
     """Runs a model's calls through its compiled graph, or eagerly where the graph cannot go."""
 
-    def __init__(self, model: nn.Module, session: GraphSession, eager: Callable[..., Any]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        session: GraphSession,
+        eager: Callable[[tuple[Any, ...], dict[str, Any]], Any],
+        produced: Callable[[int], list[str]],
+        root_key: Callable[[int], str],
+    ) -> None:
         self.model = model
         self.session = session
         self._eager = eager  # runs one call through the eager capture
+        self._produced = produced  # the keys the snapshot got after its first n
+        self._root_key = root_key  # the key of the root's n-th call
         with _compiled_lock:
             compiled = _compiled.get(model)
             if compiled is None:
@@ -650,18 +716,24 @@ class GraphRunner:
         """One call of the model in the block, captured from its graph if dynamo takes it whole.
 
         Dynamo compiles before it runs anything of the model, so a call it refuses (a graph
-        break, an op graph mode cannot name) has not started when the refusal arrives, and runs
-        again through the eager capture with nothing lost or counted twice.
+        break, an op graph mode cannot name, a graph whose keys are still to be checked) has
+        not started when the refusal arrives, and runs through the eager capture instead, with
+        nothing lost or counted twice.
         """
         compiled = self.compiled
         if compiled.eager is None:
             previous, _active.session, _active.ran = _active.session, self.session, False
+            compiled.pending = None
             try:
-                with torch.compiler.set_stance("default"):
+                with torch.compiler.set_stance("default"), _Tracing():
                     output = compiled.fn(self.model, args, kwargs)
             except Exception as error:
                 if _active.ran or not _is_refusal(error):
                     raise
+                pending, compiled.pending = compiled.pending, None
+                if pending is not None and _is_verify(error):
+                    _active.session = previous
+                    return self._check(pending, args, kwargs)
                 compiled.eager = _reason(error)
             else:
                 if not _active.ran:
@@ -676,9 +748,51 @@ class GraphRunner:
                 return output
             finally:
                 _active.session = previous
-        if compiled.eager not in self.fallbacks:
-            self.fallbacks.append(compiled.eager)
+        self._note(compiled.eager)
         return self._eager(args, kwargs)
+
+    def _note(self, reason: str) -> None:
+        """Keep a reason for the session to warn about: once per model and reason."""
+        if reason not in self.compiled.warned:
+            self.compiled.warned.add(reason)
+            self.fallbacks.append(reason)
+
+    def _check(self, pending: tuple[str, Plan], args: tuple[Any, ...], kwargs: Any) -> Any:
+        """Run a call eagerly and compare its keys with those the new graph would give."""
+        code, plan = pending
+        session = self.session
+        calls = session.calls
+        base = tuple(calls.get(module_id, 0) for module_id, _, _ in plan.frames)
+        root = self._root_key(calls.get(id(self.model), 0))
+        start = len(self._produced(0))
+        output = self._eager(args, kwargs)
+        got = self._produced(start)
+        expected = [row[0] for row in plan._rows_for(base)] + [root]
+        expected = [key for key in expected if session.selected(key)]
+        reason = None
+        if got != expected:
+            at = next(
+                (i for i, (a, b) in enumerate(zip(got, expected)) if a != b),
+                min(len(got), len(expected)),
+            )
+            eager_key = got[at] if at < len(got) else "(none)"
+            graph_key = expected[at] if at < len(expected) else "(none)"
+            reason = (
+                f"its graph would give key {graph_key!r} where the eager capture gives "
+                f"{eager_key!r}, e.g. library code that runs other ops when compiled"
+            )
+            self.compiled.eager = reason
+            self._note(reason)
+        self.compiled.checked[code] = reason
+        return output
+
+
+def _is_verify(error: BaseException) -> bool:
+    while error is not None:
+        if isinstance(error, _Verify):
+            return True
+        error = getattr(error, "inner_exception", None) or error.__cause__  # type: ignore[assignment]
+    return False
 
 
 def _is_refusal(error: Exception) -> bool:

@@ -1,0 +1,363 @@
+"""Graph mode (``capture(ops=True, graph=True)``) against the eager op capture, bitwise.
+
+Every test runs the same model twice, once per mode, and compares keys (in order), records and
+values, and the model's own outputs; the eager capture is itself tested against cloning hooks
+elsewhere in the suite.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_same, tiny_bert, tiny_gpt2, token_ids
+from torch import nn
+
+import tensorsnap
+from tensorsnap import TensorSnapError, TensorSnapWarning
+from tensorsnap._graph import _compiled
+
+
+def _run(model: nn.Module, call: Any, graph: bool, grad: bool = False) -> tuple[Any, Any]:
+    torch.manual_seed(7)  # train-mode dropout draws the same masks in both runs
+    context = torch.enable_grad() if grad else torch.no_grad()
+    with context, tensorsnap.capture(model, ops=True, graph=graph) as snap:
+        out = call()
+    return snap, out
+
+
+def _assert_same_capture(model: nn.Module, call: Any, grad: bool = False) -> Any:
+    """The graph's capture equals the eager one (a first graph-mode call checks the graph's
+    keys against an eager run; the one compared here runs the graph)."""
+    eager, out_eager = _run(model, call, graph=False, grad=grad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TensorSnapWarning)  # no call may have run eagerly
+        _run(model, call, graph=True, grad=grad)  # checks the graph's keys, runs eagerly
+        _run(model, call, graph=True, grad=grad)  # compiles and runs the graph
+        compiles = _compiled[model].compiles
+        graph, out_graph = _run(model, call, graph=True, grad=grad)
+    assert _compiled[model].compiles >= 1 and _compiled[model].eager is None
+    assert _compiled[model].compiles == compiles  # compiled once, reused
+    assert list(graph) == list(eager)
+    for key in eager:
+        assert_same(graph[key], eager[key], key)
+    fields = [(r.key, r.module, r.call, r.op, r.kind, r.shape, r.dtype) for r in eager.records]
+    assert [(r.key, r.module, r.call, r.op, r.kind, r.shape, r.dtype) for r in graph.records] == (
+        fields
+    )
+    if grad:
+        out_graph, out_eager = out_graph.detach(), out_eager.detach()
+    assert_same(out_graph, out_eager)
+    return graph
+
+
+# -- real models ---------------------------------------------------------------------------------
+
+
+def _vit() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=8,
+    )
+    torch.manual_seed(0)
+    return transformers.ViTModel(config).eval()
+
+
+def _clip() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.CLIPConfig(
+        text_config=dict(
+            vocab_size=100,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+            bos_token_id=None,
+            eos_token_id=2,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=16,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    return transformers.CLIPModel(config).eval()
+
+
+@pytest.mark.parametrize("name", ["bert", "bert-train", "vit", "clip", "encoder-train"])
+def test_real_models_give_the_eager_keys_records_and_values(name: str) -> None:
+    ids = token_ids(2, 8)
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    if name.startswith("bert"):
+        model = tiny_bert()
+        if name == "bert-train":
+            model.train()  # dropout masks: the same draws in both modes
+        call = lambda: model(input_ids=ids)  # noqa: E731
+    elif name == "vit":
+        model = _vit()
+        call = lambda: model(pixel_values=pixels)  # noqa: E731
+    elif name == "clip":
+        model = _clip()
+        call = lambda: model(input_ids=ids, pixel_values=pixels)  # noqa: E731
+    else:  # torch's own encoder, train mode (no fused kernel)
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, batch_first=True)
+        model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).train()
+        src = torch.randn(2, 5, 16)
+        call = lambda: model(src)  # noqa: E731
+    _assert_same_capture(model, call)
+
+
+def test_the_graph_is_compiled_once_and_reused_across_blocks_and_calls() -> None:
+    model = tiny_bert()
+    ids = token_ids(2, 8)
+
+    def twice() -> Any:
+        model(input_ids=ids)
+        return model(input_ids=ids)
+
+    graph = _assert_same_capture(model, twice)
+    assert "encoder.layer.0#1" in graph and "encoder.layer.0.output#1/add" in graph
+    for _ in range(2):
+        _assert_same_capture(model, twice)
+    assert _compiled[model].compiles == 1
+
+
+@pytest.mark.parametrize(
+    ("cache", "why"),
+    [
+        (True, r"'transformer' returned a .*DynamicCache"),
+        # transformers builds its causal mask with other ops when compiled: found by the
+        # check of the graph's keys against an eager run
+        (False, r"its graph would give key 'transformer/.*' where the eager capture gives"),
+    ],
+    ids=["cache", "no-cache"],
+)
+def test_gpt2_runs_eagerly_with_a_warning_naming_why_and_the_same_values(
+    cache: bool, why: str
+) -> None:
+    model = tiny_gpt2()
+    ids = token_ids(2, 8)
+    call = lambda: model(input_ids=ids, use_cache=cache)  # noqa: E731
+    eager, out = _run(model, call, graph=False)
+    with pytest.warns(TensorSnapWarning, match=why):
+        graph, out_graph = _run(model, call, graph=True)
+    for _ in range(2):  # later blocks: eager too, without another warning
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", TensorSnapWarning)
+            graph, out_graph = _run(model, call, graph=True)
+        assert list(graph) == list(eager)
+        for key in eager:
+            assert_same(graph[key], eager[key], key)
+        assert torch.equal(out_graph.logits, out.logits)
+
+
+# -- in-place writes, views, escapes ----------------------------------------------------------
+
+
+class _Writes(nn.Module):
+    """Values that later ops of the same graph overwrite, directly and through views."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.act = nn.ReLU(inplace=True)
+        self.register_buffer("seen", torch.zeros(6))
+
+    def forward(self, x: torch.Tensor) -> Any:
+        h = self.lin(x)  # rewritten in place by the ReLU module below
+        part = h[:, :3]  # a view, written through its base
+        self.act(h)
+        h += x  # x += on the module output
+        h[:, 0] = 5.0  # setitem
+        part.mul_(2)  # a write through the view rewrites h
+        y = torch.sigmoid(h)
+        torch.mul(y, 3, out=y)  # out=
+        F.relu(y, inplace=True)
+        self.seen.add_(y.sum(0))  # a buffer written in place: escapes
+        t = y.t()  # a view kept as a view
+        return t, h, y * 1
+
+
+def test_values_written_later_in_the_graph_keep_the_value_they_had() -> None:
+    model = _Writes()
+    x = torch.randn(4, 6)
+
+    def call() -> Any:
+        model.seen.zero_()  # the same buffer state in every run
+        return model(x.clone())
+
+    graph = _assert_same_capture(model, call)
+    # independent references for two of them: the Linear's output before the ReLU rewrote it
+    # and the view before the mul_ rewrote it
+    with torch.no_grad():
+        h = model.lin(x)
+    assert torch.equal(graph["lin"], h)
+    assert torch.equal(graph["/getitem"], h[:, :3])
+
+
+def test_values_the_caller_can_reach_are_copies() -> None:
+    model = _Writes()
+    x = torch.randn(4, 6)
+    for _ in range(2):  # the first call checks the graph's keys; the second runs the graph
+        with torch.no_grad(), tensorsnap.capture(model, ops=True, graph=True) as snap:
+            t, h, out = model(x)
+    assert _compiled[model].compiles == 1
+    kept = {key: tensorsnap.snapshot(snap[key]) for key in snap}
+    t.zero_()  # the caller writes what the model returned, and its inputs and parameters
+    h.zero_()
+    out.zero_()
+    x.zero_()
+    with torch.no_grad():
+        model.lin.weight.zero_()
+        model.seen.zero_()
+    for key in snap:
+        assert_same(snap[key], kept[key], key)
+
+
+def test_grad_mode_forward_and_backward_match_a_plain_run() -> None:
+    model = tiny_bert()
+    model.train()
+    ids = token_ids(2, 8)
+
+    def loss() -> torch.Tensor:
+        return model(input_ids=ids).last_hidden_state.pow(2).sum()
+
+    _assert_same_capture(model, loss, grad=True)
+    torch.manual_seed(7)
+    model.zero_grad()
+    loss().backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    torch.manual_seed(7)
+    model.zero_grad()
+    with tensorsnap.capture(model, ops=True, graph=True) as snap:
+        loss().backward()
+    assert all(not v.requires_grad for v in snap.values() if isinstance(v, torch.Tensor))
+    for n, p in model.named_parameters():
+        if n in plain:
+            assert torch.equal(p.grad, plain[n]), n
+
+
+# -- graph breaks ------------------------------------------------------------------------------
+
+
+class _Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        if h.sum() > 0:  # data-dependent: dynamo breaks the graph here  # noqa: SIM108
+            h = self.b(h) * 2
+        else:
+            h = torch.relu(h) - 1
+        return h + 1
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["taken", "not-taken"])
+def test_a_data_dependent_branch_gives_the_eager_keys_in_both_branches(sign: float) -> None:
+    model = _Branchy()
+    with torch.no_grad():
+        model.a.weight.copy_(torch.eye(4))
+        model.a.bias.fill_(0.0)
+    x = torch.full((2, 4), sign)
+    eager, out = _run(model, lambda: model(x), graph=False)
+    with pytest.warns(TensorSnapWarning, match="eager capture instead of its graph"):
+        graph, out_graph = _run(model, lambda: model(x), graph=True)
+        graph, out_graph = _run(model, lambda: model(x), graph=True)
+    assert list(graph) == list(eager)
+    assert ("b" in graph) == (sign > 0)
+    for key in eager:
+        assert_same(graph[key], eager[key], key)
+    assert torch.equal(out_graph, out)
+
+
+# -- the model stays as it was -----------------------------------------------------------------
+
+
+def test_the_model_and_a_users_compiled_model_are_left_as_they_were() -> None:
+    from torch.nn.modules import module as hooks
+
+    model = tiny_bert()
+    ids = token_ids(2, 8)
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        before = compiled(input_ids=ids).last_hidden_state
+    state = dict(model.__dict__)
+    global_hooks = dict(hooks._global_forward_hooks)
+    with torch.no_grad(), tensorsnap.capture(compiled, ops=True, graph=True) as snap:
+        inside = compiled(input_ids=ids).last_hidden_state
+    assert "encoder.layer.0.output/add" in snap and torch.equal(inside, before)
+    assert dict(model.__dict__) == state and "_compiled_call_impl" not in model.__dict__
+    assert dict(hooks._global_forward_hooks) == global_hooks
+    with torch.no_grad():
+        assert torch.equal(compiled(input_ids=ids).last_hidden_state, before)
+
+    model.compile(backend="eager")  # the user's own compiled call is put back exactly
+    own = model._compiled_call_impl
+    with torch.no_grad(), tensorsnap.capture(model, ops=True, graph=True):
+        model(input_ids=ids)
+    assert model._compiled_call_impl is own
+
+
+# -- refusals, by name -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"ops": False}, "needs ops=True"),
+        ({"ops": "aten"}, "needs ops=True"),
+        ({"grads": True}, "grads=True"),
+        ({"saved": True}, "saved=True"),
+        ({"inputs": True}, "inputs=True"),
+        ({"lazy": True}, "lazy=True"),
+    ],
+)
+def test_options_graph_mode_cannot_serve_are_refused(options: dict[str, Any], message: str) -> None:
+    options = {"ops": True, **options}
+    with pytest.raises(TensorSnapError, match=message):
+        tensorsnap.capture(nn.Linear(2, 2), graph=True, **options)
+
+
+def test_modules_with_their_own_hooks_are_refused_by_name() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    model[1].register_forward_hook(lambda *a: None)
+    with (
+        pytest.raises(TensorSnapError, match="module '1'"),
+        tensorsnap.capture(model, ops=True, graph=True),
+    ):
+        pass
+    with pytest.raises(TensorSnapError, match="graph="):
+        tensorsnap.capture(model, ops=True, graph=1)  # type: ignore[arg-type]
+
+
+def test_extract_with_graph_writes_the_same_bundle(tmp_path: Any) -> None:
+    model = tiny_bert()
+    batches = [{"input_ids": token_ids(2, 8, seed=s)} for s in range(3)]
+    batches.append({"input_ids": token_ids(1, 8, seed=9)})  # a last batch of another shape
+    eager = tensorsnap.extract(model, batches, out=tmp_path / "eager", ops=True, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TensorSnapWarning)
+        graph = tensorsnap.extract(
+            model, batches, out=tmp_path / "graph", ops=True, progress=False, graph=True
+        )
+    assert list(graph) == list(eager)
+    for key in eager:
+        assert_same(graph[key], eager[key], key)
