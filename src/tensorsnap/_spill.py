@@ -92,6 +92,8 @@ class _State:
         self.shards = 0
         self.blobs = 0
         self.offload: Offload | None = None  # the writer thread's staging of device bytes
+        # whether device tensors can be staged here at all (else put skips looking for them)
+        self.staging = Offload.available()
 
 
 class SpillStore:
@@ -147,7 +149,7 @@ class SpillStore:
             old = s.items.pop(key, None)
             if old is not None:
                 _drop(s, old)
-            item = _Item(key, value, nbytes, _marks(value))
+            item = _Item(key, value, nbytes, _marks(value) if s.staging else {})
             s.items[key] = item
             s.order.append(item)
             s.ram += nbytes
