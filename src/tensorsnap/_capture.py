@@ -854,9 +854,14 @@ def capture(
             where such writes happen. Values that were views of each other in the model may
             share storage in the snapshot. It saves time where values are large; with many
             small values it is slower than copying them.
-        device: Where copies are kept (default: where each value was produced).
+        device: Where copies are kept (default: where each value was produced). With
+            ``"cpu"`` the copies from a GPU are queued (non-blocking, through a small pinned
+            ring) and complete when the block ends, or when a key is read; they are plain CPU
+            tensors.
         dtype: Cast floating-point copies to this dtype.
-        max_memory: Bytes (or ``"2GB"``) of copies kept in memory; the rest spill to disk.
+        max_memory: Bytes (or ``"2GB"``) of copies kept in memory, host and GPU memory counted
+            together; the rest spill to disk. A spilled GPU copy reads back as a new copy on its
+            GPU at each read.
         spill_dir: Where spilled copies go (default: a temporary directory).
         gather: Under tensor parallelism, store each DTensor value as its full tensor, gathered
             from the ranks when it is produced (a collective: every rank must capture with the
