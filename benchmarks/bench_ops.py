@@ -21,8 +21,20 @@ Columns:
             plus a clone of every op result and module output stored under an f-string key
             (no records, selection, threads, wrappers, tuples or checks)
 
-The last two are not tensorsnap: they show how much of the floor-relative cost is the
-interception itself, which any recorder built on a function mode and module hooks pays.
+  compiled  ``torch.compile(model, backend="eager")``: dynamo's graph run as eager code, no
+            capture (what graph mode starts from)
+  graph     ``capture(model, ops=True, graph=True)`` once its graph is compiled and checked
+            (and its /floor); a model whose calls graph mode runs eagerly says so below the
+            table, with the reason
+
+After the table, ``--graph-costs`` prints graph mode's one-time cost (the first block checks
+the graph's keys against an eager run, the second compiles it; both against a plain call)
+and ``extract`` throughput over 16 batches with and without ``graph=True``, against a plain
+``no_grad`` loop over the same batches.
+
+The skeleton and naive columns are not tensorsnap: they show how much of the floor-relative
+cost is the interception itself, which any recorder built on a function mode and module hooks
+pays.
 """
 
 from __future__ import annotations
@@ -223,6 +235,16 @@ def _variants(model: nn.Module, args: tuple[Any, ...]) -> dict[str, Callable[[],
             model(*args)
         return snap
 
+    compiled_model = torch.compile(model, backend="eager")
+
+    def compiled() -> Any:
+        return compiled_model(*args)
+
+    def graph() -> Any:
+        with tensorsnap.capture(model, ops=True, graph=True) as snap:
+            model(*args)
+        return snap
+
     def lazy() -> Any:
         with tensorsnap.capture(model, ops=True, lazy=True) as snap:
             model(*args)
@@ -255,6 +277,8 @@ def _variants(model: nn.Module, args: tuple[Any, ...]) -> dict[str, Callable[[],
         "lazy": lazy,
         "skeleton": skeleton,
         "naive": naive,
+        "compiled": compiled,
+        "graph": graph,
     }
 
 
@@ -292,8 +316,68 @@ def measure(name: str, repeats: int) -> dict[str, float]:
         "lazy_floor": med["lazy"] / med["floor"],
         "skeleton": med["skeleton"] / med["plain"],
         "naive_floor": med["naive"] / med["floor"],
+        "compiled": med["compiled"] / med["plain"],
+        "graph": med["graph"] / med["plain"],
+        "graph_floor": med["graph"] / med["floor"],
         "keys": float(_floor_sources(model, args)[1]),
     }
+
+
+def graph_fallback(name: str) -> str | None:
+    """Why graph mode runs this model's calls eagerly (None: it runs the graph)."""
+    from tensorsnap._graph import _compiled
+
+    model, args = build(name)
+    with torch.no_grad():
+        for _ in range(2):
+            with tensorsnap.capture(model, ops=True, graph=True):
+                model(*args)
+    compiled = _compiled.get(model)
+    return None if compiled is None else compiled.eager
+
+
+def graph_costs(name: str) -> dict[str, float]:
+    """Seconds of the first two graph-mode blocks of a fresh model, and a plain call's."""
+    model, args = build(name)
+    with torch.no_grad():
+        model(*args)
+        start = time.perf_counter()
+        model(*args)
+        plain = time.perf_counter() - start
+        blocks = []
+        for _ in range(2):
+            start = time.perf_counter()
+            with tensorsnap.capture(model, ops=True, graph=True):
+                model(*args)
+            blocks.append(time.perf_counter() - start)
+    return {"plain_s": plain, "check_s": blocks[0], "compile_s": blocks[1]}
+
+
+def extract_rates(name: str, batches: int = 16, repeats: int = 3) -> dict[str, float]:
+    """Batches per second of extract(ops=True) with and without graph=True, and of a plain
+    no_grad loop over the same batches (medians of interleaved runs, each on a fresh out)."""
+    import tempfile
+
+    model, args = build(name)
+    data = [args for _ in range(batches)]
+    times: dict[str, list[float]] = {"plain": [], "eager": [], "graph": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in range(repeats + 1):  # the first round warms up (and compiles the graph)
+            for label in times:
+                start = time.perf_counter()
+                if label == "plain":
+                    with torch.no_grad():
+                        for batch in data:
+                            model(*batch)
+                else:
+                    out = os.path.join(tmp, f"{label}-{run}")
+                    tensorsnap.extract(
+                        model, data, out=out, ops=True, graph=label == "graph", progress=False
+                    )
+                if run:
+                    times[label].append(time.perf_counter() - start)
+    med = {label: statistics.median(ts) for label, ts in times.items()}
+    return {label: batches / t for label, t in med.items()}
 
 
 def profile(name: str, lines: int = 14) -> str:
@@ -361,6 +445,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--torchlens", action="store_true")
     parser.add_argument("--torchlens-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--graph-costs", action="store_true")
     options = parser.parse_args()
     torch.set_num_threads(1)
     if options.torchlens_child:
@@ -370,7 +455,7 @@ def main() -> None:
     goals = {"mlp": 1.5, "resnet18": 1.1, "gpt2-tiny": 1.5, "encoder": 1.1}
     header = f"{'model':<10} {'plain ms':>9} {'keys':>5} {'capture':>8} {'floor':>6} "
     header += f"{'/floor':>7} {'goal':>5} {'+nonfin':>8} {'lazy':>6} {'/floor':>7}"
-    header += f" {'skeleton':>9} {'naive':>6}"
+    header += f" {'skeleton':>9} {'naive':>6} {'compiled':>9} {'graph':>6} {'/floor':>7}"
     if options.torchlens:
         header += f" {'torchlens':>10}"
     print(f"torch {torch.__version__}, 1 thread, {options.repeats} interleaved repeats, medians")
@@ -382,11 +467,29 @@ def main() -> None:
             f"{r['floor']:>5.2f}x {r['vs_floor']:>6.2f}x {goals[name]:>4.1f}x "
             f"{r['nonfinite']:>7.2f}x {r['lazy']:>5.2f}x {r['lazy_floor']:>6.2f}x"
             f" {r['skeleton']:>8.2f}x {r['naive_floor']:>5.2f}x"
+            f" {r['compiled']:>8.2f}x {r['graph']:>5.2f}x {r['graph_floor']:>6.2f}x"
         )
         if options.torchlens:
             tl = torchlens_ratio(name, max(3, options.repeats // 3))
             row += f" {tl:>9.1f}x" if tl is not None else f" {'-':>10}"
         print(row, flush=True)
+    for name in options.models.split(","):
+        reason = graph_fallback(name)
+        if reason is not None:
+            print(f"graph mode runs {name} eagerly: {reason}")
+    if options.graph_costs:
+        print("\ngraph mode's one-time cost (s) and extract throughput (batches/s, 16 batches)")
+        for name in options.models.split(","):
+            c = graph_costs(name)
+            e = extract_rates(name)
+            print(
+                f"{name:<10} plain call {c['plain_s']:.3f}  first block (check) "
+                f"{c['check_s']:.2f}  second (compile) {c['compile_s']:.2f}  |  extract "
+                f"plain loop {e['plain']:.1f}/s, eager capture {e['eager']:.1f}/s "
+                f"({e['eager'] / e['plain']:.2f}x), graph {e['graph']:.1f}/s "
+                f"({e['graph'] / e['plain']:.2f}x)",
+                flush=True,
+            )
     if options.profile:
         for name in options.models.split(","):
             print(f"\n== cProfile: capture(ops=True) on {name}, 20 calls, by own time ==")

@@ -275,8 +275,9 @@ class _Session(AbstractContextManager[Snapshot]):
         self._root = root
         measure_operators()
         self._enter(Marks())
-        self._enter(ForceEager())  # compiled parts of the user's run eagerly; ours is exempt
-        self._enter(Ignored(UserWarning, r"Using `torch\.compile\(module\)` when there"))
+        if root is not self.model:  # the user's compiled wrapper must run the model eagerly
+            self._enter(ForceEager())  # (our own compiled call sets its stance back, _graph)
+            self._enter(Ignored(UserWarning, r"Using `torch\.compile\(module\)` when there"))
         name = self.names[id(root)]
         self._runner = GraphRunner(
             root,
@@ -793,7 +794,7 @@ def _warn_fallback(reason: str) -> None:
         f"graph=True: the model's calls run through the eager capture instead of its graph "
         f"({reason}); keys and values are the same, only slower",
         TensorSnapWarning,
-        stacklevel=4,
+        stacklevel=5,  # the model's call: _graph_call, _GraphCall, torch's __call__, the caller
     )
 
 

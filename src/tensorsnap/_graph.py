@@ -319,6 +319,9 @@ class Plan:
         output.args = (tuple(results) + tuple(self._extras),)
         gm.graph.lint()
         gm.recompile()
+        real = getattr(gm, "real_recompile", None)  # a lazy module compiles on first call,
+        if real is not None:  # through Module.__call__ (and its global hooks) every time
+            real()
         self._values.clear()
         self._written.clear()
         self._rows: tuple[tuple[int, ...], list[tuple[Any, ...]]] | None = None
@@ -613,17 +616,46 @@ _active = _Active()
 
 
 class _Tracing:
-    """Sets ``_TRACING`` for one graph-mode call, so that dynamo traces the marks."""
+    """The process-wide switches of one graph-mode call.
 
-    __slots__ = ()
+    ``_TRACING`` has dynamo trace the marks. The fused fast paths of the encoder layer and
+    MultiheadAttention are turned off, as the eager op capture's function mode turns them off
+    (a function mode makes them refuse), so that the graph holds the same ops.
+    """
+
+    __slots__ = ("fastpath",)
 
     def __enter__(self) -> None:
         global _TRACING
         _TRACING = True
+        self.fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
 
     def __exit__(self, *exc: Any) -> None:
         global _TRACING
         _TRACING = False
+        torch.backends.mha.set_fastpath_enabled(self.fastpath)
+
+
+class _Stance:
+    """The "default" compile stance for our own compiled call, if another was set.
+
+    A block that captures a user's compiled model runs it with the stance "force_eager" (so
+    that its wrapper calls the model's own ``__call__``, which is ours for the block), and an
+    eager capture open in another thread sets it too: our graph must still run.
+    """
+
+    __slots__ = ("inner",)
+
+    def __enter__(self) -> None:
+        stance = getattr(getattr(torch._dynamo.eval_frame, "_stance", None), "stance", None)
+        self.inner = None if stance == "default" else torch.compiler.set_stance("default")
+        if self.inner is not None:
+            self.inner.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.inner is not None:
+            self.inner.__exit__(*exc)
 
 
 class _Verify(Exception):
@@ -674,8 +706,10 @@ class _Compiled:
             raise _Verify()
         self.compiles += 1
 
+        forward = plan.gm.forward  # not through Module.__call__: no hooks of its own to run
+
         def run(*args: Any) -> Any:
-            outputs = plan.gm(*args)
+            outputs = forward(*args)
             session = _active.session
             if session is not None:
                 _active.ran = True
@@ -725,7 +759,7 @@ class GraphRunner:
             previous, _active.session, _active.ran = _active.session, self.session, False
             compiled.pending = None
             try:
-                with torch.compiler.set_stance("default"), _Tracing():
+                with _Stance(), _Tracing():
                     output = compiled.fn(self.model, args, kwargs)
             except Exception as error:
                 if _active.ran or not _is_refusal(error):
