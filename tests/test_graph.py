@@ -361,3 +361,103 @@ def test_extract_with_graph_writes_the_same_bundle(tmp_path: Any) -> None:
     assert list(graph) == list(eager)
     for key in eager:
         assert_same(graph[key], eager[key], key)
+
+
+# -- options that change what is kept --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"dtype": torch.float16},
+        {"stats": True},
+        {"include": ["layers.1*", "*/linear"], "exclude": "*self_attn*"},
+        {"max_memory": 0},
+    ],
+    ids=["dtype", "stats", "include", "spill"],
+)
+def test_copy_options_give_what_the_eager_capture_gives(options: dict[str, Any]) -> None:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    src = torch.randn(2, 5, 16)
+
+    def run(graph: bool) -> Any:
+        with torch.no_grad(), tensorsnap.capture(model, ops=True, graph=graph, **options) as s:
+            model(src)
+        return s
+
+    eager = run(False)
+    run(True)  # checks the graph
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TensorSnapWarning)
+        graph = run(True)
+    assert _compiled[model].compiles == 1 and _compiled[model].eager is None
+    assert list(graph) == list(eager) and len(eager) > 3
+    for key in eager:
+        if options.get("stats"):
+            assert graph[key] == eager[key], key
+        else:
+            assert_same(graph[key], eager[key], key)
+
+
+def test_nonfinite_raise_names_the_first_bad_key_as_eager_does() -> None:
+    class Bad(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.log(x)  # -inf at 0, nan below
+            return torch.relu(y) + 1
+
+    model = Bad()
+    good, bad = torch.tensor([1.0, 3.0, 2.0]), torch.tensor([1.0, 0.0, 2.0])
+    for _ in range(2):  # graph mode's check of the graph, then the graph, on finite values
+        with tensorsnap.capture(model, ops=True, graph=True, nonfinite="raise") as snap:
+            model(good)
+    assert list(snap) == ["/log", "/relu", "/add", ""]
+    for graph in (False, True):
+        with (
+            pytest.raises(tensorsnap.NonFiniteError, match="'/log'"),
+            tensorsnap.capture(model, ops=True, graph=graph, nonfinite="raise") as snap,
+        ):
+            model(bad)
+        assert list(snap) == ["/log"]
+    assert _compiled[model].compiles == 1
+
+
+def test_an_eager_capture_nested_inside_sees_its_values_and_the_graph_comes_back() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh())
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        for _ in range(2):
+            with tensorsnap.capture(model, ops=True, graph=True):
+                model(x)
+        with (
+            pytest.warns(TensorSnapWarning, match="process-wide module hooks"),
+            tensorsnap.capture(model, ops=True, graph=True) as outer,
+            tensorsnap.capture(model, ops=True) as inner,
+        ):
+            model(x)
+        assert list(outer) == list(inner) == ["0/linear", "0", "1/tanh", "1", ""]
+        for key in inner:
+            assert torch.equal(outer[key], inner[key])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", TensorSnapWarning)
+            with tensorsnap.capture(model, ops=True, graph=True) as alone:
+                model(x)
+    assert list(alone) == list(inner) and _compiled[model].eager is None
+
+
+def test_calls_from_another_thread_are_not_captured_and_run_as_plain_calls() -> None:
+    import threading
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    x = torch.randn(2, 3)
+    seen: list[torch.Tensor] = []
+    with torch.no_grad():
+        for _ in range(2):
+            with tensorsnap.capture(model, ops=True, graph=True) as snap:
+                model(x)
+                worker = threading.Thread(target=lambda: seen.append(model(x * 2)))
+                worker.start()
+                worker.join()
+        assert list(snap) == ["0/linear", "0", "1/relu", "1", ""]
+        assert torch.equal(seen[-1], model(x * 2))

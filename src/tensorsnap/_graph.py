@@ -709,10 +709,10 @@ class _Compiled:
         forward = plan.gm.forward  # not through Module.__call__: no hooks of its own to run
 
         def run(*args: Any) -> Any:
-            outputs = forward(*args)
             session = _active.session
+            _active.ran = True  # from here on an error is the model's, not a refusal
+            outputs = forward(*args)
             if session is not None:
-                _active.ran = True
                 plan.hand_over(session, outputs[plan.results :])
             return outputs[: plan.results]
 
@@ -755,6 +755,11 @@ class GraphRunner:
         nothing lost or counted twice.
         """
         compiled = self.compiled
+        if _others_hooked():
+            # another capture (or the user) has process-wide module hooks: dynamo would trace
+            # them into the graph; this call runs eagerly, later ones may use the graph again
+            self._note("process-wide module hooks other than graph mode's are registered")
+            return self._eager(args, kwargs)
         if compiled.eager is None:
             previous, _active.session, _active.ran = _active.session, self.session, False
             compiled.pending = None
@@ -819,6 +824,17 @@ class GraphRunner:
             self._note(reason)
         self.compiled.checked[code] = reason
         return output
+
+
+def _others_hooked() -> bool:
+    from torch.nn.modules import module as hooks
+
+    return bool(
+        len(hooks._global_forward_hooks) > 1
+        or hooks._global_forward_pre_hooks
+        or hooks._global_backward_hooks
+        or hooks._global_backward_pre_hooks
+    )
 
 
 def _is_verify(error: BaseException) -> bool:
