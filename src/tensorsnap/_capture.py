@@ -138,7 +138,7 @@ class _Session(AbstractContextManager[Snapshot]):
             saved=saved, lazy=lazy, gather=gather, stats=stats, graph=graph, where=device,
         )  # fmt: skip
         if graph:
-            _refuse_in_graph_mode(ops=ops, inputs=inputs, grads=grads, saved=saved, lazy=lazy)
+            _validate.graph_options(ops=ops, inputs=inputs, grads=grads, saved=saved, lazy=lazy)
         if lazy and ops == "aten":
             raise TensorSnapError(
                 "lazy=True sees writes coming at the torch level; use it with ops=True or "
@@ -265,13 +265,14 @@ class _Session(AbstractContextManager[Snapshot]):
 
     def _enter_graph(self) -> None:
         """Have the model's calls in this block run through its compiled graph (see _graph)."""
-        from ._graph import GraphRunner, Marks
+        from ._graph import CallSlot, GraphRunner, check_model, is_compiled_wrapper
+        from ._graphmarks import Marks
         from ._graphnames import measure_operators
 
         root = self.model
-        while "_orig_mod" in root._modules and _is_compiled_wrapper(root):
+        while "_orig_mod" in root._modules and is_compiled_wrapper(root):
             root = root._modules["_orig_mod"]  # type: ignore[assignment]
-        _graph_mode_possible(root, self._modules, self._wrappers, self.names)
+        check_model(root, self._modules, self._wrappers, self.names)
         self._root = root
         measure_operators()
         self._enter(Marks())
@@ -286,7 +287,7 @@ class _Session(AbstractContextManager[Snapshot]):
             lambda start: [r.key for r in self.snapshot._records[start:]],
             lambda call: name if call == 0 else f"{name}#{call}",
         )
-        self._enter(_CallSlot(root, self._graph_call))
+        self._enter(CallSlot(root, self._graph_call))
 
     def _graph_call(self, *args: Any, **kwargs: Any) -> Any:
         """The root module's call while the block is open (its ``_compiled_call_impl``)."""
@@ -303,7 +304,9 @@ class _Session(AbstractContextManager[Snapshot]):
         call = self._calls.get(id(root), 0)
         output = self._runner.call(args, kwargs)
         if len(self._runner.fallbacks) > before:
-            _warn_fallback(self._runner.fallbacks[-1])
+            from ._graph import warn_fallback
+
+            warn_fallback(self._runner.fallbacks[-1])
         if self._calls.get(id(root), 0) == call:  # the graph ran: the root call is ours to note
             self._calls[id(root)] = call + 1
             name = self.names[id(root)]
@@ -700,102 +703,6 @@ class _Session(AbstractContextManager[Snapshot]):
         # the model's call returned: read the checks queued on devices, once per call
         if self._finite is not None and threading.get_ident() == self._thread:
             self._finite.read()
-
-
-def _refuse_in_graph_mode(**options: Any) -> None:
-    """Name the options graph mode cannot serve, before the block starts."""
-    if options["ops"] is not True:
-        raise TensorSnapError(
-            f"graph=True captures torch-level ops from a compiled graph and needs ops=True, got "
-            f"ops={options['ops']!r}; ATen-level capture (ops='aten') runs eagerly only"
-        )
-    for name, why in (
-        ("grads", "gradients are taken by hooks on the eager autograd graph"),
-        ("saved", "saved tensors are packed by autograd hooks the graph does not run"),
-        ("inputs", "module inputs are recorded by eager pre-hooks"),
-        ("lazy", "lazy copies watch writes through an eager function mode"),
-    ):
-        if options[name]:
-            raise TensorSnapError(
-                f"graph=True cannot be used with {name}=True ({why}); capture with graph=False"
-            )
-
-
-def _is_compiled_wrapper(module: nn.Module) -> bool:
-    return type(module).__name__ == "OptimizedModule"
-
-
-def _graph_mode_possible(
-    root: nn.Module, modules: list[nn.Module], wrappers: set[int], names: dict[int, str]
-) -> None:
-    """Refuse, by name, models whose graph could not give the eager capture's keys."""
-    if any(not _is_compiled_wrapper(m) for m in root.modules() if id(m) in wrappers):
-        raise TensorSnapError(
-            "graph=True cannot capture through DDP, FSDP or checkpoint wrappers (their hooks "
-            "and collectives run outside the model's graph); capture with graph=False"
-        )
-    for module in modules:
-        if module._forward_hooks or module._forward_pre_hooks:
-            name = names.get(id(module), "?")
-            raise TensorSnapError(
-                f"graph=True cannot tell the ops of module {name!r}'s own forward hooks from its "
-                "forward (a graph holds both); remove the hooks or capture with graph=False"
-            )
-        if module is not root and (
-            _is_compiled_wrapper(module) or module.__dict__.get("_compiled_call_impl") is not None
-        ):
-            raise TensorSnapError(
-                f"graph=True cannot compile module {names.get(id(module), '?')!r}, which is "
-                "torch.compile'd on its own; capture the model with graph=False"
-            )
-    if isinstance(root.__dict__.get("_compiled_call_impl"), _GraphCall):
-        raise TensorSnapError(
-            "this model is already captured in graph mode by an open block; nested graph-mode "
-            "captures of one model are not supported (nest an eager capture instead)"
-        )
-
-
-class _GraphCall:
-    """The root module's ``_compiled_call_impl`` during a graph-mode block."""
-
-    __slots__ = ("call",)
-
-    def __init__(self, call: Any) -> None:
-        self.call = call
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.call(*args, **kwargs)
-
-
-class _CallSlot:
-    """Sets ``module._compiled_call_impl`` for the block and restores exactly what was there."""
-
-    def __init__(self, module: nn.Module, call: Any) -> None:
-        self.module, self.call = module, _GraphCall(call)
-        self.had = False
-        self.old: Any = None
-
-    def __enter__(self) -> None:
-        state = self.module.__dict__
-        self.had = "_compiled_call_impl" in state
-        self.old = state.get("_compiled_call_impl")
-        state["_compiled_call_impl"] = self.call
-
-    def __exit__(self, *exc: Any) -> None:
-        state = self.module.__dict__
-        if self.had:
-            state["_compiled_call_impl"] = self.old
-        else:
-            state.pop("_compiled_call_impl", None)
-
-
-def _warn_fallback(reason: str) -> None:
-    warnings.warn(
-        f"graph=True: the model's calls run through the eager capture instead of its graph "
-        f"({reason}); keys and values are the same, only slower",
-        TensorSnapWarning,
-        stacklevel=5,  # the model's call: _graph_call, _GraphCall, torch's __call__, the caller
-    )
 
 
 def capture(

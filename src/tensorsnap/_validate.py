@@ -140,3 +140,22 @@ def capture_options(
     for name, value in flags.items():
         flag(value, name)
     spill_dir(spill)
+
+
+def graph_options(**options: Any) -> None:
+    """Name the options graph mode cannot serve, before the block starts."""
+    if options["ops"] is not True:
+        raise TensorSnapError(
+            f"graph=True captures torch-level ops from a compiled graph and needs ops=True, got "
+            f"ops={options['ops']!r}; ATen-level capture (ops='aten') runs eagerly only"
+        )
+    for name, why in (
+        ("grads", "gradients are taken by hooks on the eager autograd graph"),
+        ("saved", "saved tensors are packed by autograd hooks the graph does not run"),
+        ("inputs", "module inputs are recorded by eager pre-hooks"),
+        ("lazy", "lazy copies watch writes through an eager function mode"),
+    ):
+        if options[name]:
+            raise TensorSnapError(
+                f"graph=True cannot be used with {name}=True ({why}); capture with graph=False"
+            )

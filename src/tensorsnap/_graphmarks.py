@@ -1,0 +1,85 @@
+"""Marking where module calls return, inside a dynamo graph.
+
+While a graph-mode block is open, a process-wide forward hook stands in torch's hook table
+under one fixed key. It does nothing in eager code; when dynamo traces a model's call (with
+``_TRACING`` set, see :mod:`._graph`), it is traced into a :func:`mark` node at each point
+where a module call returned, holding the module's id and its output. :mod:`._graphplan` reads
+the marks and removes them before the graph runs.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+import torch._dynamo
+from torch import nn
+
+__all__ = ["MAPPING", "OPAQUE", "Marks", "mark"]
+
+# our key in torch's table of process-wide forward hooks: one fixed key, so that the table looks
+# the same in every block and dynamo's guards on it keep holding across blocks
+_HOOK_ID = -(2**62) - 7
+
+
+@torch._dynamo.allow_in_graph
+def mark(module_id: int, output: Any) -> None:
+    """Stands in a graph where a module call returned ``output``; removed before it runs."""
+    return None
+
+
+# True while a graph-mode call runs; dynamo reads it (and guards on it) when it traces the hook
+_TRACING = False
+
+
+def _mark_output(module: nn.Module, args: Any, output: Any) -> None:
+    if _TRACING:
+        mark(id(module), _markable(output))
+
+
+# tags of what _markable makes of structures a graph node cannot hold as they are
+MAPPING = "tensorsnap:mapping"
+OPAQUE = "tensorsnap:opaque"
+
+
+def _markable(value: Any) -> Any:
+    """``value`` as an fx argument can hold it, traced by dynamo: Mappings (``ModelOutput``)
+    become their class's module and name with their keys and values, rebuilt by the plan."""
+    if value is None or isinstance(value, (torch.Tensor, bool, int, float, str)):
+        return value
+    cls = type(value)
+    if cls is tuple or cls is list:
+        return cls(_markable(item) for item in value)
+    if isinstance(value, dict):
+        return (
+            MAPPING,
+            cls.__module__,
+            cls.__qualname__,
+            tuple(value.keys()),
+            tuple(_markable(item) for item in value.values()),
+        )
+    return (OPAQUE, cls.__module__, cls.__qualname__)
+
+
+class Marks:
+    """Keeps :func:`_mark_output` among torch's global forward hooks while graph blocks are open."""
+
+    _lock = threading.Lock()
+    _open = 0
+
+    def __enter__(self) -> None:
+        from torch.nn.modules import module as hooks
+
+        with Marks._lock:
+            if Marks._open == 0:
+                hooks._global_forward_hooks[_HOOK_ID] = _mark_output
+            Marks._open += 1
+
+    def __exit__(self, *exc: Any) -> None:
+        from torch.nn.modules import module as hooks
+
+        with Marks._lock:
+            Marks._open -= 1
+            if Marks._open == 0:
+                hooks._global_forward_hooks.pop(_HOOK_ID, None)

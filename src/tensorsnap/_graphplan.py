@@ -1,0 +1,519 @@
+"""Planning one dynamo graph: its keys, named as the eager op capture names them, and its copies.
+
+A :class:`Plan` is built when dynamo hands a graph to graph mode's backend. It names each node
+that returns tensors (``C/op#k``, from the node's ``nn_module_stack`` and target) and each
+module call's output (from the marks of :mod:`._graphmarks`), decides which values need a copy,
+rewrites the graph to return them, and after each run hands them to the capture session.
+
+Nothing is cloned that does not need it. A value is copied inside the graph, right after it is
+made, only if a later node of the same graph writes its storage (found by running the graph on
+fake tensors and reading which ATen ops write which storages); after the graph, a value whose
+storage the caller can reach (an input, a parameter, anything the graph returns) is copied, and
+a fresh one nobody else holds is kept as it is: it is already an independent copy.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Protocol
+
+import torch
+from torch import fx, nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ._clones import clone, clone_items
+from ._copy import Copier
+from ._graphmarks import MAPPING, OPAQUE, mark
+from ._graphnames import operator_name
+from ._ops import op_name, quiet
+from ._recorder import Recorder
+
+__all__ = ["GraphSession", "Plan", "Unsupported", "torch_dir"]
+
+# ---- what the plan needs of the session --------------------------------------------------------
+
+
+class GraphSession(Protocol):
+    """The parts of the capture session a graph's values are handed to."""
+
+    recorder: Recorder
+
+    @property
+    def plain(self) -> bool:
+        """No device=, dtype=, stats or rows: values it keeps need no further copy."""
+
+    @property
+    def calls(self) -> dict[int, int]:
+        """Calls of each module so far in the block, by id."""
+
+    @property
+    def everything(self) -> bool:
+        """No include or exclude patterns: every key is selected."""
+
+    def selected(self, key: str) -> bool: ...
+
+
+class Unsupported(Exception):
+    """A graph that graph mode cannot name exactly as the eager capture would."""
+
+
+# ---- planning one graph ------------------------------------------------------------------------
+
+# how a captured value reaches the session
+_KEEP = 0  # fresh and never written again: kept as it is (copied when it is a view)
+_COPIED = 1  # copied inside the graph, before a later node wrote it
+_COPY = 2  # the caller can reach its storage: copied when the graph returns
+
+_INPLACE_OPERATORS = {
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+    operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior,
+    operator.ixor, operator.ilshift, operator.irshift,
+}  # fmt: skip
+# the fast paths of nn.TransformerEncoderLayer and MultiheadAttention: an active function mode
+# turns them off, so the eager op capture sees the layers' submodules instead
+_FUSED_KERNELS = {
+    "_transformer_encoder_layer_fwd",
+    "_native_multi_head_attention",
+    "_transformer_decoder_only_layer_fwd",
+}
+
+
+def _copy_now(value: Any) -> Any:
+    """A graph node's copy of a value a later node of the same graph overwrites."""
+    with quiet():
+        copy: Any = None
+        if type(value) is torch.Tensor:
+            copy = clone(value)
+        elif type(value) is tuple or type(value) is list:
+            copy, _ = clone_items(value)
+        if copy is None:
+            copy = Copier().copy_value(value, root="a graph value")
+        return copy
+
+
+class _Leaf:
+    """A place in a module output's structure filled from the graph's extra outputs."""
+
+    __slots__ = ("how", "index")
+
+    def __init__(self, index: int, how: int) -> None:
+        self.index = index
+        self.how = how
+
+
+class _Entry:
+    """One key's value, in the order the eager capture would record it."""
+
+    __slots__ = ("count", "frame", "op", "value")
+
+    def __init__(self, frame: int, op: str | None, count: int, value: Any) -> None:
+        self.frame = frame  # index in Plan.frames
+        self.op = op  # None: the module call's output
+        self.count = count  # calls of this op before it in the same module call
+        self.value = value  # a _Leaf, or a structure holding _Leafs (module outputs)
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [v for v in value if isinstance(v, torch.Tensor)]
+    return []
+
+
+def _storages(value: Any) -> set[StorageWeakRef]:
+    found = set()
+    for t in _tensors(value):
+        if t.layout is torch.strided and not t.is_nested:
+            found.add(StorageWeakRef(t.untyped_storage()))
+    return found
+
+
+class _Writes(TorchDispatchMode):
+    """Notes which storages each node of a graph writes, from the ATen ops' schemas."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.node = -1
+        self.written: dict[StorageWeakRef, list[int]] = {}
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        schema = getattr(func, "_schema", None)
+        if schema is not None:
+            for i, arg in enumerate(schema.arguments):
+                if arg.alias_info is None or not arg.alias_info.is_write:
+                    continue
+                value = kwargs.get(arg.name) if arg.kwarg_only or i >= len(args) else args[i]
+                for storage in _storages(value):
+                    self.written.setdefault(storage, []).append(self.node)
+        return func(*args, **kwargs)
+
+
+class _Replay(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, writes: _Writes) -> None:
+        super().__init__(gm)
+        self.writes = writes
+        self.values: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.writes.node += 1
+        result = super().run_node(n)
+        self.values[n] = result
+        return result
+
+
+def _replay(gm: fx.GraphModule, example_inputs: list[Any]) -> tuple[dict[fx.Node, Any], _Writes]:
+    """Run ``gm`` on fake copies of its inputs: each node's fake value and the storages written."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    fakes = [a for a in example_inputs if isinstance(a, FakeTensor)]
+    if fakes:  # torch handed fake inputs already: their mode runs the replay
+        fake = fakes[0].fake_mode
+        inputs = list(example_inputs)
+    else:  # real inputs: fake copies, made by one converter so that aliasing is kept
+        fake = FakeTensorMode()
+        inputs = [fake.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in example_inputs]
+    writes = _Writes()
+    replay = _Replay(gm, writes)
+    with fake, writes:
+        replay.run(*inputs)
+    return replay.values, writes
+
+
+class Plan:
+    """What one graph captures, and how: built when dynamo hands the graph to the backend."""
+
+    def __init__(
+        self, gm: fx.GraphModule, example_inputs: list[Any], root: nn.Module, names: dict[int, str]
+    ) -> None:
+        self.gm = gm
+        self.root_id = id(root)
+        self.frames: list[tuple[int, str, int]] = [(id(root), names[id(root)], 0)]
+        self.entries: list[_Entry] = []
+        self.calls: dict[int, int] = {}  # module calls in the graph, by module id
+        self._names = names
+        self._frame_of: dict[tuple[int, int], int] = {(id(root), 0): 0}
+        values, writes = _replay(gm, example_inputs)
+        nodes = list(gm.graph.nodes)
+        self._index = {node: i for i, node in enumerate(nodes)}
+        self._values = values
+        self._written = writes.written
+        self._reachable: set[StorageWeakRef] = set()  # storages the caller can reach
+        for node in nodes:
+            if node.op in ("placeholder", "get_attr"):
+                self._reachable |= _storages(values.get(node))
+            elif node.op == "output":
+                for leaf in _arg_nodes(node.args):
+                    self._reachable |= _storages(values.get(leaf))
+        self._extras: list[fx.Node] = []
+        self._copies: dict[fx.Node, fx.Node] = {}
+        counts: dict[tuple[int, str], int] = {}
+        marks = []
+        for node in nodes:
+            if node.op == "call_module":
+                raise Unsupported(f"the graph calls a module as one node ({node.target})")
+            if node.op not in ("call_function", "call_method"):
+                continue
+            if node.target is mark:
+                marks.append(node)
+                self._module_output(node)
+                continue
+            name = self._op_name(node)
+            if name is None:
+                continue
+            frame = self._frame(node)
+            count = counts.get((frame, name), 0)
+            counts[frame, name] = count + 1
+            self.entries.append(_Entry(frame, name, count, self._leaf(node)))
+        for node in marks:
+            gm.graph.erase_node(node)
+        output = next(n for n in reversed(nodes) if n.op == "output")
+        results = output.args[0]
+        self.results = len(results) if isinstance(results, (tuple, list)) else -1
+        if self.results < 0:
+            raise Unsupported("the graph returns a single value")
+        output.args = (tuple(results) + tuple(self._extras),)
+        gm.graph.lint()
+        gm.recompile()
+        real = getattr(gm, "real_recompile", None)  # a lazy module compiles on first call,
+        if real is not None:  # through Module.__call__ (and its global hooks) every time
+            real()
+        self._values.clear()
+        self._written.clear()
+        self._rows: tuple[tuple[int, ...], list[tuple[Any, ...]]] | None = None
+
+    # -- naming ----------------------------------------------------------------------------------
+
+    def _op_name(self, node: fx.Node) -> str | None:
+        """The eager capture's name for ``node``, or None when eager would record nothing."""
+        value = self._values.get(node)
+        if not _tensors(value):
+            return None  # sizes, flags, grad-mode switches: no tensor, no key
+        target = node.target
+        first = (
+            self._values.get(node.args[0])
+            if node.args and isinstance(node.args[0], fx.Node)
+            else None
+        )
+        if node.op == "call_method":
+            assert isinstance(target, str)
+            name = (
+                target[2:-2]
+                if len(target) > 4 and target.startswith("__") and target.endswith("__")
+                else target
+            )
+            return name
+        if target is operator.getitem:
+            # indexing a tensor is Tensor.__getitem__; taking a part of a tuple is no op at all
+            return "getitem" if isinstance(first, torch.Tensor) else None
+        if target is getattr:
+            return str(node.args[1])  # a tensor property: x.T, x.mT
+        if isinstance(target, torch._ops.HigherOrderOperator):
+            raise Unsupported(f"the graph holds {target.__name__}, which runs a subgraph")
+        if callable(target) and getattr(target, "__module__", None) == "_operator":
+            tensor_first = isinstance(first, torch.Tensor)
+            found = operator_name(target, tensor_first)
+            if found is None:
+                raise Unsupported(f"no eager name is known for operator.{target.__name__}")
+            return found
+        name = op_name(target)
+        if name in _FUSED_KERNELS:
+            raise Unsupported(
+                f"the graph runs the fused kernel {name}, which the eager op capture turns off"
+            )
+        self._check_not_inlined(node, name)
+        return name
+
+    def _check_not_inlined(self, node: fx.Node, name: str) -> None:
+        """Refuse ops that dynamo took from inside a torch function written in Python.
+
+        The eager capture sees such a function as one op (``F.pad``) and none of the calls in
+        it. When the innermost frame that made the node is torch's own Python code (not a
+        ``torch.nn`` module's forward), the node came from inside such a function: accepted
+        only when it is the function's one op under the function's own name.
+        """
+        trace = node.meta.get("stack_trace") or ""
+        lines = [line.strip() for line in trace.splitlines() if line.strip().startswith("File ")]
+        if not lines:
+            return
+        last = lines[-1]
+        if torch_dir() not in last or "/nn/modules/" in last:
+            return
+        function = last.rsplit(" in ", 1)[-1]
+        if function != name:
+            raise Unsupported(
+                f"{name} ran inside torch's {function}(), which the eager capture sees as one op"
+            )
+
+    def _frame(self, node: fx.Node) -> int:
+        """The module call ``node`` ran in directly: the innermost one of the model's modules."""
+        stack = node.meta.get("nn_module_stack") or {}
+        for key in reversed(list(stack)):
+            module_id, call = _stack_key(key)
+            if module_id in self._names and module_id != self.root_id:
+                return self._frame_index(module_id, call)
+        return 0
+
+    def _frame_index(self, module_id: int, call: int) -> int:
+        index = self._frame_of.get((module_id, call))
+        if index is None:
+            index = self._frame_of[module_id, call] = len(self.frames)
+            self.frames.append((module_id, self._names[module_id], call))
+            self.calls[module_id] = max(self.calls.get(module_id, 0), call + 1)
+        return index
+
+    def _module_output(self, node: fx.Node) -> None:
+        module_id = node.args[0]
+        assert isinstance(module_id, int)
+        if module_id == self.root_id or module_id not in self._names:
+            return  # the root's output is recorded from the call itself; others are not keys
+        call = 0
+        for key in reversed(list(node.meta.get("nn_module_stack") or {})):
+            found, n = _stack_key(key)
+            if found == module_id:
+                call = n
+                break
+        frame = self._frame_index(module_id, call)
+        value = _structure(
+            _unwrap(fx.node.map_arg(node.args[1], self._leaf)), self._names[module_id]
+        )
+        self.entries.append(_Entry(frame, None, 0, value))
+
+    # -- copies ----------------------------------------------------------------------------------
+
+    def _leaf(self, node: fx.Node) -> Any:
+        """A :class:`_Leaf` for ``node``'s value, with a copy node after it if a write follows."""
+        value = self._values.get(node)
+        storages = _storages(value)
+        if not _tensors(value):
+            raise Unsupported(f"a module returned {type(value).__name__} from node {node.name}")
+        index = self._index[node]
+        written = any(i > index for s in storages for i in self._written.get(s, ()))
+        if written or len(storages) < len(_tensors(value)):
+            copy = self._copies.get(node)
+            if copy is None:
+                with self.gm.graph.inserting_after(node):
+                    copy = self._copies[node] = self.gm.graph.call_function(_copy_now, (node,))
+            self._extras.append(copy)
+            return _Leaf(len(self._extras) - 1, _COPIED)
+        self._extras.append(node)
+        how = _COPY if storages & self._reachable else _KEEP
+        return _Leaf(len(self._extras) - 1, how)
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def hand_over(self, session: GraphSession, extras: Any) -> None:
+        """Give the session each captured value, under the key the eager capture would use."""
+        calls = session.calls
+        base = tuple(calls.get(module_id, 0) for module_id, _, _ in self.frames)
+        rows = self._rows_for(base)
+        recorder = session.recorder
+        plain = session.plain
+        store = recorder.adopt if plain else recorder.record
+        selected = None if session.everything else session.selected
+        for key, name, call, op, kind, value in rows:
+            if selected is not None and not selected(key):
+                continue
+            if type(value) is _Leaf:
+                value = _take(extras, value, plain, recorder, key)
+            else:
+                value = _fill(value, extras, plain, recorder, key)
+            store(key, name, call, op, kind, value)
+        for module_id, n in self.calls.items():
+            calls[module_id] = calls.get(module_id, 0) + n
+
+    def _rows_for(self, base: tuple[int, ...]) -> list[tuple[Any, ...]]:
+        """Each entry's key and record fields, for module calls numbered from ``base``."""
+        cached = self._rows
+        if cached is not None and cached[0] == base:
+            return cached[1]
+        rows = []
+        for entry in self.entries:
+            _, name, call = self.frames[entry.frame]
+            call += base[entry.frame]
+            key = name if call == 0 else f"{name}#{call}"
+            if entry.op is not None:
+                key = f"{key}/{entry.op}" if entry.count == 0 else f"{key}/{entry.op}#{entry.count}"
+            kind = "op" if entry.op is not None else "output"
+            rows.append((key, name, call, entry.op, kind, entry.value))
+        self._rows = (base, rows)
+        return rows
+
+
+def _take(extras: Any, leaf: _Leaf, plain: bool, recorder: Recorder, key: str) -> Any:
+    value = extras[leaf.index]
+    if not plain or leaf.how == _COPIED:
+        return value  # the session's copier copies it, or it is a copy already
+    if leaf.how == _KEEP:
+        # fresh storage that nothing writes again and only the snapshot will hold: views of
+        # it stay views (of one storage with the other keys that view it), as lazy=True keeps
+        if type(value) is torch.Tensor:
+            return value.detach() if value.requires_grad else value
+        if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in value):
+            return value
+    return recorder.copy_value(value, key)
+
+
+def _fill(structure: Any, extras: Any, plain: bool, recorder: Recorder, key: str) -> Any:
+    if isinstance(structure, _Leaf):
+        return _take(extras, structure, plain, recorder, key)
+    if isinstance(structure, (tuple, list)):
+        items = [_fill(item, extras, plain, recorder, key) for item in structure]
+        return tuple(items) if isinstance(structure, tuple) else items
+    if isinstance(structure, dict):
+        return {k: _fill(v, extras, plain, recorder, key) for k, v in structure.items()}
+    if isinstance(structure, _Mapping):
+        values = [_fill(v, extras, plain, recorder, key) for v in structure.values]
+        if _is_model_output(structure.cls):
+            return structure.cls(**dict(zip(structure.keys, values, strict=True)))
+        return structure.cls(zip(structure.keys, values, strict=True))
+    return structure
+
+
+def _is_model_output(cls: type) -> bool:
+    return any(base.__name__ == "ModelOutput" for base in cls.__mro__)
+
+
+class _Mapping:
+    """A Mapping subclass in a module output (``ModelOutput``): rebuilt from its parts."""
+
+    __slots__ = ("cls", "keys", "values")
+
+    def __init__(self, cls: type, keys: tuple[Any, ...], values: tuple[Any, ...]) -> None:
+        self.cls, self.keys, self.values = cls, keys, values
+
+
+def _structure(value: Any, name: str) -> Any:
+    """A module output's structure with its Mappings resolved to the live classes."""
+    if isinstance(value, tuple) and value and value[0] == OPAQUE:
+        raise Unsupported(
+            f"module {name!r} returned a {value[1]}.{value[2]}; graph mode rebuilds module "
+            "outputs made of tensors, tuples, lists, dicts and ModelOutputs"
+        )
+    if isinstance(value, tuple) and len(value) == 5 and value[0] == MAPPING:
+        cls = _live_class(value[1], value[2])
+        if cls is None:
+            raise Unsupported(f"module {name!r} returned a {value[1]}.{value[2]}")
+        return _Mapping(cls, value[3], tuple(_structure(v, name) for v in value[4]))
+    if type(value) in (tuple, list):
+        return type(value)(_structure(v, name) for v in value)
+    if type(value) is dict:
+        return {k: _structure(v, name) for k, v in value.items()}
+    return value
+
+
+def _live_class(module: str, qualname: str) -> type | None:
+    import sys
+
+    found: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    return found if isinstance(found, type) else None
+
+
+def _unwrap(value: Any) -> Any:
+    """fx's immutable containers back to plain tuples, lists and dicts."""
+    if isinstance(value, _Leaf):
+        return value
+    if isinstance(value, tuple):
+        return tuple(_unwrap(v) for v in value)
+    if isinstance(value, list):
+        return [_unwrap(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _unwrap(v) for k, v in value.items()}
+    return value
+
+
+def _arg_nodes(args: Any) -> list[fx.Node]:
+    found: list[fx.Node] = []
+
+    def note(node: fx.Node) -> fx.Node:
+        found.append(node)
+        return node
+
+    fx.node.map_arg(args, note)
+    return found
+
+
+def _stack_key(key: str) -> tuple[int, int]:
+    """``"140..."`` or ``"140...@2"``: a module's id and its call in the graph."""
+    module, _, call = str(key).partition("@")
+    try:
+        return int(module), int(call or 0)
+    except ValueError:
+        raise Unsupported(f"nn_module_stack key {key!r} is not id@call") from None
+
+
+_TORCH_DIR: list[str] = []
+
+
+def torch_dir() -> str:
+    if not _TORCH_DIR:
+        import os
+
+        _TORCH_DIR.append(os.path.dirname(torch.__file__) + os.sep)
+    return _TORCH_DIR[0]
