@@ -261,6 +261,36 @@ def test_the_same_tensor_at_several_positions_gets_its_gradient_at_each() -> Non
     assert torch.equal(grad_in[0], h.grad)
 
 
+class _TwoUses(nn.Module):
+    """Reads its input in two ops: its gradient arrives in two parts, one per op."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 3 + x.sin()
+
+
+@pytest.mark.parametrize("options", [{"dtype": torch.float16}, {"stats": True}])
+def test_an_input_gradient_in_parts_is_summed_before_the_copy(options: dict[str, Any]) -> None:
+    # the parts must add in the gradient's own dtype and the copy be made of the sum: adding a
+    # float32 part to a float16 copy gave a float32 value, and Stats could not be added at all
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), _TwoUses())
+    x = torch.randn(3, 4)
+    seen: list[torch.Tensor] = []
+    with tensorsnap.capture(model, grads=True, include="1:grad_in", **options) as snap:
+        h = model[0](x)
+        h.register_hook(lambda g: seen.append(g.clone()))  # the reference: h's whole gradient
+        model[1](h).pow(2).sum().backward()
+    (grad_in,) = snap["1:grad_in"]
+    if "dtype" in options:
+        assert grad_in.dtype == torch.float16
+        assert torch.equal(grad_in, seen[0].half())
+    else:
+        identity = nn.Identity()  # the statistics of the reference, taken the same way
+        with torch.no_grad(), tensorsnap.capture(identity, stats=True) as ref:
+            identity(seen[0])
+        assert grad_in == ref[""]
+
+
 def test_distinct_tensors_keep_their_own_input_gradients() -> None:
     torch.manual_seed(0)
     attn = nn.MultiheadAttention(8, 2, batch_first=True)

@@ -228,6 +228,7 @@ class InputGradients:
     """
 
     __slots__ = (
+        "_sums",
         "call",
         "grads",
         "inputs",
@@ -261,6 +262,7 @@ class InputGradients:
                 self.inputs.setdefault(id(arg), []).append(index)
                 self.nodes.append(node)
         self.grads: dict[int, torch.Tensor] = {}
+        self._sums: dict[int, torch.Tensor] = {}  # running sums, where copies are not exact
 
     def consumers(self, output: Any) -> tuple[list[tuple[Any, list[tuple[int, int]]]], list[Any]]:
         """The nodes this call created that read one of its inputs, each with its edges
@@ -324,12 +326,24 @@ class InputGradients:
             for index, grad in parts:
                 if grad is None:
                     continue
-                if index in self.grads:
+                if index in self._sums:  # the copy is not the gradient itself: sum the parts
+                    total = self._sums[index] = self._sums[index] + grad
+                    self.grads[index] = sink.copy_value(total, self.key)
+                elif index in self.grads:
                     self.grads[index] = self.grads[index] + grad
                 else:
-                    self.grads[index] = sink.copy_value(grad, self.key)
+                    copy = self.grads[index] = sink.copy_value(grad, self.key)
+                    if not _exact(copy, grad):
+                        # device=, dtype= or stats=: a later part must add to the gradient in
+                        # its own dtype and device, and the copy be made of the sum
+                        self._sums[index] = grad.detach().clone()
             value = tuple(self.grads.get(i) for i in range(self.size))
             sink.store_gradient(self.key, self.module, self.call, None, "grad_in", value)
+
+
+def _exact(copy: Any, grad: torch.Tensor) -> bool:
+    """Whether ``copy`` is a plain clone of ``grad`` (same type, dtype and device)."""
+    return type(copy) is type(grad) and copy.dtype == grad.dtype and copy.device == grad.device
 
 
 class Reach:
