@@ -931,7 +931,8 @@ def check_extract_token_copies(ctx: Context, name: str, model: nn.Module, ids: t
     finally:
         _transfer.CudaTransfers.copy = real  # type: ignore[method-assign]
         _stream.BACKGROUND = None
-    check(copies[0] == 4 * 4 * (len(want) + 1), f"{copies[0]} side-stream copies")
+    # at least the ids and one leaf per key, per batch and setting
+    check(copies[0] >= 4 * 4 * (len(want) + 1), f"only {copies[0]} side-stream copies")
     return f"{len(want)} keys x {len(batches)} batches x 4 settings bitwise, {copies[0]} copies"
 
 
