@@ -158,7 +158,8 @@ class _Stance:
 
     def __enter__(self) -> None:
         stance = getattr(getattr(torch._dynamo.eval_frame, "_stance", None), "stance", None)
-        self.inner = None if stance == "default" else torch.compiler.set_stance("default")
+        # None: a torch without stances (< 2.6), where nothing can have set one
+        self.inner = None if stance in (None, "default") else torch.compiler.set_stance("default")
         if self.inner is not None:
             self.inner.__enter__()
 
