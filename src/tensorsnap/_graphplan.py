@@ -210,7 +210,7 @@ class Plan:
                 for leaf in _arg_nodes(node.args):
                     self._reachable |= _storages(values.get(leaf))
         self._extras: list[fx.Node] = []
-        self._copies: dict[fx.Node, fx.Node] = {}
+        self._copies: dict[tuple[fx.Node, fx.Node], fx.Node] = {}  # (value, taken after)
         counts: dict[tuple[int, str], int] = {}
         marks = []
         for node in nodes:
@@ -338,26 +338,32 @@ class Plan:
                 call = n
                 break
         frame = self._frame_index(module_id, call)
+        # the output as it is when the call returns: the module may have written it after
+        # the node that made it (``h = lin(x); h.relu_(); return h`` returns the linear node)
         value = _structure(
-            _unwrap(fx.node.map_arg(node.args[1], self._leaf)), self._names[module_id]
+            _unwrap(fx.node.map_arg(node.args[1], lambda n: self._leaf(n, node))),
+            self._names[module_id],
         )
         self.entries.append(_Entry(frame, None, 0, value))
 
     # -- copies ----------------------------------------------------------------------------------
 
-    def _leaf(self, node: fx.Node) -> Any:
-        """A :class:`_Leaf` for ``node``'s value, with a copy node after it if a write follows."""
+    def _leaf(self, node: fx.Node, at: fx.Node | None = None) -> Any:
+        """A :class:`_Leaf` for ``node``'s value as it is right after node ``at`` (``node``
+        itself unless given), with a copy node there if a later node writes it."""
+        at = node if at is None else at
         value = self._values.get(node)
         storages = _storages(value)
         if not _tensors(value):
             raise Unsupported(f"a module returned {type(value).__name__} from node {node.name}")
-        index = self._index[node]
+        index = self._index[at]
         written = any(i > index for s in storages for i in self._written.get(s, ()))
         if written or len(storages) < len(_tensors(value)):
-            copy = self._copies.get(node)
+            copy = self._copies.get((node, at))
             if copy is None:
-                with self.gm.graph.inserting_after(node):
-                    copy = self._copies[node] = self.gm.graph.call_function(_copy_now, (node,))
+                with self.gm.graph.inserting_after(at):
+                    copy = self.gm.graph.call_function(_copy_now, (node,))
+                    self._copies[node, at] = copy
             self._extras.append(copy)
             return _Leaf(len(self._extras) - 1, _COPIED)
         self._extras.append(node)
