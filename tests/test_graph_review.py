@@ -95,3 +95,26 @@ def test_a_module_output_written_inside_the_module_after_it_was_made_is_its_retu
         # an independent reference: the submodule's own output, run plainly
         with torch.no_grad():
             assert torch.equal(graph["sub"], model.sub(x))
+
+
+# -- a model that calls itself -------------------------------------------------------------------
+
+
+class _Recursive(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, depth: int = 2) -> torch.Tensor:
+        h = self.lin(x)
+        if depth > 0:
+            h = self(h, depth - 1)
+        return h
+
+
+def test_a_model_that_calls_itself_gives_the_eager_keys_once_each() -> None:
+    model = _Recursive()
+    x = torch.randn(3, 4)
+    graph = _same_as_eager(model, lambda: model(x), graph_runs=False)  # dynamo refuses it
+    calls = ["lin/linear", "lin", "lin#1/linear", "lin#1", "lin#2/linear", "lin#2"]
+    assert list(graph) == [*calls, "#2", "#1", ""]

@@ -255,6 +255,7 @@ class GraphRunner:
                 compiled = _compiled[model] = _Compiled(model)
         self.compiled = compiled
         self.fallbacks: list[str] = []  # why calls ran eagerly, once per reason
+        self._depth = 0  # calls of the model in progress (a model may call itself)
 
     def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """One call of the model in the block, captured from its graph if dynamo takes it whole.
@@ -264,6 +265,17 @@ class GraphRunner:
         not started when the refusal arrives, and runs through the eager capture instead, with
         nothing lost or counted twice.
         """
+        if self._depth:
+            # the model calls itself: the call in progress runs eagerly (dynamo refuses the
+            # recursion), and its hooks and mode capture this one as part of it
+            return self.model._call_impl(*args, **kwargs)
+        self._depth += 1
+        try:
+            return self._call(args, kwargs)
+        finally:
+            self._depth -= 1
+
+    def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         compiled = self.compiled
         if _others_hooked():
             # another capture (or the user) has process-wide module hooks: dynamo would trace
