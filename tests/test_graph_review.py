@@ -118,3 +118,58 @@ def test_a_model_that_calls_itself_gives_the_eager_keys_once_each() -> None:
     graph = _same_as_eager(model, lambda: model(x), graph_runs=False)  # dynamo refuses it
     calls = ["lin/linear", "lin", "lin#1/linear", "lin#1", "lin#2/linear", "lin#2"]
     assert list(graph) == [*calls, "#2", "#1", ""]
+
+
+# -- one module output whose tensors share storage --------------------------------------------
+
+
+class _Shares(nn.Module):
+    def forward(self, x: torch.Tensor) -> Any:
+        h = x * 2
+        return h, h, h[0]
+
+
+class _Returns(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sub = _Shares()
+
+    def forward(self, x: torch.Tensor) -> Any:
+        a, _, c = self.sub(x)
+        return a, c  # the caller can reach them: copied when the graph returns
+
+
+class _Writes(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sub = _Shares()
+
+    def forward(self, x: torch.Tensor) -> Any:
+        a, _, c = self.sub(x)
+        a.mul_(3)  # written later in the graph: copied inside it
+        return c + 1
+
+
+def _sharing(value: Any) -> tuple[bool, bool]:
+    first, second, view = value
+    ptr = first.untyped_storage().data_ptr()
+    return first is second, view.untyped_storage().data_ptr() == ptr
+
+
+def test_tensors_of_one_module_output_that_share_storage_share_it_as_in_the_eager_capture() -> None:
+    x = torch.randn(3, 4)
+    model = _Returns()
+    eager, _ = _run(model, lambda: model(x), graph=False)
+    graph = _same_as_eager(model, lambda: model(x))
+    assert _sharing(graph["sub"]) == _sharing(eager["sub"]) == (True, True)
+    # the caller's writes do not reach the snapshot
+    kept = [t.clone() for t in graph["sub"]]
+    with torch.no_grad(), tensorsnap.capture(model, ops=True, graph=True) as snap:
+        a, _ = model(x)
+    a.zero_()
+    assert all(torch.equal(t, k) for t, k in zip(snap["sub"], kept))
+
+    model = _Writes()  # copied apart inside the graph, the sharing could not be kept
+    graph = _same_as_eager(model, lambda: model(x), graph_runs=False)
+    assert _sharing(graph["sub"]) == (True, True)
+    assert "share storage" in str(_compiled[model].eager)

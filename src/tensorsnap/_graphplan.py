@@ -105,13 +105,16 @@ class _Leaf:
 class _Entry:
     """One key's value, in the order the eager capture would record it."""
 
-    __slots__ = ("count", "frame", "op", "value")
+    __slots__ = ("count", "frame", "op", "value", "whole")
 
-    def __init__(self, frame: int, op: str | None, count: int, value: Any) -> None:
+    def __init__(self, frame: int, op: str | None, count: int, value: Any, whole: bool = False):
         self.frame = frame  # index in Plan.frames
         self.op = op  # None: the module call's output
         self.count = count  # calls of this op before it in the same module call
         self.value = value  # a _Leaf, or a structure holding _Leafs (module outputs)
+        # a structure whose tensors share storage, copied as one value when the graph returns
+        # (as the eager capture copies it: one tensor twice stays one copy, views stay views)
+        self.whole = whole
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -340,11 +343,32 @@ class Plan:
         frame = self._frame_index(module_id, call)
         # the output as it is when the call returns: the module may have written it after
         # the node that made it (``h = lin(x); h.relu_(); return h`` returns the linear node)
-        value = _structure(
-            _unwrap(fx.node.map_arg(node.args[1], lambda n: self._leaf(n, node))),
-            self._names[module_id],
-        )
-        self.entries.append(_Entry(frame, None, 0, value))
+        leaves: list[tuple[fx.Node, _Leaf]] = []
+
+        def leaf(n: fx.Node) -> Any:
+            leaves.append((n, self._leaf(n, node)))
+            return leaves[-1][1]
+
+        name = self._names[module_id]
+        value = _structure(_unwrap(fx.node.map_arg(node.args[1], leaf)), name)
+        self.entries.append(_Entry(frame, None, 0, value, self._whole(leaves, name)))
+
+    def _whole(self, leaves: list[tuple[fx.Node, _Leaf]], name: str) -> bool:
+        """Whether a module output's tensors share storage and need one copy of them all."""
+        nodes = {n: how.how for n, how in leaves}
+        seen: set[StorageWeakRef] = set()
+        overlap = False
+        for n in nodes:
+            storages = _storages(self._values.get(n))
+            overlap = overlap or bool(storages & seen)
+            seen |= storages
+        if overlap and _COPIED in nodes.values():
+            # each node's value was copied apart inside the graph: their sharing is lost
+            raise Unsupported(
+                f"module {name!r} returns tensors that share storage and that a later node of "
+                "the graph writes"
+            )
+        return (overlap or len(nodes) < len(leaves)) and _COPY in nodes.values()
 
     # -- copies ----------------------------------------------------------------------------------
 
@@ -381,11 +405,13 @@ class Plan:
         plain = session.plain
         store = recorder.adopt if plain else recorder.record
         selected = None if session.everything else session.selected
-        for key, name, call, op, kind, value in rows:
+        for key, name, call, op, kind, value, whole in rows:
             if selected is not None and not selected(key):
                 continue
             if type(value) is _Leaf:
                 value = _take(extras, value, plain, recorder, key)
+            elif plain and whole:
+                value = recorder.copy_value(_fill(value, extras, False, recorder, key), key)
             else:
                 value = _fill(value, extras, plain, recorder, key)
             store(key, name, call, op, kind, value)
@@ -405,7 +431,7 @@ class Plan:
             if entry.op is not None:
                 key = f"{key}/{entry.op}" if entry.count == 0 else f"{key}/{entry.op}#{entry.count}"
             kind = "op" if entry.op is not None else "output"
-            rows.append((key, name, call, entry.op, kind, entry.value))
+            rows.append((key, name, call, entry.op, kind, entry.value, entry.whole))
         self._rows = (base, rows)
         return rows
 
