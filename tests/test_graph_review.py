@@ -173,3 +173,37 @@ def test_tensors_of_one_module_output_that_share_storage_share_it_as_in_the_eage
     graph = _same_as_eager(model, lambda: model(x), graph_runs=False)
     assert _sharing(graph["sub"]) == (True, True)
     assert "share storage" in str(_compiled[model].eager)
+
+
+# -- dynamo's recompile limit ----------------------------------------------------------------
+
+
+class _Counts(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1  # a side effect: the model must run exactly once per call
+        return (x * 2).sum()
+
+
+def test_a_call_past_dynamos_recompile_limit_runs_through_the_eager_capture() -> None:
+    import torch._dynamo
+
+    model = _Counts()
+    dtypes = [torch.float32, torch.float64, torch.float16, torch.int64]  # a new graph each
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for i, dtype in enumerate(dtypes * 2):
+            x = torch.arange(3).to(dtype)
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always", TensorSnapWarning)
+                with torch.no_grad(), tensorsnap.capture(model, ops=True, graph=True) as snap:
+                    out = model(x)
+            assert model.calls == i + 1
+            assert list(snap) == ["/mul", "/sum", ""]
+            assert torch.equal(snap["/mul"], x * 2) and torch.equal(snap[""], out)
+            # the fourth graph would pass the limit: said once, at that call
+            assert [str(w.message) for w in seen if "recompile limit" in str(w.message)] == (
+                [str(seen[0].message)] if i == 3 else []
+            )

@@ -295,6 +295,14 @@ class GraphRunner:
                 if pending is not None and _is_verify(error):
                     _active.session = previous
                     return self._check(pending, args, kwargs)
+                if type(error).__name__ in _LIMIT_HIT:
+                    # no new graph for this call's guards; the graphs already made still run
+                    _active.session = previous
+                    self._note(
+                        "dynamo's recompile limit (torch._dynamo.config.recompile_limit) was "
+                        "reached for the model's inputs of this call"
+                    )
+                    return self._eager(args, kwargs)
                 compiled.eager = _reason(error)
             else:
                 if not _active.ran:
@@ -365,15 +373,16 @@ def _is_verify(error: BaseException) -> bool:
     return False
 
 
+# what fullgraph=True raises, before the call runs, where a new graph would pass the limit
+_LIMIT_HIT = ("FailOnRecompileLimitHit", "FailOnCacheLimitHit")
+
+
 def _is_refusal(error: Exception) -> bool:
     """Whether dynamo refused to compile the call (so nothing of it ran)."""
     from torch._dynamo import exc
 
-    refusals = tuple(
-        getattr(exc, name)
-        for name in ("Unsupported", "BackendCompilerFailed", "UserError", "TorchRuntimeError")
-        if hasattr(exc, name)
-    )
+    names = ("Unsupported", "BackendCompilerFailed", "UserError", "TorchRuntimeError")
+    refusals = tuple(getattr(exc, name) for name in names + _LIMIT_HIT if hasattr(exc, name))
     return isinstance(error, refusals)
 
 
