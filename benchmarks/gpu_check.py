@@ -672,6 +672,32 @@ def check_offload(ctx: Context, name: str, model: nn.Module, ids: torch.Tensor) 
     return f"{n} ops + {m} outputs on the CPU, bitwise{_sync_note(ctx, name)}"
 
 
+def check_graph_mode(ctx: Context) -> str:
+    """capture(ops=True, graph=True) on the device: the eager op capture's keys and values
+    bitwise, the graph (not a fallback) producing them, no sync inside the graph's call."""
+    from tensorsnap._graph import _compiled
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(64, 4, dim_feedforward=128, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval().to(ctx.device)
+    src = torch.randn(4, 32, 64, device=ctx.device)
+    with torch.no_grad():
+        with tensorsnap.capture(model, ops=True) as eager:
+            want = model(src)
+        for _ in range(2):  # the first checks the graph's keys (eagerly), the second compiles
+            with tensorsnap.capture(model, ops=True, graph=True):
+                model(src)
+        with tensorsnap.capture(model, ops=True, graph=True) as graph, _guard(ctx, "graph"):
+            out = model(src)
+    compiled = _compiled[model]
+    check(compiled.eager is None, f"graph mode ran eagerly: {compiled.eager}")
+    check(list(graph) == list(eager), "graph mode's keys differ from the eager capture's")
+    bad = [k for k in eager if not same(graph[k], eager[k])]
+    check(not bad, f"{len(bad)} values differ, first {bad[:1]}")
+    check(bits(out) == bits(want), "graph mode changed the model's output")
+    return f"{len(eager)} keys bitwise against the eager op capture{_sync_note(ctx, 'graph')}"
+
+
 def check_offload_ring(ctx: Context) -> str:
     """The ring itself: 300 values through a 1 MiB ring (it wraps ~150 times), each source
     overwritten right after its copy was queued, with device work queued in between."""
@@ -1079,6 +1105,7 @@ def run(ctx: Context) -> None:
     _attempt(ctx, "capture", "nonfinite device check", check_finite_kernel, ctx)
     _attempt(ctx, "capture", "offload ring reuse", check_offload_ring, ctx)
     _attempt(ctx, "capture", "spill of device values", check_spill_bytes, ctx)
+    _attempt(ctx, "capture", "graph mode", check_graph_mode, ctx)
     checks: list[tuple[str, Callable[..., str]]] = [
         ("outputs, no sync", check_capture_outputs),
         ("ops, no sync", check_capture_ops),
