@@ -10,12 +10,13 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import pytest
 import torch
 from conftest import assert_same
 from torch import nn
 
 import tensorsnap
-from tensorsnap import TensorSnapWarning
+from tensorsnap import TensorSnapError, TensorSnapWarning
 from tensorsnap._graph import _compiled
 
 
@@ -207,3 +208,28 @@ def test_a_call_past_dynamos_recompile_limit_runs_through_the_eager_capture() ->
             assert [str(w.message) for w in seen if "recompile limit" in str(w.message)] == (
                 [str(seen[0].message)] if i == 3 else []
             )
+
+
+# -- a submodule called outside the model's calls ----------------------------------------------
+
+
+def test_a_submodule_called_on_its_own_in_the_block_is_refused_by_name() -> None:
+    from torch.nn.modules import module as hooks
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    x = torch.randn(3, 4)
+    eager, _ = _run(model, lambda: (model[0](x), model(x)), graph=False)
+    assert list(eager) == ["0/linear", "0", "0#1/linear", "0#1", "1/relu", "1", ""]
+    global_hooks = dict(hooks._global_forward_hooks)
+    for _ in range(3):  # the graph's check, then the graph: neither may lose the call
+        with (
+            pytest.raises(TensorSnapError, match="module '0' was called on its own in the block"),
+            torch.no_grad(),
+            tensorsnap.capture(model, ops=True, graph=True),
+        ):
+            model(x)
+            model[0](x)
+    assert dict(hooks._global_forward_hooks) == global_hooks
+    assert "_compiled_call_impl" not in model.__dict__
+    graph = _same_as_eager(model, lambda: model(x))  # calls of the model itself still work
+    assert list(graph) == ["0/linear", "0", "1/relu", "1", ""]

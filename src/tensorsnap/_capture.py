@@ -287,6 +287,7 @@ class _Session(AbstractContextManager[Snapshot]):
             lambda start: [r.key for r in self.snapshot._records[start:]],
             lambda call: name if call == 0 else f"{name}#{call}",
         )
+        self._enter(self._runner)  # refuses calls of submodules outside the model's calls
         self._enter(CallSlot(root, self._graph_call))
 
     def _graph_call(self, *args: Any, **kwargs: Any) -> Any:

@@ -256,6 +256,33 @@ class GraphRunner:
         self.compiled = compiled
         self.fallbacks: list[str] = []  # why calls ran eagerly, once per reason
         self._depth = 0  # calls of the model in progress (a model may call itself)
+        self._thread = threading.get_ident()
+        self._modules = compiled._names(model)  # the model's modules, by id
+
+    def __enter__(self) -> None:
+        _graphmarks.watchers.append(self.watch)
+
+    def __exit__(self, *exc: Any) -> None:
+        _graphmarks.watchers.remove(self.watch)
+
+    def watch(self, module: nn.Module) -> None:
+        """Refuse a call of one of the model's modules made outside a call of the model.
+
+        The eager capture's process-wide hooks would capture it (``model.encoder(x)`` in the
+        block); graph mode sees only the calls of the model itself, and would lose the call's
+        values and misnumber the keys of the module's later calls.
+        """
+        if self._depth or module is self.model or id(module) not in self._modules:
+            return
+        if threading.get_ident() != self._thread or torch._C._current_graph_task_id() != -1:
+            return  # not captured by the eager capture either
+        if is_compiled_wrapper(module):
+            return
+        raise TensorSnapError(
+            f"graph=True captures the calls of the model itself, and its module "
+            f"{self._modules[id(module)]!r} was called on its own in the block; capture with "
+            "graph=False to capture such calls"
+        )
 
     def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """One call of the model in the block, captured from its graph if dynamo takes it whole.

@@ -10,6 +10,7 @@ the marks and removes them before the graph runs.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,9 +34,16 @@ def mark(module_id: int, output: Any) -> None:
 _TRACING = False
 
 
+# the open graph-mode blocks' checks of module calls that run in eager code (GraphRunner.watch)
+watchers: list[Callable[[nn.Module], None]] = []
+
+
 def _mark_output(module: nn.Module, args: Any, output: Any) -> None:
     if _TRACING:
         mark(id(module), _markable(output))
+    elif watchers and not torch.compiler.is_compiling():
+        for watch in tuple(watchers):
+            watch(module)
 
 
 # tags of what _markable makes of structures a graph node cannot hold as they are
