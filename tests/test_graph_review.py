@@ -7,7 +7,9 @@ graph checks its keys against an eager run) with the eager capture, bitwise.
 
 from __future__ import annotations
 
+import collections
 import warnings
+from collections import OrderedDict
 from typing import Any
 
 import pytest
@@ -233,3 +235,36 @@ def test_a_submodule_called_on_its_own_in_the_block_is_refused_by_name() -> None
     assert "_compiled_call_impl" not in model.__dict__
     graph = _same_as_eager(model, lambda: model(x))  # calls of the model itself still work
     assert list(graph) == ["0/linear", "0", "1/relu", "1", ""]
+
+
+# -- module outputs of dict types ----------------------------------------------------------------
+
+
+class _DictOf(nn.Module):
+    def __init__(self, cls: Any) -> None:
+        super().__init__()
+        self.cls = cls
+
+    def forward(self, x: torch.Tensor) -> Any:
+        out = self.cls(list) if self.cls is collections.defaultdict else self.cls()
+        out["a"] = x * 2
+        out["b"] = x + 1
+        return out
+
+
+class _ReadsA(nn.Module):
+    def __init__(self, sub: nn.Module) -> None:
+        super().__init__()
+        self.sub = sub
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sub(x)["a"] * 3
+
+
+@pytest.mark.parametrize("cls", [OrderedDict, collections.defaultdict], ids=["ordered", "default"])
+def test_a_module_returning_a_dict_type_gives_it_back_as_the_eager_capture_does(cls: Any) -> None:
+    model = _ReadsA(_DictOf(cls))
+    x = torch.randn(3, 4)
+    # an OrderedDict is rebuilt from the graph; a defaultdict cannot be: its call runs eagerly
+    graph = _same_as_eager(model, lambda: model(x), graph_runs=cls is OrderedDict)
+    assert type(graph["sub"]) is cls

@@ -15,6 +15,7 @@ a fresh one nobody else holds is kept as it is: it is already an independent cop
 from __future__ import annotations
 
 import operator
+from collections import OrderedDict
 from typing import Any, Protocol
 
 import torch
@@ -488,7 +489,9 @@ def _structure(value: Any, name: str) -> Any:
         )
     if isinstance(value, tuple) and len(value) == 5 and value[0] == MAPPING:
         cls = _live_class(value[1], value[2])
-        if cls is None:
+        # rebuilt as cls(pairs) or cls(**fields): other dict types (defaultdict, a subclass
+        # with an __init__ of its own) would not come back as they were
+        if cls is None or not (cls in (dict, OrderedDict) or _is_model_output(cls)):
             raise Unsupported(f"module {name!r} returned a {value[1]}.{value[2]}")
         return _Mapping(cls, value[3], tuple(_structure(v, name) for v in value[4]))
     if type(value) in (tuple, list):
