@@ -268,3 +268,28 @@ def test_a_module_returning_a_dict_type_gives_it_back_as_the_eager_capture_does(
     # an OrderedDict is rebuilt from the graph; a defaultdict cannot be: its call runs eagerly
     graph = _same_as_eager(model, lambda: model(x), graph_runs=cls is OrderedDict)
     assert type(graph["sub"]) is cls
+
+
+# -- known: code that asks whether it is being compiled -----------------------------------------
+
+
+class _AsksCompiling(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = 2.0 if torch.compiler.is_compiling() else 3.0  # the same op either way
+        return self.lin(x) * scale
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: dynamo traces is_compiling() as True; when both branches run ops of the same "
+    "names, the check of the graph's keys cannot see it and the graph's values (and the "
+    "model's outputs) are the compiled branch's",
+)
+def test_code_branching_on_is_compiling_gives_the_eager_values() -> None:
+    model = _AsksCompiling()
+    x = torch.randn(3, 4)
+    _same_as_eager(model, lambda: model(x))
