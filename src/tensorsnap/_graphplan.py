@@ -381,8 +381,11 @@ class Plan:
         storages = _storages(value)
         if not _tensors(value):
             raise Unsupported(f"a module returned {type(value).__name__} from node {node.name}")
-        index = self._index[at]
-        written = any(i > index for s in storages for i in self._written.get(s, ()))
+        made, index = self._index[node], self._index[at]
+        writes = [i for s in storages for i in self._written.get(s, ()) if i > made]
+        if not any(i <= index for i in writes):
+            at, index = node, made  # unchanged since it was made: one copy serves both keys
+        written = any(i > index for i in writes)
         if written or len(storages) < len(_tensors(value)):
             copy = self._copies.get((node, at))
             if copy is None:
