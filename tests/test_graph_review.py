@@ -293,3 +293,35 @@ def test_code_branching_on_is_compiling_gives_the_eager_values() -> None:
     model = _AsksCompiling()
     x = torch.randn(3, 4)
     _same_as_eager(model, lambda: model(x))
+
+
+# -- a module shared by two parents ------------------------------------------------------------
+
+
+class _Block(nn.Module):
+    def __init__(self, act: nn.Module, lin: nn.Module) -> None:
+        super().__init__()
+        self.lin, self.act = lin, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.lin(x))
+
+
+class _SharedByTwo(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        act, lin = nn.GELU(), nn.Linear(4, 4)
+        self.a, self.b, self.act = _Block(act, lin), _Block(act, nn.Linear(4, 4)), act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.b(self.a(x))  # a.act, then b.act: the shared GELU's calls 0 and 1
+        return self.act(h + self.a(x)) + self.b.lin(h)  # a.act#2 (a#1), then act#3
+
+
+def test_a_module_shared_by_two_parents_is_numbered_by_its_calls_as_in_the_eager_capture() -> None:
+    model = _SharedByTwo()
+    x = torch.randn(3, 4)
+    graph = _same_as_eager(model, lambda: model(x))
+    assert [k for k in graph if k.startswith("a.act")] == [
+        f"a.act{s}{op}" for s in ("", "#1", "#2", "#3") for op in ("/gelu", "")
+    ]

@@ -201,6 +201,8 @@ class Plan:
         self.calls: dict[int, int] = {}  # module calls in the graph, by module id
         self._names = names
         self._frame_of: dict[tuple[int, int], int] = {(id(root), 0): 0}
+        self._numbered: dict[tuple[str, ...], int] = {}  # a call's chain of stack keys -> call
+        self._started: dict[int, int] = {}  # calls numbered so far, by module id
         values, writes = _replay(gm, example_inputs)
         nodes = list(gm.graph.nodes)
         self._index = {node: i for i, node in enumerate(nodes)}
@@ -315,12 +317,29 @@ class Plan:
 
     def _frame(self, node: fx.Node) -> int:
         """The module call ``node`` ran in directly: the innermost one of the model's modules."""
-        stack = node.meta.get("nn_module_stack") or {}
-        for key in reversed(list(stack)):
-            module_id, call = _stack_key(key)
+        for module_id, call in reversed(self._calls_of(node)):
             if module_id in self._names and module_id != self.root_id:
                 return self._frame_index(module_id, call)
         return 0
+
+    def _calls_of(self, node: fx.Node) -> list[tuple[int, int]]:
+        """The module calls ``node`` ran in, outermost first: each module's id and call.
+
+        dynamo's ``id@n`` counts calls per path, not per module (a module shared by two parents
+        is ``@0`` under both), so calls are numbered here: a call is the chain of stack keys
+        down to it, and each module's calls are counted in the order the graph starts them.
+        """
+        stack = list(node.meta.get("nn_module_stack") or {})
+        found = []
+        for i, key in enumerate(stack):
+            module_id = _stack_key(key)[0]
+            chain = tuple(stack[: i + 1])
+            call = self._numbered.get(chain)
+            if call is None:
+                call = self._numbered[chain] = self._started.get(module_id, 0)
+                self._started[module_id] = call + 1
+            found.append((module_id, call))
+        return found
 
     def _frame_index(self, module_id: int, call: int) -> int:
         index = self._frame_of.get((module_id, call))
@@ -336,8 +355,7 @@ class Plan:
         if module_id == self.root_id or module_id not in self._names:
             return  # the root's output is recorded from the call itself; others are not keys
         call = 0
-        for key in reversed(list(node.meta.get("nn_module_stack") or {})):
-            found, n = _stack_key(key)
+        for found, n in reversed(self._calls_of(node)):
             if found == module_id:
                 call = n
                 break
