@@ -27,7 +27,7 @@ from torch import fx, nn
 
 from . import _graphmarks
 from ._errors import TensorSnapError, TensorSnapWarning
-from ._graphplan import GraphSession, Plan, Unsupported
+from ._graphplan import GraphSession, Plan, Unsupported, torch_dir
 
 __all__ = ["CallSlot", "GraphRunner", "check_model", "is_compiled_wrapper", "warn_fallback"]
 
@@ -210,6 +210,12 @@ class _Compiled:
         checked = self.checked.get(code, "")
         if checked:  # a reason: keys differ
             raise Unsupported(checked)
+        asking = _asks_if_compiled()
+        if asking is not None:
+            raise Unsupported(
+                f"{asking} asks whether it is being compiled, and a graph holds the compiled "
+                "branch, which may compute other values than an eager run"
+            )
         plan = Plan(gm, example_inputs, model, self._names(model))
         if checked == "" and code not in self.checked:
             self.pending = (code, plan)
@@ -227,6 +233,64 @@ class _Compiled:
             return outputs[: plan.results]
 
         return run
+
+
+# the names by which code asks whether it runs compiled (torch's, and transformers' helpers)
+_ASKING = frozenset(
+    {
+        "is_compiling",
+        "is_dynamo_compiling",
+        "is_exporting",
+        "is_torchdynamo_compiling",
+        "is_torchdynamo_exporting",
+        "is_tracing",
+    }
+)
+# functions of transformers (5.x) that ask, read to see that their compiled branch either runs
+# the same ops with the same values (argument renames, pytree registration, a ContextVar, the
+# helpers that ask) or other ops, which the check of the graph's keys against an eager run finds
+# (mask skipping, grouped-query packing for one-token decoding, the padding warning's check)
+_READ = frozenset(
+    {
+        ("transformers/integrations/sdpa_attention.py", "sdpa_attention_forward"),
+        ("transformers/masking_utils.py", "_ignore_bidirectional_mask_sdpa"),
+        ("transformers/masking_utils.py", "_ignore_causal_mask_sdpa"),
+        ("transformers/modeling_utils.py", "warn_if_padding_and_no_attention_mask"),
+        ("transformers/utils/deprecation.py", "wrapped_func"),
+        ("transformers/utils/generic.py", "_register_model_output_pytree_node"),
+        ("transformers/utils/generic.py", "_rename_kwargs_for_bc"),
+        ("transformers/utils/generic.py", "_replace_old_cache_name"),
+        ("transformers/utils/import_utils.py", "is_torchdynamo_compiling"),
+        ("transformers/utils/import_utils.py", "is_torchdynamo_exporting"),
+        ("transformers/utils/import_utils.py", "is_tracing"),
+        ("transformers/utils/output_capturing.py", "set"),
+    }
+)
+
+
+def _asks_if_compiled() -> str | None:
+    """A function dynamo traced for this graph that asks whether it runs compiled, or None.
+
+    dynamo traces ``torch.compiler.is_compiling()`` as True, so a graph holds the compiled
+    branch: where both branches run ops of the same names (``2.0 if is_compiling() else
+    3.0``), the check of the graph's keys cannot tell, and the values would be the compiled
+    branch's. Such code runs eagerly instead. torch's own code and ours ask to decide how to
+    trace, not what to compute; the transformers functions in ``_READ`` were read.
+    """
+    from torch._guards import TracingContext
+
+    torch_path = torch_dir()
+    own = __file__.rsplit("/", 1)[0] + "/"
+    for code in TracingContext.get_traced_code() or ():
+        if not _ASKING.intersection(code.co_names):
+            continue
+        path = code.co_filename
+        if path.startswith((torch_path, own)):
+            continue
+        if any(path.endswith(f) and code.co_name == name for f, name in _READ):
+            continue
+        return f"{code.co_name}() ({path}:{code.co_firstlineno})"
+    return None
 
 
 _compiled: weakref.WeakKeyDictionary[nn.Module, _Compiled] = weakref.WeakKeyDictionary()
