@@ -286,6 +286,7 @@ class _Session(AbstractContextManager[Snapshot]):
             self._eager_call,
             lambda start: [r.key for r in self.snapshot._records[start:]],
             lambda call: name if call == 0 else f"{name}#{call}",
+            self.names,
         )
         self._enter(self._runner)  # refuses calls of submodules outside the model's calls
         self._enter(CallSlot(root, self._graph_call))

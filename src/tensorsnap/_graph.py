@@ -307,6 +307,7 @@ class GraphRunner:
         eager: Callable[[tuple[Any, ...], dict[str, Any]], Any],
         produced: Callable[[int], list[str]],
         root_key: Callable[[int], str],
+        names: dict[int, str],
     ) -> None:
         self.model = model
         self.session = session
@@ -321,7 +322,7 @@ class GraphRunner:
         self.fallbacks: list[str] = []  # why calls ran eagerly, once per reason
         self._depth = 0  # calls of the model in progress (a model may call itself)
         self._thread = threading.get_ident()
-        self._modules = compiled._names(model)  # the model's modules, by id
+        self._modules = names  # the model's modules' names, by id (the session's)
 
     def __enter__(self) -> None:
         _graphmarks.watchers.append(self.watch)
