@@ -120,6 +120,48 @@ def tiny_t5(seed: int = 0, **overrides: Any) -> nn.Module:
     return _build("T5ForConditionalGeneration", t5_config(**overrides), seed)
 
 
+def tiny_clip(seed: int = 0) -> nn.Module:
+    """``CLIPModel``: a 1-layer text tower and a 1-layer vision tower on 16x16 images."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.CLIPConfig(
+        text_config=dict(
+            vocab_size=100,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+            bos_token_id=None,
+            eos_token_id=2,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=16,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
+    return _build("CLIPModel", config, seed)
+
+
+def tiny_vit(seed: int = 0) -> nn.Module:
+    """``ViTModel``: 2 layers, d=32, 16x16 images in 8x8 patches, eager attention."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=8,
+        attn_implementation="eager",
+    )
+    return _build("ViTModel", config, seed)
+
+
 def token_ids(batch: int = 2, length: int = 8, seed: int = 1) -> torch.Tensor:
     """Random token ids below the tiny vocabulary, avoiding the pad/eos ids 0 and 1."""
     generator = torch.Generator().manual_seed(seed)

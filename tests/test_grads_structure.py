@@ -12,7 +12,15 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import GradReference, assert_grads_match, tensor_paths, tiny_gpt2, token_ids
+from conftest import (
+    GradReference,
+    assert_grads_match,
+    tensor_paths,
+    tiny_clip,
+    tiny_gpt2,
+    tiny_vit,
+    token_ids,
+)
 from torch import nn
 from torch.nn.modules import module as module_hooks
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -88,33 +96,6 @@ def _tiny_bart() -> nn.Module:
     return transformers.BartModel(config).eval()
 
 
-def _tiny_clip() -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.CLIPConfig(
-        text_config=dict(
-            vocab_size=100,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            max_position_embeddings=16,
-            bos_token_id=None,
-            eos_token_id=2,
-        ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            image_size=16,
-            patch_size=8,
-        ),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    return transformers.CLIPModel(config).eval()
-
-
 def test_bart_shape_only_slice_gets_no_gradient_and_names_agree() -> None:
     model = _tiny_bart()
     ids = token_ids(2, 8)
@@ -127,7 +108,7 @@ def test_bart_shape_only_slice_gets_no_gradient_and_names_agree() -> None:
 
 
 def test_clip_transposed_logits_get_no_gradient_when_the_loss_does_not_use_them() -> None:
-    model = _tiny_clip()
+    model = tiny_clip()
     ids = token_ids(2, 8)
     pixels = torch.randn(2, 3, 16, 16)
     with GradReference(model) as reference, tensorsnap.capture(model, grads=True) as snap:
@@ -306,21 +287,6 @@ def test_distinct_tensors_keep_their_own_input_gradients() -> None:
 # -- the zoo: names agree with capture, gradients with tensor hooks --------------------------------
 
 
-def _vit() -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        image_size=16,
-        patch_size=8,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(0)
-    return transformers.ViTModel(config).eval()
-
-
 def _zoo() -> dict[str, Any]:
     import conftest
 
@@ -338,8 +304,8 @@ def _zoo() -> dict[str, Any]:
         "llama": (conftest.tiny_llama, {"input_ids": ids}),
         "t5": (conftest.tiny_t5, {"input_ids": ids, "decoder_input_ids": ids}),
         "bart": (_tiny_bart, {"input_ids": ids}),
-        "clip": (_tiny_clip, {"input_ids": ids, "pixel_values": pixels}),
-        "vit": (_vit, {"pixel_values": pixels}),
+        "clip": (tiny_clip, {"input_ids": ids, "pixel_values": pixels}),
+        "vit": (tiny_vit, {"pixel_values": pixels}),
         "encoder": (encoder, {"src": torch.randn(2, 5, 16)}),
     }
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_same, tiny_bert, tiny_gpt2, token_ids
+from conftest import assert_same, tiny_bert, tiny_clip, tiny_gpt2, tiny_vit, token_ids
 from torch import nn
 
 import tensorsnap
@@ -57,47 +57,6 @@ def _assert_same_capture(model: nn.Module, call: Any, grad: bool = False) -> Any
 # -- real models ---------------------------------------------------------------------------------
 
 
-def _vit() -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        image_size=16,
-        patch_size=8,
-    )
-    torch.manual_seed(0)
-    return transformers.ViTModel(config).eval()
-
-
-def _clip() -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.CLIPConfig(
-        text_config=dict(
-            vocab_size=100,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            max_position_embeddings=16,
-            bos_token_id=None,
-            eos_token_id=2,
-        ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            image_size=16,
-            patch_size=8,
-        ),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    return transformers.CLIPModel(config).eval()
-
-
 @pytest.mark.parametrize("name", ["bert", "bert-train", "vit", "clip", "encoder-train"])
 def test_real_models_give_the_eager_keys_records_and_values(name: str) -> None:
     ids = token_ids(2, 8)
@@ -108,10 +67,10 @@ def test_real_models_give_the_eager_keys_records_and_values(name: str) -> None:
             model.train()  # dropout masks: the same draws in both modes
         call = lambda: model(input_ids=ids)  # noqa: E731
     elif name == "vit":
-        model = _vit()
+        model = tiny_vit()
         call = lambda: model(pixel_values=pixels)  # noqa: E731
     elif name == "clip":
-        model = _clip()
+        model = tiny_clip()
         call = lambda: model(input_ids=ids, pixel_values=pixels)  # noqa: E731
     else:  # torch's own encoder, train mode (no fused kernel)
         torch.manual_seed(0)

@@ -138,16 +138,10 @@ def extract(
     # patterns become lists once, so that a generator of them serves every batch
     include = None if include is None else _validate.patterns(include, "include")
     exclude = None if exclude is None else _validate.patterns(exclude, "exclude")
-    capture(
-        model,
-        include=include,
-        exclude=exclude,
-        ops=ops,
-        inputs=inputs,
-        device=device,
-        dtype=dtype,
-        graph=graph,
+    chosen: dict[str, Any] = dict(
+        include=include, exclude=exclude, ops=ops, inputs=inputs, device=device, dtype=dtype
     )
+    capture(model, graph=graph, **chosen)
     parse_size(max_memory, "max_memory")
     if not isinstance(per_token, bool):
         raise TensorSnapError(
@@ -161,20 +155,8 @@ def extract(
     _check_run(batches, progress, resume)
 
     def whole(batch: Any, index: int) -> tuple[Snapshot, Sequence[Any]]:
-        with (
-            torch.no_grad(),
-            capture(
-                model,
-                include=include,
-                exclude=exclude,
-                ops=ops,
-                inputs=inputs,
-                device=device,
-                dtype=dtype,
-                max_memory=max_memory,
-                graph=graph,
-            ) as snap,
-        ):
+        session = capture(model, max_memory=max_memory, graph=graph, **chosen)
+        with torch.no_grad(), session as snap:
             _call(model, batch)
         return snap, ()
 
