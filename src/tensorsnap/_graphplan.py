@@ -267,12 +267,8 @@ class Plan:
         )
         if node.op == "call_method":
             assert isinstance(target, str)
-            name = (
-                target[2:-2]
-                if len(target) > 4 and target.startswith("__") and target.endswith("__")
-                else target
-            )
-            return name
+            dunder = len(target) > 4 and target.startswith("__") and target.endswith("__")
+            return target[2:-2] if dunder else target
         if target is operator.getitem:
             # indexing a tensor is Tensor.__getitem__; taking a part of a tuple is no op at all
             return "getitem" if isinstance(first, torch.Tensor) else None
@@ -300,7 +296,8 @@ class Plan:
         The eager capture sees such a function as one op (``F.pad``) and none of the calls in
         it. When the innermost frame that made the node is torch's own Python code (not a
         ``torch.nn`` module's forward), the node came from inside such a function: accepted
-        only when it is the function's one op under the function's own name.
+        only under the function's own name (``F.pad`` returning what ``torch._C._nn.pad``
+        made), where the eager capture's key for the call is the same.
         """
         trace = node.meta.get("stack_trace") or ""
         lines = [line.strip() for line in trace.splitlines() if line.strip().startswith("File ")]
