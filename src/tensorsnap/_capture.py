@@ -26,7 +26,7 @@ from ._copy import Copier
 from ._errors import TensorSnapError, TensorSnapWarning
 from ._finite import FiniteCheck
 from ._grads import Gradients, InputGradients, Reach
-from ._keys import Selector, module_names
+from ._keys import Selector, call_key, module_names, op_key
 from ._lazy import Deferred
 from ._ops import AtenMode, OpMode, aten_name, op_name, quiet
 from ._recorder import Recorder, make_record
@@ -75,7 +75,6 @@ class _Frame:
         "module",
         "name",
         "ops",
-        "prefix",
         "quiet",
         "resumes",
         "saved",
@@ -86,8 +85,7 @@ class _Frame:
         self.module = module
         self.name = name
         self.call = call
-        self.key = name if call == 0 else f"{name}#{call}"
-        self.prefix = self.key + "/"  # of its op keys
+        self.key = call_key(name, call)
         self.ops: dict[str, int] = {}
         self.children = 0
         self.saved: list[torch.Tensor] | None = None
@@ -100,7 +98,7 @@ class _Frame:
         """The key of this call's next ``op``: ``C/op``, then ``C/op#1``, ``C/op#2``..."""
         count = self.ops.get(op, 0)
         self.ops[op] = count + 1
-        return self.prefix + op if count == 0 else f"{self.prefix}{op}#{count}"
+        return op_key(self.key, op, count)
 
 
 class _Session(AbstractContextManager[Snapshot]):
@@ -279,13 +277,11 @@ class _Session(AbstractContextManager[Snapshot]):
         if root is not self.model:  # the user's compiled wrapper must run the model eagerly
             self._enter(ForceEager())  # (our own compiled call sets its stance back, _graph)
             self._enter(Ignored(UserWarning, r"Using `torch\.compile\(module\)` when there"))
-        name = self.names[id(root)]
         self._runner = GraphRunner(
             root,
             self,
             self._eager_call,
             lambda start: [r.key for r in self.snapshot._records[start:]],
-            lambda call: name if call == 0 else f"{name}#{call}",
             self.names,
         )
         self._enter(self._runner)  # refuses calls of submodules outside the model's calls
@@ -312,7 +308,7 @@ class _Session(AbstractContextManager[Snapshot]):
         if self._calls.get(id(root), 0) == call:  # the graph ran: the root call is ours to note
             self._calls[id(root)] = call + 1
             name = self.names[id(root)]
-            key = name if call == 0 else f"{name}#{call}"
+            key = call_key(name, call)
             if self._all or self.select(key):
                 with _quiet():
                     self.recorder.record(key, name, call, None, "output", output)
@@ -585,7 +581,7 @@ class _Session(AbstractContextManager[Snapshot]):
         self._calls[id(module)] = call + 1
         if len(rest) != 2:  # forward raised; the call still counts, as with frames
             return
-        key = name if call == 0 else f"{name}#{call}"
+        key = call_key(name, call)
         if self._all or self.select(key):
             if torch._C._is_torch_function_mode_enabled():
                 with _quiet():

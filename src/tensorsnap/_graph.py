@@ -28,6 +28,7 @@ from torch import fx, nn
 from . import _graphmarks
 from ._errors import TensorSnapError, TensorSnapWarning
 from ._graphplan import GraphSession, Plan, Unsupported, torch_dir
+from ._keys import call_key
 
 __all__ = ["CallSlot", "GraphRunner", "check_model", "is_compiled_wrapper", "warn_fallback"]
 
@@ -306,14 +307,12 @@ class GraphRunner:
         session: GraphSession,
         eager: Callable[[tuple[Any, ...], dict[str, Any]], Any],
         produced: Callable[[int], list[str]],
-        root_key: Callable[[int], str],
         names: dict[int, str],
     ) -> None:
         self.model = model
         self.session = session
         self._eager = eager  # runs one call through the eager capture
         self._produced = produced  # the keys the snapshot got after its first n
-        self._root_key = root_key  # the key of the root's n-th call
         with _compiled_lock:
             compiled = _compiled.get(model)
             if compiled is None:
@@ -422,7 +421,7 @@ class GraphRunner:
         session = self.session
         calls = session.calls
         base = tuple(calls.get(module_id, 0) for module_id, _, _ in plan.frames)
-        root = self._root_key(calls.get(id(self.model), 0))
+        root = call_key(self._modules[id(self.model)], calls.get(id(self.model), 0))
         start = len(self._produced(0))
         output = self._eager(args, kwargs)
         got = self._produced(start)

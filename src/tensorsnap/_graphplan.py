@@ -27,6 +27,7 @@ from ._clones import clone, clone_items
 from ._copy import Copier
 from ._graphmarks import MAPPING, OPAQUE, mark
 from ._graphnames import operator_name
+from ._keys import call_key, op_key
 from ._ops import op_name, quiet
 from ._recorder import Recorder
 
@@ -446,9 +447,9 @@ class Plan:
         for entry in self.entries:
             _, name, call = self.frames[entry.frame]
             call += base[entry.frame]
-            key = name if call == 0 else f"{name}#{call}"
+            key = call_key(name, call)
             if entry.op is not None:
-                key = f"{key}/{entry.op}" if entry.count == 0 else f"{key}/{entry.op}#{entry.count}"
+                key = op_key(key, entry.op, entry.count)
             kind = "op" if entry.op is not None else "output"
             rows.append((key, name, call, entry.op, kind, entry.value, entry.whole))
         self._rows = (base, rows)

@@ -12,7 +12,7 @@ from . import _validate
 from ._errors import SelectionError
 from ._snapshot import closest
 
-__all__ = ["DISCOVERY_HINT", "Selector", "module_names"]
+__all__ = ["DISCOVERY_HINT", "Selector", "call_key", "module_names", "op_key"]
 
 # The end of an include error: how to see the keys that exist. The command line replaces it
 # with the command that lists them.
@@ -24,6 +24,16 @@ DISCOVERY_HINT = (
 # Attribute names under which wrappers hold the module they wrap. The wrapped module takes the
 # wrapper's name, so keys never carry them.
 _WRAPPED = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+
+
+def call_key(name: str, call: int) -> str:
+    """The key of call ``call`` of module ``name``: ``P``, then ``P#1``, ``P#2``..."""
+    return name if call == 0 else f"{name}#{call}"
+
+
+def op_key(call: str, op: str, count: int) -> str:
+    """The key of the ``count``-th ``op`` run by module call ``call``: ``C/op``, ``C/op#1``..."""
+    return f"{call}/{op}" if count == 0 else f"{call}/{op}#{count}"
 
 
 def _is_wrapper(module: nn.Module) -> str | None:
