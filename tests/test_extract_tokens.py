@@ -188,6 +188,20 @@ class Odd(nn.Module):
         return self.flip(h)
 
 
+def _assert_odd_rows(model: nn.Module, batches: list[Any], tmp_path: Any, dtype: Any) -> None:
+    """A per-token extract of ``Odd`` equals its hook-and-mask rows, cast to ``dtype``."""
+    got = tensorsnap.extract(
+        model, batches, out=tmp_path / "acts", per_token=True, dtype=dtype, progress=False
+    )
+    expected = rows_by_hand(model, batches, ["emb", "lin", "act", "flip", ""])
+    for key, value in expected.items():
+        want = value.to(dtype) if dtype is not None and value.is_floating_point() else value
+        assert torch.equal(got[key], want), key
+    # the Linear's rows were taken (or their copy queued) before the in-place ReLU ran:
+    # negative values survive
+    assert bool((got["lin"] < 0).any()) and not bool((got["act"] < 0).any())
+
+
 class Transposed(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return (h.transpose(0, 1).contiguous() * 2).transpose(0, 1)  # (B, S, D), S-major memory
@@ -209,15 +223,7 @@ def test_every_cutting_path_against_hooks(tmp_path: Any, dtype: Any, mask: str) 
         if mask == "none":
             del batch["attention_mask"]
         batches.append(batch)
-    got = tensorsnap.extract(
-        model, batches, out=tmp_path / "acts", per_token=True, dtype=dtype, progress=False
-    )
-    expected = rows_by_hand(model, batches, ["emb", "lin", "act", "flip", ""])
-    for key, value in expected.items():
-        want = value.to(dtype) if dtype is not None and value.is_floating_point() else value
-        assert torch.equal(got[key], want), key
-    # the Linear's rows were taken before the in-place ReLU: negative values survive
-    assert bool((got["lin"] < 0).any()) and not bool((got["act"] < 0).any())
+    _assert_odd_rows(model, batches, tmp_path, dtype)
 
 
 def test_max_memory_spills_and_keeps_values(tmp_path: Any) -> None:
@@ -505,15 +511,7 @@ def test_copies_left_in_flight_give_the_hooks_values(
             lengths = torch.randint(0, s + 1, (b, 1), generator=g)
             batch["attention_mask"] = (torch.arange(s) < lengths).long()
         batches.append(batch)
-    got = tensorsnap.extract(
-        model, batches, out=tmp_path / "acts", per_token=True, dtype=dtype, progress=False
-    )
-    expected = rows_by_hand(model, batches, ["emb", "lin", "act", "flip", ""])
-    for key, value in expected.items():
-        want = value.to(dtype) if dtype is not None and value.is_floating_point() else value
-        assert torch.equal(got[key], want), key
-    # lin's rows were read by a copy queued before the in-place ReLU ran: negatives survive
-    assert bool((got["lin"] < 0).any()) and not bool((got["act"] < 0).any())
+    _assert_odd_rows(model, batches, tmp_path, dtype)
     # every value of every batch (ids and 5 modules) went through the deferred copies, and
     # the fences were waited for where the bytes are written
     assert len(fake.queue) == 6 * len(batches) and fake.ran == len(fake.queue)
