@@ -259,8 +259,8 @@ def _same(actual: Any, expected: Any, path: str, seen: set[int]) -> None:
     if expected is None or isinstance(expected, (bool, int, float, complex, str, bytes)):
         assert actual == expected, f"{path}: {actual!r} != {expected!r}"
         return
-    if isinstance(expected, nn.Module):
-        assert actual is expected, f"{path}: a different module"
+    if isinstance(expected, (nn.Module, type)):  # copies share modules; classes are atomic
+        assert actual is expected, f"{path}: a different {type(expected).__name__}"
         return
     if id(expected) in seen:
         return
@@ -281,7 +281,20 @@ def _same(actual: Any, expected: Any, path: str, seen: set[int]) -> None:
         for k, v in state.items():
             _same(getattr(actual, k), v, f"{path}.{k}", seen)
         return
+    slots = _slot_names(type(expected))
+    if slots:
+        for k in slots:
+            _same(getattr(actual, k), getattr(expected, k), f"{path}.{k}", seen)
+        return
     assert actual == expected, f"{path}: {actual!r} != {expected!r}"
+
+
+def _slot_names(cls: type) -> list[str]:
+    names: list[str] = []
+    for k in cls.__mro__:
+        slots = k.__dict__.get("__slots__", ())
+        names.extend([slots] if isinstance(slots, str) else slots)
+    return names
 
 
 @contextmanager

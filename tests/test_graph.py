@@ -13,7 +13,16 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_same, tiny_bert, tiny_clip, tiny_gpt2, tiny_vit, token_ids
+from conftest import (
+    assert_same,
+    tiny_bert,
+    tiny_clip,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_t5,
+    tiny_vit,
+    token_ids,
+)
 from torch import nn
 
 import tensorsnap
@@ -57,11 +66,20 @@ def _assert_same_capture(model: nn.Module, call: Any, grad: bool = False) -> Any
 # -- real models ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["bert", "bert-train", "vit", "clip", "encoder-train"])
+@pytest.mark.parametrize(
+    "name", ["bert", "bert-train", "vit", "clip", "encoder-train", "gpt2", "llama", "t5"]
+)
 def test_real_models_give_the_eager_keys_records_and_values(name: str) -> None:
     ids = token_ids(2, 8)
     pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
-    if name.startswith("bert"):
+    if name in ("gpt2", "llama"):
+        # with their caches: a DynamicCache in module outputs, rebuilt from the graph
+        model = tiny_gpt2() if name == "gpt2" else tiny_llama()
+        call = lambda: model(input_ids=ids)  # noqa: E731
+    elif name == "t5":  # an EncoderDecoderCache (two DynamicCaches and a dict of flags)
+        model = tiny_t5()
+        call = lambda: model(input_ids=ids, decoder_input_ids=ids)  # noqa: E731
+    elif name.startswith("bert"):
         model = tiny_bert()
         if name == "bert-train":
             model.train()  # dropout masks: the same draws in both modes
@@ -96,23 +114,14 @@ def test_the_graph_is_compiled_once_and_reused_across_blocks_and_calls() -> None
     assert _compiled[model].compiles == 1
 
 
-@pytest.mark.parametrize(
-    ("cache", "why"),
-    [
-        (True, r"'transformer' returned a .*DynamicCache"),
-        # transformers builds its causal mask another way when compiled: found where its mask
-        # code asks whether it is compiled, or by the check of the graph's keys
-        (False, r"find_packed_sequence_indices\(\) .* asks whether it is being compiled"),
-    ],
-    ids=["cache", "no-cache"],
-)
-def test_gpt2_runs_eagerly_with_a_warning_naming_why_and_the_same_values(
-    cache: bool, why: str
-) -> None:
+def test_gpt2_without_its_cache_runs_eagerly_with_a_warning_naming_why() -> None:
+    # without a cache, transformers looks for packed sequences in the position ids: eagerly it
+    # reads their values and builds no mask for one sequence, compiled it always builds one
     model = tiny_gpt2()
     ids = token_ids(2, 8)
-    call = lambda: model(input_ids=ids, use_cache=cache)  # noqa: E731
+    call = lambda: model(input_ids=ids, use_cache=False)  # noqa: E731
     eager, out = _run(model, call, graph=False)
+    why = r"find_packed_sequence_indices\(\) .* asks whether it is being compiled"
     with pytest.warns(TensorSnapWarning, match=why):
         graph, out_graph = _run(model, call, graph=True)
     for _ in range(2):  # later blocks: eager too, without another warning
@@ -123,6 +132,101 @@ def test_gpt2_runs_eagerly_with_a_warning_naming_why_and_the_same_values(
         for key in eager:
             assert_same(graph[key], eager[key], key)
         assert torch.equal(out_graph.logits, out.logits)
+    assert _compiled[model].compiles == 0
+
+
+# -- module outputs that are objects ------------------------------------------------------------
+
+
+class _State:
+    """A plain object a module returns (as transformers' caches are returned)."""
+
+    def __init__(self, h: torch.Tensor, scale: float, kind: type) -> None:
+        self.h, self.parts, self.scale, self.kind = h, [h * 2], scale, kind
+        self.flags = {0: True}
+
+
+class _Slotted:
+    __slots__ = ("h",)
+
+    def __init__(self, h: torch.Tensor) -> None:
+        self.h = h
+
+
+class _Reduced(_State):
+    def __reduce__(self) -> Any:
+        return (_State, (self.h, self.scale, self.kind))
+
+
+class _MakesState(nn.Module):
+    def __init__(self, cls: type) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.cls = cls
+
+    def forward(self, x: torch.Tensor) -> Any:
+        h = self.lin(x)
+        return _Slotted(h) if self.cls is _Slotted else self.cls(h, 0.5, nn.Linear)
+
+
+class _UsesState(nn.Module):
+    """Writes the object's tensors and attributes after the submodule returned it."""
+
+    def __init__(self, cls: type) -> None:
+        super().__init__()
+        self.make = _MakesState(cls)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = self.make(x)
+        if isinstance(state, _Slotted):
+            return state.h.relu_()
+        state.h.relu_()  # the tensor the object held when it was returned, written
+        state.parts.append(state.h * 3)  # its list grown, an attribute replaced
+        state.scale = 2.0
+        return state.h + state.parts[-1] * state.scale
+
+
+def test_an_object_a_module_returns_is_rebuilt_as_it_was_when_the_module_returned() -> None:
+    model = _UsesState(_State)
+    x = torch.randn(3, 4)
+    graph = _assert_same_capture(model, lambda: model(x))
+    state = graph["make"]
+    assert type(state) is _State and state.kind is nn.Linear and state.scale == 0.5
+    assert len(state.parts) == 1 and state.flags == {0: True}
+    h = model.make.lin(x).detach()
+    assert torch.equal(state.h, h) and torch.equal(state.parts[0], h * 2)  # before the relu_
+
+
+@pytest.mark.parametrize("cls", [_Slotted, _Reduced], ids=["slots", "reduce"])
+def test_objects_copied_through_their_own_methods_run_eagerly(cls: type) -> None:
+    model = _UsesState(cls)
+    x = torch.randn(3, 4)
+    eager, out = _run(model, lambda: model(x), graph=False)
+    with pytest.warns(TensorSnapWarning, match=f"module 'make' returned a .*{cls.__name__}"):
+        graph, out_graph = _run(model, lambda: model(x), graph=True)
+    assert list(graph) == list(eager) and _compiled[model].compiles == 0
+    for key in eager:
+        assert_same(graph[key], eager[key], key)
+    assert type(graph["make"]) is type(eager["make"])
+    assert_same(out_graph, out)
+
+
+class _IndexesUnused(nn.Module):
+    """Indexing whose result nothing reads (transformers' mask expansion does this)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x[:, None]  # unused: dynamo drops such nodes from its graph
+        cols = x[None, :]
+        del rows
+        return cols * 2
+
+
+def test_indexing_whose_result_is_unused_is_still_captured() -> None:
+    model = _IndexesUnused()
+    x = torch.randn(3, 4)
+    graph = _assert_same_capture(model, lambda: model(x))
+    assert list(graph) == ["/getitem", "/getitem#1", "/mul", ""]
+    assert torch.equal(graph["/getitem"], x[:, None])
 
 
 # -- in-place writes, views, escapes ----------------------------------------------------------

@@ -261,12 +261,14 @@ class _ReadsA(nn.Module):
         return self.sub(x)["a"] * 3
 
 
-@pytest.mark.parametrize("cls", [OrderedDict, collections.defaultdict], ids=["ordered", "default"])
+@pytest.mark.parametrize(
+    "cls", [dict, OrderedDict, collections.defaultdict], ids=["dict", "ordered", "default"]
+)
 def test_a_module_returning_a_dict_type_gives_it_back_as_the_eager_capture_does(cls: Any) -> None:
     model = _ReadsA(_DictOf(cls))
     x = torch.randn(3, 4)
-    # an OrderedDict is rebuilt from the graph; a defaultdict cannot be: its call runs eagerly
-    graph = _same_as_eager(model, lambda: model(x), graph_runs=cls is OrderedDict)
+    # dicts and OrderedDicts are rebuilt from the graph; a defaultdict cannot be: it runs eagerly
+    graph = _same_as_eager(model, lambda: model(x), graph_runs=cls is not collections.defaultdict)
     assert type(graph["sub"]) is cls
 
 

@@ -33,7 +33,7 @@ from ._errors import TensorSnapError, attr, format_path
 from ._offload import Offload
 from ._tree import extent
 
-__all__ = ["Copier", "snapshot"]
+__all__ = ["Copier", "copies_from_attributes", "snapshot"]
 
 _MISSING = object()
 
@@ -805,6 +805,26 @@ def _handler_for(cls: type) -> Callable[[Copier, Any], Any]:
     if base is _copy_reduce and _is_model_output(cls):
         return _copy_model_output
     return base
+
+
+def copies_from_attributes(cls: type) -> bool:
+    """Whether a copy of a ``cls`` instance is ``cls.__new__(cls)`` given copies of its
+    ``__dict__`` and nothing else: the pickle protocol's default, with no method of the class
+    (``__deepcopy__``, ``__reduce__``, ``__getstate__``, ``__setstate__``, ``__getnewargs__``,
+    ``__slots__``, a ``copyreg`` entry) taking part. Graph mode rebuilds such objects itself."""
+    if _HANDLERS.get(cls, _handler_for(cls)) is not _copy_reduce or cls in copyreg.dispatch_table:
+        return False
+    if issubclass(cls, (tuple, list, dict, set, frozenset)):
+        return False
+    own = ("__setstate__", "__getattr__", "__getnewargs__", "__getnewargs_ex__")
+    return (
+        cls.__reduce_ex__ is object.__reduce_ex__
+        and cls.__reduce__ is object.__reduce__
+        and getattr(cls, "__getstate__", None) is getattr(object, "__getstate__", None)
+        and cls.__getattribute__ is object.__getattribute__
+        and not any(name in vars(k) for k in cls.__mro__[:-1] for name in own)
+        and not any(vars(k).get("__slots__") for k in cls.__mro__[:-1])  # ABC's () holds none
+    )
 
 
 def _is_model_output(cls: type) -> bool:

@@ -17,7 +17,7 @@ import torch
 import torch._dynamo
 from torch import nn
 
-__all__ = ["MAPPING", "OPAQUE", "Marks", "mark"]
+__all__ = ["CLASS", "MAPPING", "OBJECT", "OPAQUE", "Marks", "mark"]
 
 # our key in torch's table of process-wide forward hooks: one fixed key, so that the table looks
 # the same in every block and dynamo's guards on it keep holding across blocks
@@ -48,24 +48,43 @@ def _mark_output(module: nn.Module, args: Any, output: Any) -> None:
 
 # tags of what _markable makes of structures a graph node cannot hold as they are
 MAPPING = "tensorsnap:mapping"
+OBJECT = "tensorsnap:object"
+CLASS = "tensorsnap:class"
 OPAQUE = "tensorsnap:opaque"
 
 
 def _markable(value: Any) -> Any:
     """``value`` as an fx argument can hold it, traced by dynamo: Mappings (``ModelOutput``)
-    become their class's module and name with their keys and values, rebuilt by the plan."""
+    become their class's module and name with their keys and values, other objects (a
+    transformers ``DynamicCache``) their class with the names and values of their attributes
+    as the module call returned them, and classes their module and name; the plan rebuilds
+    them, or refuses those the copy engine would not copy from their attributes."""
     if value is None or isinstance(value, (torch.Tensor, bool, int, float, str)):
         return value
     cls = type(value)
     if cls is tuple or cls is list:
         return cls(_markable(item) for item in value)
+    if isinstance(value, (torch.device, torch.dtype)):
+        return value
     if isinstance(value, dict):
+        plain = cls is dict  # dynamo cannot read a builtin class's __module__ as a constant
         return (
             MAPPING,
-            cls.__module__,
-            cls.__qualname__,
+            "builtins" if plain else cls.__module__,
+            "dict" if plain else cls.__qualname__,
             tuple(value.keys()),
             tuple(_markable(item) for item in value.values()),
+        )
+    if isinstance(value, type):
+        return (CLASS, value.__module__, value.__qualname__)
+    state = getattr(value, "__dict__", None)
+    if type(state) is dict and not isinstance(value, (tuple, list, set, frozenset, nn.Module)):
+        return (
+            OBJECT,
+            cls.__module__,
+            cls.__qualname__,
+            tuple(state.keys()),
+            tuple(_markable(item) for item in state.values()),
         )
     return (OPAQUE, cls.__module__, cls.__qualname__)
 

@@ -24,8 +24,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._clones import clone, clone_items
-from ._copy import Copier
-from ._graphmarks import MAPPING, OPAQUE, mark
+from ._copy import Copier, copies_from_attributes
+from ._graphmarks import CLASS, MAPPING, OBJECT, OPAQUE, mark
 from ._graphnames import operator_name
 from ._keys import call_key, op_key
 from ._ops import op_name, quiet
@@ -483,6 +483,13 @@ def _fill(structure: Any, extras: Any, plain: bool, recorder: Recorder, key: str
         if _is_model_output(structure.cls):
             return structure.cls(**dict(zip(structure.keys, values, strict=True)))
         return structure.cls(zip(structure.keys, values, strict=True))
+    if isinstance(structure, _Object):
+        # as the copy engine rebuilds it: a new instance, its attributes' copies set on it
+        cls: Any = structure.cls
+        result = cls.__new__(cls)
+        values = [_fill(v, extras, plain, recorder, key) for v in structure.values]
+        result.__dict__.update(zip(structure.keys, values, strict=True))
+        return result
     return structure
 
 
@@ -492,6 +499,15 @@ def _is_model_output(cls: type) -> bool:
 
 class _Mapping:
     """A Mapping subclass in a module output (``ModelOutput``): rebuilt from its parts."""
+
+    __slots__ = ("cls", "keys", "values")
+
+    def __init__(self, cls: type, keys: tuple[Any, ...], values: tuple[Any, ...]) -> None:
+        self.cls, self.keys, self.values = cls, keys, values
+
+
+class _Object:
+    """Another object in a module output (a ``DynamicCache``): rebuilt from its attributes."""
 
     __slots__ = ("cls", "keys", "values")
 
@@ -513,6 +529,20 @@ def _structure(value: Any, name: str) -> Any:
         if cls is None or not (cls in (dict, OrderedDict) or _is_model_output(cls)):
             raise Unsupported(f"module {name!r} returned a {value[1]}.{value[2]}")
         return _Mapping(cls, value[3], tuple(_structure(v, name) for v in value[4]))
+    if isinstance(value, tuple) and len(value) == 5 and value[0] == OBJECT:
+        cls = _live_class(value[1], value[2])
+        if cls is None or not copies_from_attributes(cls):
+            raise Unsupported(
+                f"module {name!r} returned a {value[1]}.{value[2]}, which the copy engine "
+                "copies through its own __deepcopy__, __reduce__ or __setstate__; graph mode "
+                "rebuilds objects from their attributes only"
+            )
+        return _Object(cls, value[3], tuple(_structure(v, name) for v in value[4]))
+    if isinstance(value, tuple) and len(value) == 3 and value[0] == CLASS:
+        found = _live_class(value[1], value[2])
+        if found is None:
+            raise Unsupported(f"module {name!r} returned a class not found as {value[2]}")
+        return found
     if type(value) in (tuple, list):
         return type(value)(_structure(v, name) for v in value)
     if type(value) is dict:
