@@ -43,7 +43,7 @@ def check_model(
     root: nn.Module, modules: list[nn.Module], wrappers: set[int], names: dict[int, str]
 ) -> None:
     """Refuse, by name, models whose graph could not give the eager capture's keys."""
-    if any(not is_compiled_wrapper(m) for m in root.modules() if id(m) in wrappers):
+    if wrappers and any(not is_compiled_wrapper(m) for m in root.modules() if id(m) in wrappers):
         raise TensorSnapError(
             "graph=True cannot capture through DDP, FSDP or checkpoint wrappers (their hooks "
             "and collectives run outside the model's graph); capture with graph=False"

@@ -127,6 +127,14 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
+def _symbolic(value: Any) -> bool:
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(_symbolic(v) for v in value)
+    return isinstance(value, torch.Tensor) and not all(type(d) is int for d in value.shape)
+
+
 def _storages(value: Any) -> set[StorageWeakRef]:
     found = set()
     for t in _tensors(value):
@@ -249,9 +257,12 @@ class Plan:
         real = getattr(gm, "real_recompile", None)  # a lazy module compiles on first call,
         if real is not None:  # through Module.__call__ (and its global hooks) every time
             real()
+        # symbolic shapes: values of one graph may differ in shape from run to run
+        self.static = not any(_symbolic(v) for v in self._values.values())
         self._values.clear()
         self._written.clear()
         self._rows: tuple[tuple[int, ...], list[tuple[Any, ...]]] | None = None
+        self._records: dict[tuple[int, ...], list[Any]] = {}  # by numbering of calls
 
     # -- naming ----------------------------------------------------------------------------------
 
@@ -417,24 +428,39 @@ class Plan:
     # -- running ---------------------------------------------------------------------------------
 
     def hand_over(self, session: GraphSession, extras: Any) -> None:
-        """Give the session each captured value, under the key the eager capture would use."""
+        """Give the session each captured value, under the key the eager capture would use.
+
+        A graph without symbolic shapes makes values of the same shapes, dtypes and strides
+        on every run, so the records of its first run for a numbering of module calls (keys,
+        shapes, bytes) serve its later runs: only the values are handed over then.
+        """
         calls = session.calls
         base = tuple(calls.get(module_id, 0) for module_id, _, _ in self.frames)
         rows = self._rows_for(base)
         recorder = session.recorder
         plain = session.plain
-        store = recorder.adopt if plain else recorder.record
-        selected = None if session.everything else session.selected
-        for key, name, call, op, kind, value, whole in rows:
-            if selected is not None and not selected(key):
-                continue
-            if type(value) is _Leaf:
-                value = _take(extras, value, plain, recorder, key)
-            elif plain and whole:
-                value = recorder.copy_value(_fill(value, extras, False, recorder, key), key)
-            else:
-                value = _fill(value, extras, plain, recorder, key)
-            store(key, name, call, op, kind, value)
+        every = session.everything
+        known = self._records.get(base) if plain and every else None
+        if known is not None:
+            values = []
+            for key, _, _, _, _, value, whole in rows:
+                if type(value) is _Leaf and value.how == _KEEP:
+                    kept = extras[value.index]
+                    if type(kept) is torch.Tensor and not kept.requires_grad:
+                        values.append(kept)  # the common case, without a call
+                        continue
+                values.append(_value(value, whole, extras, plain, recorder, key))
+            recorder.adopt_all(known, values)
+        else:
+            store = recorder.adopt if plain else recorder.record
+            selected = None if every else session.selected
+            start = len(recorder.snapshot)
+            for key, name, call, op, kind, value, whole in rows:
+                if selected is not None and not selected(key):
+                    continue
+                store(key, name, call, op, kind, _value(value, whole, extras, plain, recorder, key))
+            if self.static and plain and every and len(self._records) < 16:
+                self._records[base] = recorder.records_from(start)
         for module_id, n in self.calls.items():
             calls[module_id] = calls.get(module_id, 0) + n
 
@@ -454,6 +480,14 @@ class Plan:
             rows.append((key, name, call, entry.op, kind, entry.value, entry.whole))
         self._rows = (base, rows)
         return rows
+
+
+def _value(value: Any, whole: bool, extras: Any, plain: bool, recorder: Recorder, key: str) -> Any:
+    if type(value) is _Leaf:
+        return _take(extras, value, plain, recorder, key)
+    if plain and whole:
+        return recorder.copy_value(_fill(value, extras, False, recorder, key), key)
+    return _fill(value, extras, plain, recorder, key)
 
 
 def _take(extras: Any, leaf: _Leaf, plain: bool, recorder: Recorder, key: str) -> Any:

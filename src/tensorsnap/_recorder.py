@@ -109,6 +109,20 @@ class Recorder:
         self.snapshot._add(record, value)
         self.check_finite(key, value)
 
+    def adopt_all(self, records: list[Record], values: list[Any]) -> None:
+        """Store values, already copies nobody else holds, whose records are known (graph
+        mode: the records of a graph's earlier run with the same shapes)."""
+        if self.finite is None:
+            self.snapshot._extend(records, values)
+            return
+        for record, value in zip(records, values, strict=True):  # stops at the first bad key
+            self.snapshot._add(record, value)
+            self.finite.check(record.key, value)
+
+    def records_from(self, start: int) -> list[Record]:
+        """The records of the keys stored after the first ``start``."""
+        return self.snapshot._records[start:]
+
     def store_gradient(
         self, key: str, module: str, call: int, op: str | None, kind: str, value: Any
     ) -> None:

@@ -114,6 +114,14 @@ class Snapshot(Mapping[str, Any]):
         self._records.append(record)
         self._store.put(record.key, value, record.nbytes)
 
+    def _extend(self, records: list[Record], values: list[Any]) -> None:
+        """``_add`` of each pair, in order (graph mode hands over a graph's values at once)."""
+        index, kept, put = self._index, self._records, self._store.put
+        for record, value in zip(records, values, strict=True):
+            index[record.key] = len(kept)
+            kept.append(record)
+            put(record.key, value, record.nbytes)
+
     def _replace(self, record: Record, value: Any) -> None:
         self._records[self._index[record.key]] = record
         self._store.put(record.key, value, record.nbytes)
