@@ -16,6 +16,12 @@ On machines with cores to spare (:func:`background_writes`), a batch's bytes are
 checksummed by a writer thread while the next batch runs; the batch is checked, and its sizes
 known, before it is handed over, and every journal entry, error and the end wait for the batch
 in flight, so the journal still only ever names completed batches.
+
+Written bytes are pushed to the disk while the run goes on, so that the end finds little left
+to flush: the kernel is asked to start writing them back (:func:`_writeback`), and a flusher
+thread (:func:`flushes`) fdatasyncs the shards every ``_FLUSH_BYTES``, one flush in flight at a
+time. Both only move work earlier; what is durable is still decided by the journal's and the
+end's fsyncs, which never run beside a flush and first take up its error (see ``_flushed``).
 """
 
 from __future__ import annotations
@@ -48,7 +54,16 @@ from ._shards import (
 )
 from ._snapshot import Record, Snapshot
 
-__all__ = ["BACKGROUND", "TEMP", "Writer", "background_writes", "read_journal", "tensor_bytes"]
+__all__ = [
+    "BACKGROUND",
+    "FLUSH",
+    "TEMP",
+    "Writer",
+    "background_writes",
+    "flushes",
+    "read_journal",
+    "tensor_bytes",
+]
 
 _JOURNAL_FORMAT = "tensorsnap-extract-journal"
 _JOURNAL_VERSION = 1
@@ -69,6 +84,12 @@ _BLOB_ALIGN = 16
 # Ask the kernel to start writing a shard's new bytes to disk once this many have piled up
 # since the last request (see _writeback)
 _WRITEBACK_BYTES = 8 * 2**20
+# Flush the shards to the disk from a thread of its own: True, False, or None for the default
+# (on; benchmarks/bench_extract.py turns it off to measure what it buys)
+FLUSH: bool | None = None
+# fdatasync the shards (in the flusher thread) once this many bytes were written since the last
+# flush began; see Writer._flush_soon
+_FLUSH_BYTES = 32 * 2**20
 # Shard files kept open between batches; the least recently used beyond it are closed.
 _MAX_OPEN = 256
 _SHARD_FILE = re.compile(r"shard-\d{5}\.safetensors")
@@ -87,6 +108,21 @@ def background_writes() -> bool:
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     return cores >= _BACKGROUND_CORES
+
+
+def flushes() -> bool:
+    """Whether extract fdatasyncs the shards from a flusher thread while the run goes on."""
+    return True if FLUSH is None else FLUSH
+
+
+# fdatasync where there is one: a shard's length is flushed with its data, its times need not be
+_FDATASYNC: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
+
+
+def _flush(fds: list[int]) -> None:
+    """Flush the files to the disk (in the flusher thread)."""
+    for fd in fds:
+        _FDATASYNC(fd)
 
 
 def read_journal(root: str) -> dict[str, Any]:
@@ -215,6 +251,12 @@ class Writer:
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="tensorsnap-extract")
         self._pending: Future[None] | None = None  # the batch being written
         self._committing: Future[None] | None = None  # a journal entry being made after it
+        self._flusher: ThreadPoolExecutor | None = None
+        if flushes():
+            self._flusher = ThreadPoolExecutor(1, thread_name_prefix="tensorsnap-flush")
+        self._flushing: Future[None] | None = None  # the flush in flight
+        self._flush_error: OSError | None = None  # what a flush raised, raised ever after
+        self._unflushed = 0  # bytes written since the last flush began
 
     # -- one batch ------------------------------------------------------------------------
 
@@ -274,10 +316,12 @@ class Writer:
         for event in ready:
             event.synchronize()
         updates = []
+        fds = []
         for leaf, t in jobs:
             data = tensor_bytes(t)
             fd = self._fd(leaf.file)
             write_all(fd, data)
+            fds.append(fd)
             self._dirty.add(leaf.file)
             end = _DATA_START + leaf.nbytes + len(data)  # a leaf is written once per batch
             if end - leaf.unflushed >= _WRITEBACK_BYTES:
@@ -285,12 +329,52 @@ class Writer:
                 leaf.unflushed = end
             rows = int(t.shape[0]) if t.dim() else 1
             updates.append((leaf, rows, len(data), zlib.crc32(data, leaf.crc32)))
+            self._unflushed += len(data)
+        if self._unflushed >= _FLUSH_BYTES:
+            self._flush_soon(fds)
         for leaf, rows, nbytes, crc in updates:
             leaf.rows += rows
             leaf.nbytes += nbytes
             leaf.crc32 = crc
         self.batches = index + 1
         self.inputs_crc32 = inputs_crc32
+
+    def _flush_soon(self, fds: list[int]) -> None:
+        """Have the flusher thread fdatasync ``fds`` (the files just written), unless a flush
+        is still in flight (the next one covers these bytes too).
+
+        The end's fsync costs about as long as the bytes not yet flushed take to reach the
+        disk (on a VM, the host flushing its own cache as well), so without this it came after
+        all the run's work instead of beside it (benchmarks/bench_extract.py --sections disk).
+        Fsyncs made in the writing thread would stop it instead (1.6 s against 0.9 s in a
+        synthetic run), hence the thread of its own.
+        """
+        if self._flusher is None:
+            return
+        if self._flushing is not None:
+            if not self._flushing.done():
+                return
+            self._flushed()  # raises what it raised
+        self._flushing = self._flusher.submit(_flush, list(dict.fromkeys(fds)))
+        self._unflushed = 0
+
+    def _flushed(self) -> None:
+        """Until the flush in flight is done; raises what it or any flush before raised.
+
+        A file's write error is reported to one fsync only (Linux keeps one error state per
+        open file), so once a flush has seen one, the journal's and the end's fsyncs of the
+        same files would succeed: every later journal entry and the end are refused instead,
+        and the journal keeps the last entry made before it. Called before each fsync that
+        makes bytes count (journal, end, a file closed to stay under ``_MAX_OPEN``), so that
+        they never run beside a flush.
+        """
+        flushing, self._flushing = self._flushing, None
+        if flushing is not None:
+            error = flushing.exception()  # waits for it
+            if error is not None and self._flush_error is None:
+                self._flush_error = error if isinstance(error, OSError) else OSError(str(error))
+        if self._flush_error is not None:
+            raise self._flush_error
 
     def foreground(self) -> None:
         """Write every batch in the caller's thread (extract with a memory budget: one batch
@@ -383,6 +467,7 @@ class Writer:
             self._fds.move_to_end(file)
             return fd
         if len(self._fds) >= _MAX_OPEN:
+            self._flushed()  # the flush in flight may be using the file closed here
             old, old_fd = self._fds.popitem(last=False)
             if old in self._dirty:
                 os.fsync(old_fd)
@@ -420,6 +505,7 @@ class Writer:
 
     def _journal(self) -> None:
         """``commit`` once nothing is in flight (in the writer thread, after the batch)."""
+        self._flushed()
         for file in sorted(self._dirty):
             os.fsync(self._fds[file])
         self._dirty.clear()
@@ -523,6 +609,9 @@ class Writer:
         if self._thread is not None:
             self._thread.shutdown(wait=True)
             self._thread = None
+        if self._flusher is not None:  # the flush in flight uses the files closed here
+            self._flusher.shutdown(wait=True)
+            self._flusher = None
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -534,6 +623,7 @@ class Writer:
         from . import __version__
 
         self.wait()
+        self._flushed()
         for fd in self._fds.values():
             os.fsync(fd)
         self._close()
