@@ -316,12 +316,10 @@ class Writer:
         for event in ready:
             event.synchronize()
         updates = []
-        fds = []
         for leaf, t in jobs:
             data = tensor_bytes(t)
             fd = self._fd(leaf.file)
             write_all(fd, data)
-            fds.append(fd)
             self._dirty.add(leaf.file)
             end = _DATA_START + leaf.nbytes + len(data)  # a leaf is written once per batch
             if end - leaf.unflushed >= _WRITEBACK_BYTES:
@@ -331,7 +329,8 @@ class Writer:
             updates.append((leaf, rows, len(data), zlib.crc32(data, leaf.crc32)))
             self._unflushed += len(data)
         if self._unflushed >= _FLUSH_BYTES:
-            self._flush_soon(fds)
+            # the files still open (one closed to stay under _MAX_OPEN was fsynced then)
+            self._flush_soon([self._fds[leaf.file] for leaf, _ in jobs if leaf.file in self._fds])
         for leaf, rows, nbytes, crc in updates:
             leaf.rows += rows
             leaf.nbytes += nbytes
