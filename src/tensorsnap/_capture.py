@@ -404,7 +404,9 @@ class _Session(AbstractContextManager[Snapshot]):
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self._close()
-        spoiled = self._deferred.settle() if self._deferred is not None else []
+        deferred, self._deferred = self._deferred, None  # it holds a method of this session
+        self.recorder.deferred = None
+        spoiled = deferred.settle() if deferred is not None else []
         for key in spoiled:
             self.snapshot._drop(key)
         # checks still queued on a device: a value that failed stops the block here
@@ -448,6 +450,10 @@ class _Session(AbstractContextManager[Snapshot]):
         self._hooked.clear()
         self._hooks_of = None
         self._target = None
+        # the mode and runner hold methods of this session: without them, the session (and
+        # the snapshot it recorded into) is freed with its last reference, not by the cyclic GC
+        self._mode = None
+        self._runner = None
 
     # -- module calls ----------------------------------------------------------------------------
 
