@@ -167,28 +167,26 @@ class _KeepIndexing:
 
     @classmethod
     def enter(cls) -> None:
-        from torch._dynamo.output_graph import OutputGraph
-
+        graphs = _output_graph()
         with cls._lock:
-            if cls._open == 0:
-                prune = getattr(OutputGraph, "remove_unused_graphargs", None)
-                remove = getattr(OutputGraph, "remove_node", None)
+            if cls._open == 0 and graphs is not None:
+                prune = getattr(graphs, "remove_unused_graphargs", None)
+                remove = getattr(graphs, "remove_node", None)
                 if prune is not None and remove is not None:
                     cls._saved = (prune, remove)
-                    OutputGraph.remove_unused_graphargs = cls._prune(prune)  # type: ignore[method-assign]
-                    OutputGraph.remove_node = cls._remove(remove)  # type: ignore[method-assign]
+                    graphs.remove_unused_graphargs = cls._prune(prune)
+                    graphs.remove_node = cls._remove(remove)
             cls._open += 1
         cls._local.ours = True
 
     @classmethod
     def exit(cls) -> None:
-        from torch._dynamo.output_graph import OutputGraph
-
         cls._local.ours = False
         with cls._lock:
             cls._open -= 1
-            if cls._open == 0 and cls._saved is not None:
-                OutputGraph.remove_unused_graphargs, OutputGraph.remove_node = cls._saved  # type: ignore[method-assign]
+            graphs = _output_graph()
+            if cls._open == 0 and cls._saved is not None and graphs is not None:
+                graphs.remove_unused_graphargs, graphs.remove_node = cls._saved
                 cls._saved = None
 
     @classmethod
@@ -516,6 +514,15 @@ class GraphRunner:
             self._note(reason)
         self.compiled.checked[code] = reason
         return output
+
+
+def _output_graph() -> Any:
+    """dynamo's ``OutputGraph`` class, or None on a torch that has it elsewhere."""
+    try:
+        from torch._dynamo.output_graph import OutputGraph
+    except ImportError:
+        return None
+    return OutputGraph
 
 
 def _others_hooked() -> bool:
