@@ -502,7 +502,11 @@ def main(argv: Any = None) -> None:
     if unknown:
         parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, load average "
+        f"{os.getloadavg()[0]:.2f}"
+    )
     work = tempfile.mkdtemp(prefix="bench-extract-", dir=args.dir)
     try:
         for name in chosen:

@@ -195,3 +195,40 @@ def test_kill_9_inside_a_flush_then_resume_is_bitwise_equal(
     assert shard_bytes(out) == shard_bytes(tmp_path / "reference")
     for key, value in rows_by_hand(tiny_gpt2(), batches, GPT2_KEYS).items():
         assert torch.equal(got[key], value), key
+
+
+@linux_only
+@pytest.mark.parametrize("background", [False, True], ids=["loop", "writer-thread"])
+def test_every_shard_is_fsynced_after_its_last_write_before_the_manifest(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, background: bool
+) -> None:
+    monkeypatch.setattr(_stream, "BACKGROUND", background)
+    events: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def logged(name: str, real: Any, by_fd: bool = True) -> Any:
+        def call(*args: Any) -> Any:
+            what = name_of(args[0]) if by_fd else os.path.basename(str(args[1]))
+            result = real(*args)
+            with lock:
+                events.append((name, what))
+            return result
+
+        return call
+
+    for name in ("write", "pwrite", "ftruncate", "fsync"):
+        monkeypatch.setattr(os, name, logged(name, getattr(os, name)))
+    monkeypatch.setattr(os, "replace", logged("replace", os.replace, by_fd=False))
+    batches = six_batches()
+    extract(tmp_path / "acts", batches)
+    monkeypatch.undo()
+    commit = events.index(("replace", "manifest.json"))
+    shards = set(shard_bytes(tmp_path / "acts"))
+    assert len(shards) == len(GPT2_KEYS) + 1
+    for shard in shards:
+        changes = [i for i, (op, f) in enumerate(events) if f == shard and op != "fsync"]
+        synced = [i for i, (op, f) in enumerate(events) if (op, f) == ("fsync", shard)]
+        # its header and padding are its last changes, made durable before the commit point
+        assert max(changes) < max(synced) < commit, shard
+        assert ("pwrite", shard) in events[: max(synced)]
+    assert not [e for e in events[commit:] if e[1] in shards]  # nothing touches them after
