@@ -362,12 +362,12 @@ class Writer:
     def _flushed(self) -> None:
         """Until the flush in flight is done; raises what it or any flush before raised.
 
-        A file's write error is reported to one fsync only (Linux keeps one error state per
-        open file), so once a flush has seen one, the journal's and the end's fsyncs of the
-        same files would succeed: every later journal entry and the end are refused instead,
-        and the journal keeps the last entry made before it. Called before each fsync that
-        makes bytes count (journal, end, a file closed to stay under ``_MAX_OPEN``), so that
-        they never run beside a flush.
+        Linux reports a file's write error once to each open file, and the flusher syncs the
+        writer's own descriptors, so once a flush has seen one, the journal's and the end's
+        fsyncs of the same files would succeed: every later journal entry and the end are
+        refused instead, and the journal keeps the last entry made before it. Called before
+        each fsync that makes bytes count (journal, end, a file closed to stay under
+        ``_MAX_OPEN``), so that they never run beside a flush.
         """
         flushing, self._flushing = self._flushing, None
         if flushing is not None:
