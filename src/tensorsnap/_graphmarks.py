@@ -17,7 +17,7 @@ import torch
 import torch._dynamo
 from torch import nn
 
-__all__ = ["CLASS", "MAPPING", "OBJECT", "OPAQUE", "Marks", "mark"]
+__all__ = ["CLASS", "MAPPING", "OBJECT", "OPAQUE", "SHARED", "Marks", "mark"]
 
 # our key in torch's table of process-wide forward hooks: one fixed key, so that the table looks
 # the same in every block and dynamo's guards on it keep holding across blocks
@@ -51,21 +51,36 @@ MAPPING = "tensorsnap:mapping"
 OBJECT = "tensorsnap:object"
 CLASS = "tensorsnap:class"
 OPAQUE = "tensorsnap:opaque"
+SHARED = "tensorsnap:shared"
 
 
-def _markable(value: Any) -> Any:
+def _markable(value: Any, seen: list[Any] | None = None) -> Any:
     """``value`` as an fx argument can hold it, traced by dynamo: Mappings (``ModelOutput``)
     become their class's module and name with their keys and values, other objects (a
     transformers ``DynamicCache``) their class with the names and values of their attributes
     as the module call returned them, and classes their module and name; the plan rebuilds
-    them, or refuses those the copy engine would not copy from their attributes."""
+    them, or refuses those the copy engine would not copy from their attributes.
+
+    A list, dict or object met a second time (held twice, or holding itself) becomes a
+    ``SHARED`` tag with its place in the order they were first met, so that the rebuilt
+    value shares it as the copy engine's copy does (and a cycle ends).
+    """
     if value is None or isinstance(value, (torch.Tensor, bool, int, float, str)):
         return value
+    if seen is None:
+        seen = []
     cls = type(value)
-    if cls is tuple or cls is list:
-        return cls(_markable(item) for item in value)
+    if cls is tuple:
+        return tuple(_markable(item, seen) for item in value)
     if isinstance(value, (torch.device, torch.dtype)):
         return value
+    if cls is list or isinstance(value, dict) or not isinstance(value, type):
+        for i, other in enumerate(seen):
+            if other is value:
+                return (SHARED, i)
+        seen.append(value)
+    if cls is list:
+        return [_markable(item, seen) for item in value]
     if isinstance(value, dict):
         plain = cls is dict  # dynamo cannot read a builtin class's __module__ as a constant
         return (
@@ -73,7 +88,7 @@ def _markable(value: Any) -> Any:
             "builtins" if plain else cls.__module__,
             "dict" if plain else cls.__qualname__,
             tuple(value.keys()),
-            tuple(_markable(item) for item in value.values()),
+            tuple(_markable(item, seen) for item in value.values()),
         )
     if isinstance(value, type):
         return (CLASS, value.__module__, value.__qualname__)
@@ -84,7 +99,7 @@ def _markable(value: Any) -> Any:
             cls.__module__,
             cls.__qualname__,
             tuple(state.keys()),
-            tuple(_markable(item) for item in state.values()),
+            tuple(_markable(item, seen) for item in state.values()),
         )
     return (OPAQUE, cls.__module__, cls.__qualname__)
 

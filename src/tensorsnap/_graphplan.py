@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._clones import clone, clone_items
 from ._copy import Copier, copies_from_attributes
-from ._graphmarks import CLASS, MAPPING, OBJECT, OPAQUE, mark
+from ._graphmarks import CLASS, MAPPING, OBJECT, OPAQUE, SHARED, mark
 from ._graphnames import operator_name
 from ._keys import call_key, op_key
 from ._ops import op_name, quiet
@@ -378,7 +378,7 @@ class Plan:
             return leaves[-1][1]
 
         name = self._names[module_id]
-        value = _structure(_unwrap(fx.node.map_arg(node.args[1], leaf)), name)
+        value = _structure(_unwrap(fx.node.map_arg(node.args[1], leaf)), name, [], set())
         self.entries.append(_Entry(frame, None, 0, value, self._whole(leaves, name)))
 
     def _whole(self, leaves: list[tuple[fx.Node, _Leaf]], name: str) -> bool:
@@ -486,8 +486,8 @@ def _value(value: Any, whole: bool, extras: Any, plain: bool, recorder: Recorder
     if type(value) is _Leaf:
         return _take(extras, value, plain, recorder, key)
     if plain and whole:
-        return recorder.copy_value(_fill(value, extras, False, recorder, key), key)
-    return _fill(value, extras, plain, recorder, key)
+        return recorder.copy_value(_fill(value, extras, False, recorder, key, {}), key)
+    return _fill(value, extras, plain, recorder, key, {})
 
 
 def _take(extras: Any, leaf: _Leaf, plain: bool, recorder: Recorder, key: str) -> Any:
@@ -504,24 +504,40 @@ def _take(extras: Any, leaf: _Leaf, plain: bool, recorder: Recorder, key: str) -
     return recorder.copy_value(value, key)
 
 
-def _fill(structure: Any, extras: Any, plain: bool, recorder: Recorder, key: str) -> Any:
+def _fill(
+    structure: Any, extras: Any, plain: bool, recorder: Recorder, key: str, memo: dict[int, Any]
+) -> Any:
+    """The value of a module output's ``structure``; ``memo``: what each list, mapping and
+    object of it became, so that one held twice (a :class:`_Shared`) is one value twice."""
     if isinstance(structure, _Leaf):
         return _take(extras, structure, plain, recorder, key)
-    if isinstance(structure, (tuple, list)):
-        items = [_fill(item, extras, plain, recorder, key) for item in structure]
-        return tuple(items) if isinstance(structure, tuple) else items
+    if isinstance(structure, _Shared):
+        return memo[id(structure.target)]
+    if isinstance(structure, tuple):
+        return tuple([_fill(item, extras, plain, recorder, key, memo) for item in structure])
+    if isinstance(structure, list):
+        items: list[Any] = []
+        memo[id(structure)] = items  # made before its items: it may hold itself
+        items.extend([_fill(item, extras, plain, recorder, key, memo) for item in structure])
+        return items
     if isinstance(structure, dict):
-        return {k: _fill(v, extras, plain, recorder, key) for k, v in structure.items()}
+        return {k: _fill(v, extras, plain, recorder, key, memo) for k, v in structure.items()}
     if isinstance(structure, _Mapping):
-        values = [_fill(v, extras, plain, recorder, key) for v in structure.values]
-        if _is_model_output(structure.cls):
-            return structure.cls(**dict(zip(structure.keys, values, strict=True)))
-        return structure.cls(zip(structure.keys, values, strict=True))
+        if _is_model_output(structure.cls):  # never holds itself (see _structure)
+            values = [_fill(v, extras, plain, recorder, key, memo) for v in structure.values]
+            made = memo[id(structure)] = structure.cls(
+                **dict(zip(structure.keys, values, strict=True))
+            )
+            return made
+        mapping = memo[id(structure)] = structure.cls()
+        for k, v in zip(structure.keys, structure.values, strict=True):
+            mapping[k] = _fill(v, extras, plain, recorder, key, memo)
+        return mapping
     if isinstance(structure, _Object):
         # as the copy engine rebuilds it: a new instance, its attributes' copies set on it
         cls: Any = structure.cls
-        result = cls.__new__(cls)
-        values = [_fill(v, extras, plain, recorder, key) for v in structure.values]
+        result = memo[id(structure)] = cls.__new__(cls)
+        values = [_fill(v, extras, plain, recorder, key, memo) for v in structure.values]
         result.__dict__.update(zip(structure.keys, values, strict=True))
         return result
     return structure
@@ -549,20 +565,46 @@ class _Object:
         self.cls, self.keys, self.values = cls, keys, values
 
 
-def _structure(value: Any, name: str) -> Any:
-    """A module output's structure with its Mappings resolved to the live classes."""
+class _Shared:
+    """A list, mapping or object of a module output met again: the same value once more."""
+
+    __slots__ = ("target",)
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+
+def _structure(value: Any, name: str, made: list[Any], building: set[int]) -> Any:
+    """A module output's structure with its Mappings resolved to the live classes.
+
+    ``made``: its lists, mappings and objects in the order :func:`._graphmarks._markable`
+    met them (a ``SHARED`` tag names one by its place there); ``building``: the ModelOutputs
+    being resolved, which cannot be made before their fields (one holding itself is refused).
+    """
     if isinstance(value, tuple) and value and value[0] == OPAQUE:
         raise Unsupported(
             f"module {name!r} returned a {value[1]}.{value[2]}; graph mode rebuilds module "
             "outputs made of tensors, tuples, lists, dicts and ModelOutputs"
         )
+    if isinstance(value, tuple) and len(value) == 2 and value[0] == SHARED:
+        target = made[value[1]]
+        if id(target) in building:
+            raise Unsupported(f"module {name!r} returned a ModelOutput that holds itself")
+        return _Shared(target)
     if isinstance(value, tuple) and len(value) == 5 and value[0] == MAPPING:
         cls = _live_class(value[1], value[2])
         # rebuilt as cls(pairs) or cls(**fields): other dict types (defaultdict, a subclass
         # with an __init__ of its own) would not come back as they were
         if cls is None or not (cls in (dict, OrderedDict) or _is_model_output(cls)):
             raise Unsupported(f"module {name!r} returned a {value[1]}.{value[2]}")
-        return _Mapping(cls, value[3], tuple(_structure(v, name) for v in value[4]))
+        mapping = _Mapping(cls, value[3], ())
+        made.append(mapping)
+        fields = _is_model_output(cls)
+        if fields:
+            building.add(id(mapping))
+        mapping.values = tuple(_structure(v, name, made, building) for v in value[4])
+        building.discard(id(mapping))
+        return mapping
     if isinstance(value, tuple) and len(value) == 5 and value[0] == OBJECT:
         cls = _live_class(value[1], value[2])
         if cls is None or not copies_from_attributes(cls):
@@ -571,16 +613,24 @@ def _structure(value: Any, name: str) -> Any:
                 "copies through its own __deepcopy__, __reduce__ or __setstate__; graph mode "
                 "rebuilds objects from their attributes only"
             )
-        return _Object(cls, value[3], tuple(_structure(v, name) for v in value[4]))
-    if isinstance(value, tuple) and len(value) == 3 and value[0] == CLASS:
-        found = _live_class(value[1], value[2])
-        if found is None:
-            raise Unsupported(f"module {name!r} returned a class not found as {value[2]}")
+        found = _Object(cls, value[3], ())
+        made.append(found)
+        found.values = tuple(_structure(v, name, made, building) for v in value[4])
         return found
-    if type(value) in (tuple, list):
-        return type(value)(_structure(v, name) for v in value)
+    if isinstance(value, tuple) and len(value) == 3 and value[0] == CLASS:
+        live = _live_class(value[1], value[2])
+        if live is None:
+            raise Unsupported(f"module {name!r} returned a class not found as {value[2]}")
+        return live
+    if type(value) is tuple:
+        return tuple(_structure(v, name, made, building) for v in value)
+    if type(value) is list:
+        items: list[Any] = []
+        made.append(items)
+        items.extend(_structure(v, name, made, building) for v in value)
+        return items
     if type(value) is dict:
-        return {k: _structure(v, name) for k, v in value.items()}
+        return {k: _structure(v, name, made, building) for k, v in value.items()}
     return value
 
 
