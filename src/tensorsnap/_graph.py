@@ -453,6 +453,7 @@ class GraphRunner:
             except Exception as error:
                 if _active.ran or not _is_refusal(error):
                     raise
+                _forget(error)
                 pending, compiled.pending = compiled.pending, None
                 if pending is not None and _is_verify(error):
                     _active.session = previous
@@ -534,6 +535,22 @@ def _others_hooked() -> bool:
         or hooks._global_backward_hooks
         or hooks._global_backward_pre_hooks
     )
+
+
+def _forget(error: BaseException | None) -> None:
+    """Clear the frames of a refusal's tracebacks, and of the errors it was raised from.
+
+    dynamo's frames there hold the errors they raised, and the model's call frames hold the
+    capture session: uncleared, that cycle keeps the session and its snapshot until the
+    cyclic GC runs. The refusal's message is all that is read of it afterwards.
+    """
+    import traceback
+
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)  # skips frames still running (ours)
+        error = error.__cause__ or error.__context__
 
 
 def _is_verify(error: BaseException) -> bool:
