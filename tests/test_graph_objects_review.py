@@ -473,3 +473,49 @@ def test_nested_blocks_and_a_block_in_a_thread_free_their_snapshots(no_cyclic_gc
     worker.join()
     assert [r() is None for r in refs] == [True] * 11
     assert not [o for o in gc.get_objects() if type(o) is Snapshot]
+
+
+# -- structures deeper than graph mode marks -------------------------------------------------------
+
+
+class _Link:
+    """A linked list's node: each one a level deeper in the module's output."""
+
+
+class _Chains(nn.Module):
+    def __init__(self, length: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.length = length
+
+    def forward(self, x: torch.Tensor) -> Any:
+        head: Any = None
+        h = self.lin(x)
+        for i in range(self.length):
+            link: Any = _Link()
+            link.next, link.value = head, h * i
+            head = link
+        return head
+
+
+class _ReadsChain(nn.Module):
+    def __init__(self, length: int) -> None:
+        super().__init__()
+        self.chain = _Chains(length)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.chain(x).value + 1
+
+
+@pytest.mark.parametrize("length", [16, 60])
+def test_a_deep_module_output_takes_the_graph_or_runs_eagerly_by_name(length: int) -> None:
+    # before: dynamo ran out of stack tracing the marks of 50 levels, and its RecursionError
+    # (an InternalTorchDynamoError) came out of the model's call
+    model = _ReadsChain(length)
+    x = torch.randn(2, 4)
+    if length < 24:
+        _same_as_eager(model, lambda: model(x))
+        return
+    _same_as_eager(model, lambda: model(x), graph_runs=False)
+    reason = _compiled[model].eager
+    assert reason is not None and "'chain' returned a structure nested more than 24" in reason

@@ -569,7 +569,15 @@ def _is_refusal(error: Exception) -> bool:
     """Whether dynamo refused to compile the call (so nothing of it ran)."""
     from torch._dynamo import exc
 
-    names = ("Unsupported", "BackendCompilerFailed", "UserError", "TorchRuntimeError")
+    # InternalTorchDynamoError: dynamo's own failure while tracing (its RecursionError on a
+    # deep structure, say), before anything of the call ran, as the others
+    names = (
+        "Unsupported",
+        "BackendCompilerFailed",
+        "UserError",
+        "TorchRuntimeError",
+        "InternalTorchDynamoError",
+    )
     refusals = tuple(getattr(exc, name) for name in names + _LIMIT_HIT if hasattr(exc, name))
     return isinstance(error, refusals)
 

@@ -17,7 +17,7 @@ import torch
 import torch._dynamo
 from torch import nn
 
-__all__ = ["CLASS", "MAPPING", "OBJECT", "OPAQUE", "SHARED", "Marks", "mark"]
+__all__ = ["CLASS", "DEEP", "MAPPING", "OBJECT", "OPAQUE", "SHARED", "Marks", "mark"]
 
 # our key in torch's table of process-wide forward hooks: one fixed key, so that the table looks
 # the same in every block and dynamo's guards on it keep holding across blocks
@@ -52,9 +52,15 @@ OBJECT = "tensorsnap:object"
 CLASS = "tensorsnap:class"
 OPAQUE = "tensorsnap:opaque"
 SHARED = "tensorsnap:shared"
+DEEP = "tensorsnap:deep"
+
+# how deep _markable goes into a module output: dynamo spends some twenty Python frames on
+# each level it traces, and runs out of stack (a RecursionError out of the model's call) near
+# fifty; transformers' caches are five deep
+DEEPEST = 24
 
 
-def _markable(value: Any, seen: list[Any] | None = None) -> Any:
+def _markable(value: Any, seen: list[Any] | None = None, depth: int = 0) -> Any:
     """``value`` as an fx argument can hold it, traced by dynamo: Mappings (``ModelOutput``)
     become their class's module and name with their keys and values, other objects (a
     transformers ``DynamicCache``) their class with the names and values of their attributes
@@ -63,15 +69,19 @@ def _markable(value: Any, seen: list[Any] | None = None) -> Any:
 
     A list, dict or object met a second time (held twice, or holding itself) becomes a
     ``SHARED`` tag with its place in the order they were first met, so that the rebuilt
-    value shares it as the copy engine's copy does (and a cycle ends).
+    value shares it as the copy engine's copy does (and a cycle ends). Past ``DEEPEST``
+    levels, a ``DEEP`` tag: the plan refuses it.
     """
     if value is None or isinstance(value, (torch.Tensor, bool, int, float, str)):
         return value
+    if depth > DEEPEST:
+        return (DEEP,)
+    depth += 1
     if seen is None:
         seen = []
     cls = type(value)
     if cls is tuple:
-        return tuple(_markable(item, seen) for item in value)
+        return tuple(_markable(item, seen, depth) for item in value)
     if isinstance(value, (torch.device, torch.dtype)):
         return value
     if cls is list or isinstance(value, dict) or not isinstance(value, type):
@@ -80,7 +90,7 @@ def _markable(value: Any, seen: list[Any] | None = None) -> Any:
                 return (SHARED, i)
         seen.append(value)
     if cls is list:
-        return [_markable(item, seen) for item in value]
+        return [_markable(item, seen, depth) for item in value]
     if isinstance(value, dict):
         plain = cls is dict  # dynamo cannot read a builtin class's __module__ as a constant
         return (
@@ -88,7 +98,7 @@ def _markable(value: Any, seen: list[Any] | None = None) -> Any:
             "builtins" if plain else cls.__module__,
             "dict" if plain else cls.__qualname__,
             tuple(value.keys()),
-            tuple(_markable(item, seen) for item in value.values()),
+            tuple(_markable(item, seen, depth) for item in value.values()),
         )
     if isinstance(value, type):
         return (CLASS, value.__module__, value.__qualname__)
@@ -99,7 +109,7 @@ def _markable(value: Any, seen: list[Any] | None = None) -> Any:
             cls.__module__,
             cls.__qualname__,
             tuple(state.keys()),
-            tuple(_markable(item, seen) for item in state.values()),
+            tuple(_markable(item, seen, depth) for item in state.values()),
         )
     return (OPAQUE, cls.__module__, cls.__qualname__)
 

@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._clones import clone, clone_items
 from ._copy import Copier, copies_from_attributes
-from ._graphmarks import CLASS, MAPPING, OBJECT, OPAQUE, SHARED, mark
+from ._graphmarks import CLASS, DEEP, DEEPEST, MAPPING, OBJECT, OPAQUE, SHARED, mark
 from ._graphnames import operator_name
 from ._keys import call_key, op_key
 from ._ops import op_name, quiet
@@ -585,6 +585,10 @@ def _structure(value: Any, name: str, made: list[Any], building: set[int]) -> An
         raise Unsupported(
             f"module {name!r} returned a {value[1]}.{value[2]}; graph mode rebuilds module "
             "outputs made of tensors, tuples, lists, dicts and ModelOutputs"
+        )
+    if isinstance(value, tuple) and len(value) == 1 and value[0] == DEEP:
+        raise Unsupported(
+            f"module {name!r} returned a structure nested more than {DEEPEST} levels deep"
         )
     if isinstance(value, tuple) and len(value) == 2 and value[0] == SHARED:
         target = made[value[1]]
