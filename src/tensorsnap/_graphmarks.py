@@ -126,6 +126,7 @@ class Marks:
         with Marks._lock:
             if Marks._open == 0:
                 hooks._global_forward_hooks[_HOOK_ID] = _mark_output
+                _AttributeOrder.enter()
             Marks._open += 1
 
     def __exit__(self, *exc: Any) -> None:
@@ -135,3 +136,55 @@ class Marks:
             Marks._open -= 1
             if Marks._open == 0:
                 hooks._global_forward_hooks.pop(_HOOK_ID, None)
+                _AttributeOrder.exit()
+
+
+class _AttributeOrder:
+    """While graph mode traces, an object's ``__dict__`` lists its attributes in Python's order.
+
+    dynamo lists the attributes set during the trace first, then the others: an object that
+    existed before the call (a cache the caller passed in, whose layers get their tensors)
+    would be marked, and rebuilt, with its attributes in another order than the object has
+    and than the eager capture's copy has. Python keeps an attribute where it was when it is
+    set again, and puts new ones last: that is the order given here. (An attribute deleted
+    and set again in the same call stays where it was, where Python moves it last.) On a
+    torch without dynamo's ``SideEffectsProxyDict``, nothing is changed.
+    """
+
+    _saved: Any = None
+
+    @classmethod
+    def enter(cls) -> None:  # under Marks._lock
+        try:
+            from torch._dynamo import variables
+            from torch._dynamo.variables import dicts
+
+            proxy = dicts.SideEffectsProxyDict
+            hashed, constant = dicts.HashableTracker, dicts.ConstantVariable
+            deleted = variables.DeletedVariable
+            original = proxy.__iter__
+            proxy.side_effects_table  # noqa: B018  (what __iter__ below reads)
+        except (ImportError, AttributeError):
+            return
+
+        def __iter__(self: Any) -> Any:
+            if not _TRACING:
+                yield from original(self)
+                return
+            table = self.side_effects_table()
+            for name in self.item_dict:
+                if not isinstance(table.get(name), deleted):
+                    yield hashed(constant.create(name))
+            for name, value in table.items():
+                if name not in self.item_dict and not isinstance(value, deleted):
+                    yield hashed(constant.create(name))
+
+        cls._saved = (proxy, original)
+        setattr(proxy, "__iter__", __iter__)  # noqa: B010
+
+    @classmethod
+    def exit(cls) -> None:  # under Marks._lock
+        if cls._saved is not None:
+            proxy, original = cls._saved
+            setattr(proxy, "__iter__", original)  # noqa: B010
+            cls._saved = None
