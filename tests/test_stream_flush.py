@@ -112,7 +112,9 @@ def test_no_flush_runs_beside_an_fsync_or_a_close(
         real_fsync(fd)
 
     def close(fd: int) -> None:
-        assert not busy.is_set() or threading.current_thread().name.startswith("tensorsnap-flush")
+        if busy.is_set():  # a shard closed now would leave the flush with a stale descriptor
+            shard = _stream._SHARD_FILE.fullmatch(name_of(fd))
+            assert not shard, f"{name_of(fd)} closed beside a flush"
         real_close(fd)
 
     monkeypatch.setattr(_stream, "_FDATASYNC", slow_flush)
