@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_same, tiny_gpt2, token_ids
+from conftest import assert_same, tiny_gpt2, tiny_llama, token_ids
 from torch import nn
 
 import tensorsnap
@@ -314,6 +314,33 @@ def test_gpt2_decoding_with_its_cache_passed_in_and_padding_matches_the_eager_ca
         layer = graph[key].past_key_values.layers[0]
         assert layer.keys.shape[-2] == length, key
         assert list(vars(layer)) == ["keys", "values", "is_initialized", "device"]
+
+
+def test_llama_steps_writing_a_static_cache_in_place_match_the_eager_capture() -> None:
+    import copy
+
+    transformers = pytest.importorskip("transformers")
+    model = tiny_llama()
+    ids = token_ids(2, 6)
+    filled = transformers.StaticCache(config=model.config, max_cache_len=10)
+    with torch.no_grad():
+        model(input_ids=ids, cache=filled)  # filled outside: its first fill asks is_compiling
+
+    def steps() -> Any:
+        # the cache's tensors, inputs of the graph, are written in place by each step; the two
+        # steps run one graph (the second with the records of the first numbering's run)
+        cache = copy.deepcopy(filled)
+        at = torch.tensor([6])
+        model(input_ids=ids[:, -1:], cache=cache, cache_position=at)
+        return model(input_ids=ids[:, -2:-1], cache=cache, cache_position=at + 1)
+
+    graph, _ = _same_as_eager(model, steps)
+    assert _compiled[model].compiles == 1
+    keys = graph["model"].past_key_values.layers[0].keys
+    later = graph["model#1"].past_key_values.layers[0].keys
+    assert keys.abs().sum(-1)[..., 7].eq(0).all()  # the first step's copy: position 7 empty
+    assert not later.abs().sum(-1)[..., 7].eq(0).any()  # written by the second step
+    assert torch.equal(keys[..., :7, :], later[..., :7, :])
 
 
 # -- the records of a graph's first run, reused ---------------------------------------------------
