@@ -66,13 +66,15 @@ def _same_as_eager(
 
 
 def _sharing(value: Any) -> list[tuple[int, int]]:
-    """Which places of a value hold the same list, dict or object (as pairs of visit order)."""
+    """Which places of a value hold the same tuple, list, dict or object (pairs of places)."""
     first: dict[int, int] = {}
     pairs: list[tuple[int, int]] = []
     order = [0]
 
     def visit(v: Any) -> None:
-        if isinstance(v, (list, dict)) or (hasattr(v, "__dict__") and not isinstance(v, type)):
+        if isinstance(v, (tuple, list, dict)) or (
+            hasattr(v, "__dict__") and not isinstance(v, type)
+        ):
             if isinstance(v, (torch.Tensor, nn.Module)):
                 return
             place = order[0]
@@ -81,11 +83,14 @@ def _sharing(value: Any) -> list[tuple[int, int]]:
                 pairs.append((first[id(v)], place))
                 return
             first[id(v)] = place
-            items = v.values() if isinstance(v, dict) else v if isinstance(v, list) else vars(v)
+            items = (
+                v.values()
+                if isinstance(v, dict)
+                else v
+                if isinstance(v, (tuple, list))
+                else vars(v)
+            )
             for item in items.values() if isinstance(items, dict) else items:
-                visit(item)
-        elif isinstance(v, tuple):
-            for item in v:
                 visit(item)
 
     visit(value)
@@ -144,6 +149,14 @@ def _make(kind: str, h: torch.Tensor, x: torch.Tensor, lin: nn.Linear) -> Any:
     elif kind == "dict-twice":
         table = {"t": h * 2}
         box.a, box.b = table, {"same": table}
+    elif kind == "tuple-twice":
+        pair = (h * 2, 1)
+        box.a, box.b = pair, [pair]
+    elif kind == "tuple-itself":  # through a list it holds: a tuple cannot be made first
+        inside: list[Any] = []
+        holder = (inside, h * 2)
+        inside.append(holder)
+        box.a = holder
     elif kind == "list-itself":
         loop: list[Any] = [h * 2]
         loop.append(loop)
@@ -199,7 +212,7 @@ class _Taker(nn.Module):
 
 
 _SHARED = ["itself", "object-twice", "list-twice", "dict-twice", "list-itself"]
-_SHARED += ["tuple-of-one-object"]
+_SHARED += ["tuple-of-one-object", "tuple-twice"]
 
 
 @pytest.mark.parametrize("kind", _SHARED)
@@ -234,7 +247,7 @@ def test_objects_of_other_shapes_are_rebuilt_as_the_eager_copy(kind: str) -> Non
         assert made.x.data_ptr() != x.data_ptr() and torch.equal(made.x, x)
 
 
-@pytest.mark.parametrize("kind", ["enum", "function", "set", "bytes"])
+@pytest.mark.parametrize("kind", ["enum", "function", "set", "bytes", "tuple-itself"])
 def test_objects_holding_what_the_graph_cannot_rebuild_run_eagerly(kind: str) -> None:
     model = _Taker(kind)
     x = torch.randn(3, 4)

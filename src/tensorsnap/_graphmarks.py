@@ -67,7 +67,7 @@ def _markable(value: Any, seen: list[Any] | None = None, depth: int = 0) -> Any:
     as the module call returned them, and classes their module and name; the plan rebuilds
     them, or refuses those the copy engine would not copy from their attributes.
 
-    A list, dict or object met a second time (held twice, or holding itself) becomes a
+    A tuple, list, dict or object met a second time (held twice, or holding itself) becomes a
     ``SHARED`` tag with its place in the order they were first met, so that the rebuilt
     value shares it as the copy engine's copy does (and a cycle ends). Past ``DEEPEST``
     levels, a ``DEEP`` tag: the plan refuses it.
@@ -80,15 +80,15 @@ def _markable(value: Any, seen: list[Any] | None = None, depth: int = 0) -> Any:
     if seen is None:
         seen = []
     cls = type(value)
-    if cls is tuple:
-        return tuple(_markable(item, seen, depth) for item in value)
     if isinstance(value, (torch.device, torch.dtype)):
         return value
-    if cls is list or isinstance(value, dict) or not isinstance(value, type):
+    if cls is tuple or cls is list or isinstance(value, dict) or not isinstance(value, type):
         for i, other in enumerate(seen):
             if other is value:
                 return (SHARED, i)
         seen.append(value)
+    if cls is tuple:
+        return tuple(_markable(item, seen, depth) for item in value)
     if cls is list:
         return [_markable(item, seen, depth) for item in value]
     if isinstance(value, dict):

@@ -507,14 +507,17 @@ def _take(extras: Any, leaf: _Leaf, plain: bool, recorder: Recorder, key: str) -
 def _fill(
     structure: Any, extras: Any, plain: bool, recorder: Recorder, key: str, memo: dict[int, Any]
 ) -> Any:
-    """The value of a module output's ``structure``; ``memo``: what each list, mapping and
-    object of it became, so that one held twice (a :class:`_Shared`) is one value twice."""
+    """The value of a module output's ``structure``; ``memo``: what each tuple, list, mapping
+    and object of it became, so that one held twice (a :class:`_Shared`) is one value twice."""
     if isinstance(structure, _Leaf):
         return _take(extras, structure, plain, recorder, key)
     if isinstance(structure, _Shared):
         return memo[id(structure.target)]
     if isinstance(structure, tuple):
-        return tuple([_fill(item, extras, plain, recorder, key, memo) for item in structure])
+        made = memo[id(structure)] = tuple(
+            [_fill(item, extras, plain, recorder, key, memo) for item in structure]
+        )
+        return made
     if isinstance(structure, list):
         items: list[Any] = []
         memo[id(structure)] = items  # made before its items: it may hold itself
@@ -577,7 +580,7 @@ class _Shared:
 def _structure(value: Any, name: str, made: list[Any], building: set[int]) -> Any:
     """A module output's structure with its Mappings resolved to the live classes.
 
-    ``made``: its lists, mappings and objects in the order :func:`._graphmarks._markable`
+    ``made``: its tuples, lists, mappings and objects in the order :func:`._graphmarks._markable`
     met them (a ``SHARED`` tag names one by its place there); ``building``: the ModelOutputs
     being resolved, which cannot be made before their fields (one holding itself is refused).
     """
@@ -592,8 +595,11 @@ def _structure(value: Any, name: str, made: list[Any], building: set[int]) -> An
         )
     if isinstance(value, tuple) and len(value) == 2 and value[0] == SHARED:
         target = made[value[1]]
-        if id(target) in building:
-            raise Unsupported(f"module {name!r} returned a ModelOutput that holds itself")
+        if target is None or id(target) in building:
+            raise Unsupported(
+                f"module {name!r} returned a tuple or ModelOutput that holds itself (they are "
+                "made after what they hold)"
+            )
         return _Shared(target)
     if isinstance(value, tuple) and len(value) == 5 and value[0] == MAPPING:
         cls = _live_class(value[1], value[2])
@@ -627,7 +633,10 @@ def _structure(value: Any, name: str, made: list[Any], building: set[int]) -> An
             raise Unsupported(f"module {name!r} returned a class not found as {value[2]}")
         return live
     if type(value) is tuple:
-        return tuple(_structure(v, name, made, building) for v in value)
+        at = len(made)
+        made.append(None)  # until its items are resolved: a tuple is made after them
+        made[at] = resolved = tuple(_structure(v, name, made, building) for v in value)
+        return resolved
     if type(value) is list:
         items: list[Any] = []
         made.append(items)
