@@ -8,6 +8,7 @@ The model builders are plain functions as well as fixtures, so that a test can b
 from __future__ import annotations
 
 import dataclasses
+import gc
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
@@ -194,6 +195,17 @@ def ids() -> torch.Tensor:
 
 
 # -- independent references ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_cyclic_gc() -> Iterator[None]:
+    """Python's cyclic collector off for the test: what only a reference cycle keeps stays."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def clone_value(value: Any) -> Any:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,16 +18,6 @@ from conftest import tiny_gpt2, token_ids
 
 import tensorsnap
 from tensorsnap._snapshot import Snapshot
-
-
-@pytest.fixture
-def no_cyclic_gc() -> Iterator[None]:
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def _unreachable_snapshots() -> list[Snapshot]:

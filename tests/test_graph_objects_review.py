@@ -17,7 +17,7 @@ import logging
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -401,16 +401,6 @@ def test_records_over_blocks_of_other_batch_sizes_are_the_eager_records(
 
 
 # -- the session's lifetime ----------------------------------------------------------------------
-
-
-@pytest.fixture
-def no_cyclic_gc() -> Iterator[None]:
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 class _Breaks(nn.Module):
