@@ -436,8 +436,9 @@ def test_extract_with_graph_writes_the_same_bundle(tmp_path: Any) -> None:
         {"stats": True},
         {"include": ["layers.1*", "*/linear"], "exclude": "*self_attn*"},
         {"max_memory": 0},
+        {"device": "cpu"},  # where a GPU is, the offload path (gpu_check.py's graph row)
     ],
-    ids=["dtype", "stats", "include", "spill"],
+    ids=["dtype", "stats", "include", "spill", "device"],
 )
 def test_copy_options_give_what_the_eager_capture_gives(options: dict[str, Any]) -> None:
     torch.manual_seed(0)
