@@ -130,7 +130,8 @@ _active = _Active()
 class _Tracing:
     """The process-wide switches of one graph-mode call.
 
-    ``_TRACING`` has dynamo trace the marks. The fused fast paths of the encoder layer and
+    ``_TRACING`` has dynamo trace the marks, and :class:`._graphmarks.KeepIndexing` acts on
+    this thread's traces. The fused fast paths of the encoder layer and
     MultiheadAttention are turned off, as the eager op capture's function mode turns them off
     (a function mode makes them refuse), so that the graph holds the same ops.
     """
@@ -141,81 +142,12 @@ class _Tracing:
         _graphmarks._TRACING = True
         self.fastpath = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)
-        _KeepIndexing.enter()
+        _graphmarks.KeepIndexing.local.ours = True
 
     def __exit__(self, *exc: Any) -> None:
-        _KeepIndexing.exit()
+        _graphmarks.KeepIndexing.local.ours = False
         _graphmarks._TRACING = False
         torch.backends.mha.set_fastpath_enabled(self.fastpath)
-
-
-class _KeepIndexing:
-    """Keeps the tensor indexing whose result nothing uses in graph mode's graphs.
-
-    When dynamo finishes a graph it removes ``operator.getitem`` nodes without users (a
-    miniature dead-code pass in ``OutputGraph.remove_unused_graphargs``), and with them a
-    tensor indexing the eager capture records (transformers' ``_non_vmap_expansion_sdpa``
-    indexes four tensors and its causal mask reads two). While one of our calls is traced in
-    this thread, that pass keeps nodes that index a tensor. On a torch without these methods
-    the nodes go, and the check of the graph's keys against an eager run finds it.
-    """
-
-    _lock = threading.Lock()
-    _open = 0
-    _saved: tuple[Any, Any] | None = None
-    _local = threading.local()
-
-    @classmethod
-    def enter(cls) -> None:
-        graphs = _output_graph()
-        with cls._lock:
-            if cls._open == 0 and graphs is not None:
-                prune = getattr(graphs, "remove_unused_graphargs", None)
-                remove = getattr(graphs, "remove_node", None)
-                if prune is not None and remove is not None:
-                    cls._saved = (prune, remove)
-                    graphs.remove_unused_graphargs = cls._prune(prune)
-                    graphs.remove_node = cls._remove(remove)
-            cls._open += 1
-        cls._local.ours = True
-
-    @classmethod
-    def exit(cls) -> None:
-        cls._local.ours = False
-        with cls._lock:
-            cls._open -= 1
-            graphs = _output_graph()
-            if cls._open == 0 and cls._saved is not None and graphs is not None:
-                graphs.remove_unused_graphargs, graphs.remove_node = cls._saved
-                cls._saved = None
-
-    @classmethod
-    def _prune(cls, prune: Callable[..., Any]) -> Callable[..., Any]:
-        def remove_unused_graphargs(graph: Any) -> Any:
-            local = cls._local
-            local.pruning = getattr(local, "ours", False)
-            try:
-                return prune(graph)
-            finally:
-                local.pruning = False
-
-        return remove_unused_graphargs
-
-    @classmethod
-    def _remove(cls, remove: Callable[..., Any]) -> Callable[..., Any]:
-        import operator
-
-        def remove_node(graph: Any, node: Any, *args: Any, **kwargs: Any) -> Any:
-            if (
-                getattr(cls._local, "pruning", False)
-                and node.op == "call_function"
-                and node.target is operator.getitem
-                and isinstance(node.meta.get("example_value"), torch.Tensor)
-            ):
-                return None
-            return remove(graph, node, *args, **kwargs)
-
-        return remove_node
 
 
 class _Stance:
@@ -515,15 +447,6 @@ class GraphRunner:
             self._note(reason)
         self.compiled.checked[code] = reason
         return output
-
-
-def _output_graph() -> Any:
-    """dynamo's ``OutputGraph`` class, or None on a torch that has it elsewhere."""
-    try:
-        from torch._dynamo.output_graph import OutputGraph
-    except ImportError:
-        return None
-    return OutputGraph
 
 
 def _others_hooked() -> bool:

@@ -127,6 +127,7 @@ class Marks:
             if Marks._open == 0:
                 hooks._global_forward_hooks[_HOOK_ID] = _mark_output
                 _AttributeOrder.enter()
+                KeepIndexing.enter()
             Marks._open += 1
 
     def __exit__(self, *exc: Any) -> None:
@@ -137,6 +138,7 @@ class Marks:
             if Marks._open == 0:
                 hooks._global_forward_hooks.pop(_HOOK_ID, None)
                 _AttributeOrder.exit()
+                KeepIndexing.exit()
 
 
 class _AttributeOrder:
@@ -188,3 +190,69 @@ class _AttributeOrder:
             proxy, original = cls._saved
             setattr(proxy, "__iter__", original)  # noqa: B010
             cls._saved = None
+
+
+class KeepIndexing:
+    """Keeps the tensor indexing whose result nothing uses in graph mode's graphs.
+
+    When dynamo finishes a graph it removes ``operator.getitem`` nodes without users (a
+    miniature dead-code pass in ``OutputGraph.remove_unused_graphargs``), and with them a
+    tensor indexing the eager capture records (transformers' ``_non_vmap_expansion_sdpa``
+    indexes four tensors and its causal mask reads two). While graph blocks are open, that pass
+    keeps nodes that index a tensor in the traces of a thread whose graph-mode call set
+    ``local.ours`` (see ``_graph._Tracing``). On a torch without these methods the nodes go,
+    and the check of the graph's keys against an eager run finds it.
+    """
+
+    _saved: tuple[Any, Any, Any] | None = None
+    local = threading.local()
+
+    @classmethod
+    def enter(cls) -> None:  # under Marks._lock
+        try:
+            from torch._dynamo.output_graph import OutputGraph
+        except ImportError:
+            return
+        prune = getattr(OutputGraph, "remove_unused_graphargs", None)
+        remove = getattr(OutputGraph, "remove_node", None)
+        if prune is None or remove is None:
+            return
+        cls._saved = (OutputGraph, prune, remove)
+        setattr(OutputGraph, "remove_unused_graphargs", cls._prune(prune))  # noqa: B010
+        setattr(OutputGraph, "remove_node", cls._remove(remove))  # noqa: B010
+
+    @classmethod
+    def exit(cls) -> None:  # under Marks._lock
+        if cls._saved is not None:
+            graphs, prune, remove = cls._saved
+            setattr(graphs, "remove_unused_graphargs", prune)  # noqa: B010
+            setattr(graphs, "remove_node", remove)  # noqa: B010
+            cls._saved = None
+
+    @classmethod
+    def _prune(cls, prune: Callable[..., Any]) -> Callable[..., Any]:
+        def remove_unused_graphargs(graph: Any) -> Any:
+            local = cls.local
+            local.pruning = getattr(local, "ours", False)
+            try:
+                return prune(graph)
+            finally:
+                local.pruning = False
+
+        return remove_unused_graphargs
+
+    @classmethod
+    def _remove(cls, remove: Callable[..., Any]) -> Callable[..., Any]:
+        import operator
+
+        def remove_node(graph: Any, node: Any, *args: Any, **kwargs: Any) -> Any:
+            if (
+                getattr(cls.local, "pruning", False)
+                and node.op == "call_function"
+                and node.target is operator.getitem
+                and isinstance(node.meta.get("example_value"), torch.Tensor)
+            ):
+                return None
+            return remove(graph, node, *args, **kwargs)
+
+        return remove_node
