@@ -33,7 +33,7 @@ from ._errors import TensorSnapError, attr, format_path
 from ._offload import Offload
 from ._tree import extent
 
-__all__ = ["Copier", "copies_from_attributes", "snapshot"]
+__all__ = ["Copier", "copies_from_attributes", "is_model_output", "snapshot"]
 
 _MISSING = object()
 
@@ -802,7 +802,7 @@ def _handler_for(cls: type) -> Callable[[Copier, Any], Any]:
     base = _copy_custom if hasattr(cls, "__deepcopy__") else _copy_reduce
     if issubclass(cls, nn.Module):
         return _copy_module(base)
-    if base is _copy_reduce and _is_model_output(cls):
+    if base is _copy_reduce and is_model_output(cls):
         return _copy_model_output
     return base
 
@@ -827,7 +827,7 @@ def copies_from_attributes(cls: type) -> bool:
     )
 
 
-def _is_model_output(cls: type) -> bool:
+def is_model_output(cls: type) -> bool:
     """A transformers ``ModelOutput`` (looked up only if transformers is already imported)."""
     generic = sys.modules.get("transformers.utils.generic")
     model_output = getattr(generic, "ModelOutput", None)

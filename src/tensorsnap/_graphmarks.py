@@ -82,7 +82,7 @@ def _markable(value: Any, seen: list[Any] | None = None, depth: int = 0) -> Any:
     cls = type(value)
     if isinstance(value, (torch.device, torch.dtype)):
         return value
-    if cls is tuple or cls is list or isinstance(value, dict) or not isinstance(value, type):
+    if not isinstance(value, type):  # containers and objects; classes are constants
         for i, other in enumerate(seen):
             if other is value:
                 return (SHARED, i)

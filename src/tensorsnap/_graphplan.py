@@ -24,7 +24,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._clones import clone, clone_items
-from ._copy import Copier, copies_from_attributes
+from ._copy import Copier, copies_from_attributes, is_model_output
 from ._graphmarks import CLASS, DEEP, DEEPEST, MAPPING, OBJECT, OPAQUE, SHARED, mark
 from ._graphnames import operator_name
 from ._keys import call_key, op_key
@@ -526,7 +526,7 @@ def _fill(
     if isinstance(structure, dict):
         return {k: _fill(v, extras, plain, recorder, key, memo) for k, v in structure.items()}
     if isinstance(structure, _Mapping):
-        if _is_model_output(structure.cls):  # never holds itself (see _structure)
+        if is_model_output(structure.cls):  # never holds itself (see _structure)
             values = [_fill(v, extras, plain, recorder, key, memo) for v in structure.values]
             made = memo[id(structure)] = structure.cls(
                 **dict(zip(structure.keys, values, strict=True))
@@ -546,12 +546,8 @@ def _fill(
     return structure
 
 
-def _is_model_output(cls: type) -> bool:
-    return any(base.__name__ == "ModelOutput" for base in cls.__mro__)
-
-
-class _Mapping:
-    """A Mapping subclass in a module output (``ModelOutput``): rebuilt from its parts."""
+class _Rebuilt:
+    """A class and its parts (keys or attribute names, and their values), rebuilt by _fill."""
 
     __slots__ = ("cls", "keys", "values")
 
@@ -559,13 +555,16 @@ class _Mapping:
         self.cls, self.keys, self.values = cls, keys, values
 
 
-class _Object:
+class _Mapping(_Rebuilt):
+    """A Mapping subclass in a module output (``ModelOutput``): rebuilt from its items."""
+
+    __slots__ = ()
+
+
+class _Object(_Rebuilt):
     """Another object in a module output (a ``DynamicCache``): rebuilt from its attributes."""
 
-    __slots__ = ("cls", "keys", "values")
-
-    def __init__(self, cls: type, keys: tuple[Any, ...], values: tuple[Any, ...]) -> None:
-        self.cls, self.keys, self.values = cls, keys, values
+    __slots__ = ()
 
 
 class _Shared:
@@ -587,7 +586,8 @@ def _structure(value: Any, name: str, made: list[Any], building: set[int]) -> An
     if isinstance(value, tuple) and value and value[0] == OPAQUE:
         raise Unsupported(
             f"module {name!r} returned a {value[1]}.{value[2]}; graph mode rebuilds module "
-            "outputs made of tensors, tuples, lists, dicts and ModelOutputs"
+            "outputs made of tensors, tuples, lists, dicts, ModelOutputs, classes and objects "
+            "copied from their attributes"
         )
     if isinstance(value, tuple) and len(value) == 1 and value[0] == DEEP:
         raise Unsupported(
@@ -605,11 +605,11 @@ def _structure(value: Any, name: str, made: list[Any], building: set[int]) -> An
         cls = _live_class(value[1], value[2])
         # rebuilt as cls(pairs) or cls(**fields): other dict types (defaultdict, a subclass
         # with an __init__ of its own) would not come back as they were
-        if cls is None or not (cls in (dict, OrderedDict) or _is_model_output(cls)):
+        fields = cls is not None and is_model_output(cls)
+        if cls is None or not (cls in (dict, OrderedDict) or fields):
             raise Unsupported(f"module {name!r} returned a {value[1]}.{value[2]}")
         mapping = _Mapping(cls, value[3], ())
         made.append(mapping)
-        fields = _is_model_output(cls)
         if fields:
             building.add(id(mapping))
         mapping.values = tuple(_structure(v, name, made, building) for v in value[4])
