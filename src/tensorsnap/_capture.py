@@ -281,7 +281,7 @@ class _Session(AbstractContextManager[Snapshot]):
             root,
             self,
             self._eager_call,
-            lambda start: [r.key for r in self.snapshot._records[start:]],
+            lambda start: [r.key for r in self.recorder.records_from(start)],
             self.names,
         )
         self._enter(self._runner)  # refuses calls of submodules outside the model's calls
@@ -309,7 +309,7 @@ class _Session(AbstractContextManager[Snapshot]):
             self._calls[id(root)] = call + 1
             name = self.names[id(root)]
             key = call_key(name, call)
-            if self._all or self.select(key):
+            if self.selected(key):
                 with _quiet():
                     self.recorder.record(key, name, call, None, "output", output)
             self._read_finite()
