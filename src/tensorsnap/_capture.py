@@ -305,13 +305,14 @@ class _Session(AbstractContextManager[Snapshot]):
             from ._graph import warn_fallback
 
             warn_fallback(self._runner.fallbacks[-1])
-        if self._calls.get(id(root), 0) == call:  # the graph ran: the root call is ours to note
-            self._calls[id(root)] = call + 1
-            name = self.names[id(root)]
-            key = call_key(name, call)
-            if self.selected(key):
-                with _quiet():
-                    self.recorder.record(key, name, call, None, "output", output)
+        if self._runner.ran:
+            if self._calls.get(id(root), 0) == call:  # the graph left the root's output to us
+                self._calls[id(root)] = call + 1
+                name = self.names[id(root)]
+                key = call_key(name, call)
+                if self.selected(key):
+                    with _quiet():
+                        self.recorder.record(key, name, call, None, "output", output)
             self._read_finite()
         return output
 

@@ -322,6 +322,7 @@ class GraphRunner:
                 compiled = _compiled[model] = _Compiled(model)
         self.compiled = compiled
         self.fallbacks: list[str] = []  # why calls ran eagerly, once per reason
+        self.ran = False  # whether the last call ran through the graph
         self._depth = 0  # calls of the model in progress (a model may call itself)
         self._thread = threading.get_ident()
         self._modules = names  # the model's modules' names, by id (the session's)
@@ -371,6 +372,7 @@ class GraphRunner:
 
     def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         compiled = self.compiled
+        self.ran = False
         if _others_hooked():
             # another capture (or the user) has process-wide module hooks: dynamo would trace
             # them into the graph; this call runs eagerly, later ones may use the graph again
@@ -407,6 +409,7 @@ class GraphRunner:
                         "reached), so this call's values were not captured; capture with "
                         "graph=False, or give the model inputs of fewer distinct shapes"
                     )
+                self.ran = True
                 return output
             finally:
                 _active.session = previous
@@ -429,7 +432,7 @@ class GraphRunner:
         start = len(self._produced(0))
         output = self._eager(args, kwargs)
         got = self._produced(start)
-        expected = [row[0] for row in plan._rows_for(base)] + [root]
+        expected = [row[0] for row in plan._rows_for(base)] + ([] if plan.root else [root])
         expected = [key for key in expected if session.selected(key)]
         reason = None
         if got != expected:

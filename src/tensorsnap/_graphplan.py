@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import operator
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -225,9 +226,11 @@ class Plan:
                 for leaf in _arg_nodes(node.args):
                     self._reachable |= _storages(values.get(leaf))
         self._extras: list[fx.Node] = []
+        self._slots: dict[fx.Node, int] = {}  # each node's place in _extras: one per node
         self._copies: dict[tuple[fx.Node, fx.Node], fx.Node] = {}  # (value, taken after)
         counts: dict[tuple[int, str], int] = {}
         marks = []
+        self._root_mark: fx.Node | None = None  # where the model's own call returned
         for node in nodes:
             if node.op == "call_module":
                 raise Unsupported(f"the graph calls a module as one node ({node.target})")
@@ -244,6 +247,10 @@ class Plan:
             count = counts.get((frame, name), 0)
             counts[frame, name] = count + 1
             self.entries.append(_Entry(frame, name, count, self._leaf(node)))
+        # the model's own output, last, as the eager capture records it: from the graph, its
+        # tensors shared with the keys that hold them; an output graph mode cannot rebuild is
+        # left to the session, which copies what the call returned (calls[root] unchanged)
+        self.root = self._root_output()
         for node in marks:
             gm.graph.erase_node(node)
         output = next(n for n in reversed(nodes) if n.op == "output")
@@ -262,7 +269,9 @@ class Plan:
         self._values.clear()
         self._written.clear()
         self._rows: tuple[tuple[int, ...], list[tuple[Any, ...]]] | None = None
-        self._records: dict[tuple[int, ...], list[Any]] = {}  # by numbering of calls
+        # records and keys of a run, by numbering of calls (static graphs only)
+        self._records: dict[tuple[int, ...], tuple[list[Any], list[str]]] = {}
+        self._quick: _Quick | None = None
 
     # -- naming ----------------------------------------------------------------------------------
 
@@ -361,8 +370,11 @@ class Plan:
     def _module_output(self, node: fx.Node) -> None:
         module_id = node.args[0]
         assert isinstance(module_id, int)
-        if module_id == self.root_id or module_id not in self._names:
-            return  # the root's output is recorded from the call itself; others are not keys
+        if module_id == self.root_id:
+            self._root_mark = node  # the last one is the model's own call (see _root_output)
+            return
+        if module_id not in self._names:
+            return  # not one of the model's modules: not a key
         call = 0
         for found, n in reversed(self._calls_of(node)):
             if found == module_id:
@@ -380,6 +392,32 @@ class Plan:
         name = self._names[module_id]
         value = _structure(_unwrap(fx.node.map_arg(node.args[1], leaf)), name, [], set())
         self.entries.append(_Entry(frame, None, 0, value, self._whole(leaves, name)))
+
+    def _root_output(self) -> bool:
+        """Add the entry of the model's own output; False where it is left to the session.
+
+        A model that calls itself has a mark for each of its calls: the last is the outer one,
+        and the inner ones have no entry (the check of keys against an eager run refuses
+        such a graph).
+        """
+        node = self._root_mark
+        if node is None:
+            return False
+        leaves: list[tuple[fx.Node, _Leaf]] = []
+
+        def leaf(n: fx.Node) -> Any:
+            leaves.append((n, self._leaf(n, node)))
+            return leaves[-1][1]
+
+        name = self._names[self.root_id]
+        try:
+            value = _structure(_unwrap(fx.node.map_arg(node.args[1], leaf)), name, [], set())
+            whole = self._whole(leaves, name)
+        except Unsupported:
+            return False
+        self.entries.append(_Entry(0, None, 0, value, whole))
+        self.calls[self.root_id] = 1
+        return True
 
     def _whole(self, leaves: list[tuple[fx.Node, _Leaf]], name: str) -> bool:
         """Whether a module output's tensors share storage and need one copy of them all."""
@@ -419,11 +457,18 @@ class Plan:
                 with self.gm.graph.inserting_after(at):
                     copy = self.gm.graph.call_function(_copy_now, (node,))
                     self._copies[node, at] = copy
-            self._extras.append(copy)
-            return _Leaf(len(self._extras) - 1, _COPIED)
-        self._extras.append(node)
+            return _Leaf(self._slot(copy), _COPIED)
         how = _COPY if storages & self._reachable else _KEEP
-        return _Leaf(len(self._extras) - 1, how)
+        return _Leaf(self._slot(node), how)
+
+    def _slot(self, node: fx.Node) -> int:
+        """``node``'s place among the graph's extra outputs (a value shared by two keys, such
+        as a module's output and its last op's, is returned once)."""
+        slot = self._slots.get(node)
+        if slot is None:
+            slot = self._slots[node] = len(self._extras)
+            self._extras.append(node)
+        return slot
 
     # -- running ---------------------------------------------------------------------------------
 
@@ -436,33 +481,45 @@ class Plan:
         """
         calls = session.calls
         base = tuple(calls.get(module_id, 0) for module_id, _, _ in self.frames)
-        rows = self._rows_for(base)
         recorder = session.recorder
         plain = session.plain
         every = session.everything
         known = self._records.get(base) if plain and every else None
-        if known is not None:
-            values = []
-            for key, _, _, _, _, value, whole in rows:
-                if type(value) is _Leaf and value.how == _KEEP:
-                    kept = extras[value.index]
-                    if type(kept) is torch.Tensor and not kept.requires_grad:
-                        values.append(kept)  # the common case, without a call
-                        continue
-                values.append(_value(value, whole, extras, plain, recorder, key))
-            recorder.adopt_all(known, values)
-        else:
+        if known is None or not self._hand_known(known, extras, recorder):
             store = recorder.adopt if plain else recorder.record
             selected = None if every else session.selected
             start = len(recorder.snapshot)
-            for key, name, call, op, kind, value, whole in rows:
+            clones: dict[int, Any] = {}
+            for key, name, call, op, kind, value, whole in self._rows_for(base):
                 if selected is not None and not selected(key):
                     continue
-                store(key, name, call, op, kind, _value(value, whole, extras, plain, recorder, key))
+                value = _value(value, whole, extras, plain, recorder, key, clones)
+                store(key, name, call, op, kind, value)
             if self.static and plain and every and len(self._records) < 16:
-                self._records[base] = recorder.records_from(start)
+                records = recorder.records_from(start)
+                self._records[base] = (records, [r.key for r in records])
         for module_id, n in self.calls.items():
             calls[module_id] = calls.get(module_id, 0) + n
+
+    def _hand_known(
+        self, known: tuple[list[Any], list[str]], extras: Any, recorder: Recorder
+    ) -> bool:
+        """Hand over the values of a run whose records are known, in a few calls; False
+        (nothing handed over) when a kept value is not a plain tensor free of autograd."""
+        if self._quick is None:
+            self._quick = _Quick(self.entries)
+        quick = self._quick
+        kept = quick.kept(extras)
+        if kept and (set(map(type, kept)) != _TENSOR or any(map(_requires_grad, kept))):
+            return False
+        records, keys = known
+        values = list(quick.placed(extras))
+        clones: dict[int, Any] = {}
+        for position, value, whole in quick.special:
+            key = keys[position]
+            values[position] = _value(value, whole, extras, True, recorder, key, clones)
+        recorder.adopt_all(records, keys, values)
+        return True
 
     def _rows_for(self, base: tuple[int, ...]) -> list[tuple[Any, ...]]:
         """Each entry's key and record fields, for module calls numbered from ``base``."""
@@ -482,15 +539,60 @@ class Plan:
         return rows
 
 
-def _value(value: Any, whole: bool, extras: Any, plain: bool, recorder: Recorder, key: str) -> Any:
+_TENSOR = {torch.Tensor}
+_requires_grad = torch.Tensor.requires_grad.__get__  # type: ignore[attr-defined]
+
+
+def _items(indices: list[int]) -> Callable[[Any], tuple[Any, ...]]:
+    """A function taking ``indices`` of a sequence, as a tuple, in one C call."""
+    if len(indices) == 1:
+        index = indices[0]
+        return lambda sequence: (sequence[index],)
+    return operator.itemgetter(*indices) if indices else lambda sequence: ()
+
+
+class _Quick:
+    """Where each entry's value lies among a graph's extra outputs, for :meth:`Plan._hand_known`.
+
+    An entry whose value is a kept tensor (fresh, written by nothing later) is that output as
+    it is; the others (copies to make, structures to rebuild) are ``special``.
+    """
+
+    __slots__ = ("kept", "placed", "special")
+
+    def __init__(self, entries: list[_Entry]) -> None:
+        kept = [i for i, e in enumerate(entries) if type(e.value) is _Leaf and e.value.how == _KEEP]
+        places = [0] * len(entries)
+        for i in kept:
+            places[i] = entries[i].value.index
+        self.kept = _items([places[i] for i in kept])
+        self.placed = _items(places)
+        wanted = set(kept)
+        self.special = [(i, e.value, e.whole) for i, e in enumerate(entries) if i not in wanted]
+
+
+def _value(
+    value: Any,
+    whole: bool,
+    extras: Any,
+    plain: bool,
+    recorder: Recorder,
+    key: str,
+    clones: dict[int, Any],
+) -> Any:
+    """One entry's value; ``clones``: the copies made so far in this hand-over, by place
+    among the extra outputs (a tensor the caller can reach, held by two keys, is copied once:
+    the keys share the copy, as they share a kept tensor)."""
     if type(value) is _Leaf:
-        return _take(extras, value, plain, recorder, key)
+        return _take(extras, value, plain, recorder, key, clones)
     if plain and whole:
-        return recorder.copy_value(_fill(value, extras, False, recorder, key, {}), key)
-    return _fill(value, extras, plain, recorder, key, {})
+        return recorder.copy_value(_fill(value, extras, False, recorder, key, {}, clones), key)
+    return _fill(value, extras, plain, recorder, key, {}, clones)
 
 
-def _take(extras: Any, leaf: _Leaf, plain: bool, recorder: Recorder, key: str) -> Any:
+def _take(
+    extras: Any, leaf: _Leaf, plain: bool, recorder: Recorder, key: str, clones: dict[int, Any]
+) -> Any:
     value = extras[leaf.index]
     if not plain or leaf.how == _COPIED:
         return value  # the session's copier copies it, or it is a copy already
@@ -501,46 +603,57 @@ def _take(extras: Any, leaf: _Leaf, plain: bool, recorder: Recorder, key: str) -
             return value.detach() if value.requires_grad else value
         if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in value):
             return value
-    return recorder.copy_value(value, key)
+    copy = clones.get(leaf.index)
+    if copy is None:
+        copy = clones[leaf.index] = recorder.copy_value(value, key)
+    return copy
 
 
 def _fill(
-    structure: Any, extras: Any, plain: bool, recorder: Recorder, key: str, memo: dict[int, Any]
+    structure: Any,
+    extras: Any,
+    plain: bool,
+    recorder: Recorder,
+    key: str,
+    memo: dict[int, Any],
+    clones: dict[int, Any],
 ) -> Any:
     """The value of a module output's ``structure``; ``memo``: what each tuple, list, mapping
     and object of it became, so that one held twice (a :class:`_Shared`) is one value twice."""
     if isinstance(structure, _Leaf):
-        return _take(extras, structure, plain, recorder, key)
+        return _take(extras, structure, plain, recorder, key, clones)
     if isinstance(structure, _Shared):
         return memo[id(structure.target)]
+
+    def fill(part: Any) -> Any:
+        return _fill(part, extras, plain, recorder, key, memo, clones)
+
     if isinstance(structure, tuple):
-        made = memo[id(structure)] = tuple(
-            [_fill(item, extras, plain, recorder, key, memo) for item in structure]
-        )
+        made = memo[id(structure)] = tuple([fill(item) for item in structure])
         return made
     if isinstance(structure, list):
         items: list[Any] = []
         memo[id(structure)] = items  # made before its items: it may hold itself
-        items.extend([_fill(item, extras, plain, recorder, key, memo) for item in structure])
+        items.extend([fill(item) for item in structure])
         return items
     if isinstance(structure, dict):
-        return {k: _fill(v, extras, plain, recorder, key, memo) for k, v in structure.items()}
+        return {k: fill(v) for k, v in structure.items()}
     if isinstance(structure, _Mapping):
         if is_model_output(structure.cls):  # never holds itself (see _structure)
-            values = [_fill(v, extras, plain, recorder, key, memo) for v in structure.values]
+            values = [fill(v) for v in structure.values]
             made = memo[id(structure)] = structure.cls(
                 **dict(zip(structure.keys, values, strict=True))
             )
             return made
         mapping = memo[id(structure)] = structure.cls()
         for k, v in zip(structure.keys, structure.values, strict=True):
-            mapping[k] = _fill(v, extras, plain, recorder, key, memo)
+            mapping[k] = fill(v)
         return mapping
     if isinstance(structure, _Object):
         # as the copy engine rebuilds it: a new instance, its attributes' copies set on it
         cls: Any = structure.cls
         result = memo[id(structure)] = cls.__new__(cls)
-        values = [_fill(v, extras, plain, recorder, key, memo) for v in structure.values]
+        values = [fill(v) for v in structure.values]
         result.__dict__.update(zip(structure.keys, values, strict=True))
         return result
     return structure

@@ -109,11 +109,11 @@ class Recorder:
         self.snapshot._add(record, value)
         self.check_finite(key, value)
 
-    def adopt_all(self, records: list[Record], values: list[Any]) -> None:
-        """Store values, already copies nobody else holds, whose records are known (graph
-        mode: the records of a graph's earlier run with the same shapes)."""
+    def adopt_all(self, records: list[Record], keys: list[str], values: list[Any]) -> None:
+        """Store values, already copies nobody else holds, whose records (and their keys) are
+        known (graph mode: the records of a graph's earlier run with the same shapes)."""
         if self.finite is None:
-            self.snapshot._extend(records, values)
+            self.snapshot._extend(records, keys, values)
             return
         for record, value in zip(records, values, strict=True):  # stops at the first bad key
             self.snapshot._add(record, value)

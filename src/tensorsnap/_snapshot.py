@@ -114,13 +114,18 @@ class Snapshot(Mapping[str, Any]):
         self._records.append(record)
         self._store.put(record.key, value, record.nbytes)
 
-    def _extend(self, records: list[Record], values: list[Any]) -> None:
-        """``_add`` of each pair, in order (graph mode hands over a graph's values at once)."""
-        index, kept, put = self._index, self._records, self._store.put
-        for record, value in zip(records, values, strict=True):
-            index[record.key] = len(kept)
-            kept.append(record)
-            put(record.key, value, record.nbytes)
+    def _extend(self, records: list[Record], keys: list[str], values: list[Any]) -> None:
+        """``_add`` of each pair, in order (graph mode hands over a graph's values at once);
+        ``keys``: the records' keys."""
+        store = self._store
+        if type(store) is not MemoryStore:  # each value after its record, as _add does
+            for record, value in zip(records, values, strict=True):
+                self._add(record, value)
+            return
+        start = len(self._records)
+        self._records.extend(records)
+        self._index.update(zip(keys, range(start, start + len(keys))))
+        store.put_all(keys, values)
 
     def _replace(self, record: Record, value: Any) -> None:
         self._records[self._index[record.key]] = record

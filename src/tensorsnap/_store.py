@@ -35,6 +35,9 @@ class MemoryStore:
     def put(self, key: str, value: Any, nbytes: int) -> None:
         self._values[key] = value
 
+    def put_all(self, keys: list[str], values: list[Any]) -> None:
+        self._values.update(zip(keys, values, strict=True))
+
     def get(self, key: str) -> Any:
         return self._values[key]
 
