@@ -427,7 +427,7 @@ class GraphRunner:
         code, plan = pending
         session = self.session
         calls = session.calls
-        base = tuple(calls.get(module_id, 0) for module_id, _, _ in plan.frames)
+        base = plan.base(calls)
         root = call_key(self._modules[id(self.model)], calls.get(id(self.model), 0))
         start = len(self._produced(0))
         output = self._eager(args, kwargs)

@@ -266,12 +266,14 @@ class Plan:
             real()
         # symbolic shapes: values of one graph may differ in shape from run to run
         self.static = not any(_symbolic(v) for v in self._values.values())
+        self._quick = _Quick(self.entries, [self._values.get(n) for n in self._extras])
         self._values.clear()
         self._written.clear()
         self._rows: tuple[tuple[int, ...], list[tuple[Any, ...]]] | None = None
         # records and keys of a run, by numbering of calls (static graphs only)
-        self._records: dict[tuple[int, ...], tuple[list[Any], list[str]]] = {}
-        self._quick: _Quick | None = None
+        self._records: dict[tuple[int, ...], tuple[list[Any], list[str], dict[int, int]]] = {}
+        self._frame_ids = [module_id for module_id, _, _ in self.frames]
+        self._zeros = [0] * len(self.frames)
 
     # -- naming ----------------------------------------------------------------------------------
 
@@ -480,39 +482,48 @@ class Plan:
         shapes, bytes) serve its later runs: only the values are handed over then.
         """
         calls = session.calls
-        base = tuple(calls.get(module_id, 0) for module_id, _, _ in self.frames)
+        base = self.base(calls)
         recorder = session.recorder
         plain = session.plain
         every = session.everything
         known = self._records.get(base) if plain and every else None
-        if known is None or not self._hand_known(known, extras, recorder):
-            store = recorder.adopt if plain else recorder.record
-            selected = None if every else session.selected
-            start = len(recorder.snapshot)
-            clones: dict[int, Any] = {}
-            for key, name, call, op, kind, value, whole in self._rows_for(base):
-                if selected is not None and not selected(key):
-                    continue
-                value = _value(value, whole, extras, plain, recorder, key, clones)
-                store(key, name, call, op, kind, value)
-            if self.static and plain and every and len(self._records) < 16:
-                records = recorder.records_from(start)
-                self._records[base] = (records, [r.key for r in records])
-        for module_id, n in self.calls.items():
-            calls[module_id] = calls.get(module_id, 0) + n
+        if known is not None and self._hand_known(known, extras, recorder):
+            calls.update(known[2])
+            return
+        store = recorder.adopt if plain else recorder.record
+        selected = None if every else session.selected
+        start = len(recorder.snapshot)
+        clones: dict[int, Any] = {}
+        for key, name, call, op, kind, value, whole in self._rows_for(base):
+            if selected is not None and not selected(key):
+                continue
+            value = _value(value, whole, extras, plain, recorder, key, clones)
+            store(key, name, call, op, kind, value)
+        counted = {module_id: calls.get(module_id, 0) + n for module_id, n in self.calls.items()}
+        if self.static and plain and every and len(self._records) < 16:
+            records = recorder.records_from(start)
+            self._records[base] = (records, [r.key for r in records], counted)
+        calls.update(counted)
+
+    def base(self, calls: dict[int, int]) -> tuple[int, ...]:
+        """The numbering of this graph's module calls: each frame's module's calls so far."""
+        return tuple(map(calls.get, self._frame_ids, self._zeros))
 
     def _hand_known(
-        self, known: tuple[list[Any], list[str]], extras: Any, recorder: Recorder
+        self, known: tuple[list[Any], list[str], dict[int, int]], extras: Any, recorder: Recorder
     ) -> bool:
         """Hand over the values of a run whose records are known, in a few calls; False
         (nothing handed over) when a kept value is not a plain tensor free of autograd."""
-        if self._quick is None:
-            self._quick = _Quick(self.entries)
         quick = self._quick
-        kept = quick.kept(extras)
-        if kept and (set(map(type, kept)) != _TENSOR or any(map(_requires_grad, kept))):
+        if quick.grad:
             return False
-        records, keys = known
+        kept = quick.kept(extras)
+        if kept and (
+            set(map(type, kept)) != _TENSOR
+            or (torch.is_grad_enabled() and any(map(_requires_grad, kept)))
+        ):
+            return False  # (in grad mode, a parameter may have changed its requires_grad)
+        records, keys, _ = known
         values = list(quick.placed(extras))
         clones: dict[int, Any] = {}
         for position, value, whole in quick.special:
@@ -554,17 +565,26 @@ def _items(indices: list[int]) -> Callable[[Any], tuple[Any, ...]]:
 class _Quick:
     """Where each entry's value lies among a graph's extra outputs, for :meth:`Plan._hand_known`.
 
-    An entry whose value is a kept tensor (fresh, written by nothing later) is that output as
-    it is; the others (copies to make, structures to rebuild) are ``special``.
+    An entry whose value is one kept tensor (fresh, written by nothing later) is that output
+    as it is; the others (copies to make, structures to rebuild) are ``special``. ``grad``:
+    a kept tensor requires grad (dynamo's guards on grad mode and on the inputs'
+    ``requires_grad`` keep that as it was traced), so each needs a detached view.
     """
 
-    __slots__ = ("kept", "placed", "special")
+    __slots__ = ("grad", "kept", "placed", "special")
 
-    def __init__(self, entries: list[_Entry]) -> None:
-        kept = [i for i, e in enumerate(entries) if type(e.value) is _Leaf and e.value.how == _KEEP]
+    def __init__(self, entries: list[_Entry], fakes: list[Any]) -> None:
+        kept = [
+            i
+            for i, e in enumerate(entries)
+            if type(e.value) is _Leaf
+            and e.value.how == _KEEP
+            and isinstance(fakes[e.value.index], torch.Tensor)
+        ]
         places = [0] * len(entries)
         for i in kept:
             places[i] = entries[i].value.index
+        self.grad = any(fakes[places[i]].requires_grad for i in kept)
         self.kept = _items([places[i] for i in kept])
         self.placed = _items(places)
         wanted = set(kept)
@@ -639,11 +659,8 @@ def _fill(
     if isinstance(structure, dict):
         return {k: fill(v) for k, v in structure.items()}
     if isinstance(structure, _Mapping):
-        if is_model_output(structure.cls):  # never holds itself (see _structure)
-            values = [fill(v) for v in structure.values]
-            made = memo[id(structure)] = structure.cls(
-                **dict(zip(structure.keys, values, strict=True))
-            )
+        if structure.fields:  # a ModelOutput never holds itself (see _structure)
+            made = memo[id(structure)] = structure.build([fill(v) for v in structure.values])
             return made
         mapping = memo[id(structure)] = structure.cls()
         for k, v in zip(structure.keys, structure.values, strict=True):
@@ -669,9 +686,62 @@ class _Rebuilt:
 
 
 class _Mapping(_Rebuilt):
-    """A Mapping subclass in a module output (``ModelOutput``): rebuilt from its items."""
+    """A Mapping in a module output (``dict``, ``OrderedDict``, a ``ModelOutput``): rebuilt
+    from its items."""
 
-    __slots__ = ()
+    __slots__ = ("fields", "layout")
+
+    def __init__(self, cls: type, keys: tuple[Any, ...], fields: bool) -> None:
+        super().__init__(cls, keys, ())
+        self.fields = fields  # a ModelOutput: made as cls(**items)
+        # where cls(**items) put the items and attributes, learned from the first one made
+        self.layout: _Layout | None = None
+
+    def build(self, values: list[Any]) -> Any:
+        """A ModelOutput holding ``values``: made as ``cls(**items)`` made the first one.
+
+        transformers' ``__init__`` and ``__post_init__`` (which may rename deprecated fields)
+        cost some 30 us a call; the one they made first shows where each item and attribute
+        went, and later ones are set there directly, as the copy engine copies a ModelOutput.
+        """
+        layout = self.layout
+        if layout is not None and layout.usable:
+            return layout.make(self.cls, values)
+        made = self.cls(**dict(zip(self.keys, values, strict=True)))
+        if layout is None:
+            self.layout = _Layout(made, values)
+        return made
+
+
+class _Layout:
+    """Where a ModelOutput's ``__init__`` put the values it was given: each item and
+    attribute is one of them, by position, or a constant (``None``, a number, a string)."""
+
+    __slots__ = ("attributes", "items", "usable")
+
+    def __init__(self, made: Any, values: list[Any]) -> None:
+        positions = {id(v): i for i, v in enumerate(values)}
+        self.usable = len(positions) == len(values)  # no value given twice
+
+        def place(value: Any) -> tuple[int, Any]:
+            position = positions.get(id(value))
+            if position is not None:
+                return position, None
+            if value is not None and type(value) not in (bool, int, float, str):
+                self.usable = False  # made by __init__ itself: cannot be set directly
+            return -1, value
+
+        self.items = [(k, *place(v)) for k, v in made.items()]
+        self.attributes = [(k, *place(v)) for k, v in made.__dict__.items()]
+
+    def make(self, cls: Any, values: list[Any]) -> Any:
+        made = cls.__new__(cls)
+        for key, position, constant in self.items:
+            OrderedDict.__setitem__(made, key, values[position] if position >= 0 else constant)
+        made.__dict__.update(
+            [(k, values[position] if position >= 0 else c) for k, position, c in self.attributes]
+        )
+        return made
 
 
 class _Object(_Rebuilt):
@@ -721,7 +791,7 @@ def _structure(value: Any, name: str, made: list[Any], building: set[int]) -> An
         fields = cls is not None and is_model_output(cls)
         if cls is None or not (cls in (dict, OrderedDict) or fields):
             raise Unsupported(f"module {name!r} returned a {value[1]}.{value[2]}")
-        mapping = _Mapping(cls, value[3], ())
+        mapping = _Mapping(cls, value[3], fields)
         made.append(mapping)
         if fields:
             building.add(id(mapping))
