@@ -7,6 +7,7 @@ elsewhere in the suite.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any
 
@@ -24,6 +25,7 @@ from conftest import (
     token_ids,
 )
 from torch import nn
+from transformers.utils import ModelOutput
 
 import tensorsnap
 from tensorsnap import TensorSnapError, TensorSnapWarning
@@ -290,6 +292,55 @@ def test_values_the_caller_can_reach_are_copies() -> None:
         model.seen.zero_()
     for key in snap:
         assert_same(snap[key], kept[key], key)
+
+
+def test_keys_holding_one_value_of_the_graph_hold_one_tensor() -> None:
+    model = tiny_gpt2()
+    ids = token_ids(2, 8)
+    graph = _assert_same_capture(model, lambda: model(input_ids=ids))
+    # the model's own output is rebuilt from the graph: its logits are lm_head's output, and
+    # the cache in it holds the tensors of the attention's cat ops, one copy for every key
+    assert graph[""].logits is graph["lm_head"] is graph["lm_head/linear"]
+    layer = graph[""].past_key_values.layers[0]
+    assert layer.keys is graph["transformer.h.0.attn/cat"]
+    assert layer.keys is graph["transformer"].past_key_values.layers[0].keys
+    # containers are per key, as the eager capture's copies are
+    assert graph[""].past_key_values is not graph["transformer"].past_key_values
+
+
+@dataclasses.dataclass
+class _Derived(ModelOutput):  # type: ignore[misc]
+    a: torch.Tensor | None = None
+    b: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.doubled = self.a * 2  # an attribute __init__ makes from the values
+
+
+class _ReturnsDerived(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        h = self.lin(x)
+        return _Derived(a=h.relu(), b=h if x.shape[0] > 2 else None)
+
+
+@pytest.mark.parametrize("rows", [2, 3])
+def test_model_outputs_whose_init_makes_values_are_rebuilt_through_it(rows: int) -> None:
+    model = _ReturnsDerived()
+    inputs = [torch.randn(rows, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    _assert_same_capture(model, lambda: model(inputs[0]))
+    for x in inputs[1:]:  # new values through the same graph: nothing kept from an earlier run
+        eager, _ = _run(model, lambda: model(x), graph=False)  # noqa: B023
+        graph, _ = _run(model, lambda: model(x), graph=True)  # noqa: B023
+        assert list(graph) == list(eager)
+        for key in eager:
+            assert_same(graph[key], eager[key], key)
+        assert torch.equal(graph[""].doubled, eager[""].doubled)
+        assert list(graph[""].keys()) == (["a", "b"] if rows > 2 else ["a"])
 
 
 def test_grad_mode_forward_and_backward_match_a_plain_run() -> None:
