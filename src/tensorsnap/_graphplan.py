@@ -31,6 +31,7 @@ from ._graphnames import operator_name
 from ._keys import call_key, op_key
 from ._ops import op_name, quiet
 from ._recorder import Recorder
+from ._tree import extent
 
 __all__ = ["GraphSession", "Plan", "Unsupported", "torch_dir"]
 
@@ -126,6 +127,38 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, (tuple, list)):
         return [v for v in value if isinstance(v, torch.Tensor)]
     return []
+
+
+def _one_span(value: Any) -> bool:
+    """Whether a tuple or list of tensors is views of one storage that, in order of offset,
+    each overlap the ones before and together reach all of it (``split`` along a last dim).
+
+    The eager capture copies such a value as one copy of the span they reach, viewed with
+    their strides and offsets: here the span is the whole storage, so the value kept as it is
+    has the same strides, offsets and bytes, with no copy.
+    """
+    if not isinstance(value, (tuple, list)) or not value:
+        return False
+    if not all(isinstance(t, torch.Tensor) for t in value):  # (fake ones, in the plan)
+        return False
+    first = value[0]
+    if len({id(t) for t in value}) < len(value) or any(
+        t.dtype != first.dtype
+        or t.layout is not torch.strided
+        or t.numel() == 0
+        or t.is_conj()
+        or t.is_neg()
+        or t.untyped_storage()._cdata != first.untyped_storage()._cdata
+        for t in value
+    ):
+        return False
+    spans = sorted((int(t.storage_offset()), int(t.storage_offset()) + extent(t)) for t in value)
+    start, end = spans[0]
+    for low, high in spans[1:]:
+        if low >= end:
+            return False  # disjoint parts (chunk along dim 0): the eager capture copies each
+        end = max(end, high)
+    return start == 0 and end * first.element_size() == first.untyped_storage().nbytes()
 
 
 def _symbolic(value: Any) -> bool:
@@ -453,7 +486,8 @@ class Plan:
         if not any(i <= index for i in writes):
             at, index = node, made  # unchanged since it was made: one copy serves both keys
         written = any(i > index for i in writes)
-        if written or len(storages) < len(_tensors(value)):
+        shared = len(storages) < len(_tensors(value))  # parts of one value share storage
+        if written or (shared and not _one_span(value)):
             copy = self._copies.get((node, at))
             if copy is None:
                 with self.gm.graph.inserting_after(at):
