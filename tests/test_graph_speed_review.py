@@ -1,0 +1,485 @@
+"""A review of graph mode's faster hand-over, against the eager op capture.
+
+The hand-over builds the model's own output (``""``) from the graph, its tensors shared with
+the other keys holding the same graph value; copies a tensor the caller can reach once per
+call, shared by every key holding it; hands a static graph's values over in bulk once its
+records are known; rebuilds ModelOutputs from a layout learned from the first one made; and
+caches call numbering. Each test runs the same calls under the eager capture (the reference,
+itself tested against cloning hooks elsewhere) and in graph mode (whose first block of a new
+graph checks its keys against an eager run, so the blocks compared run the graph), and
+compares keys in order, every record field, values bitwise (with strides), and then writes
+into everything the caller holds and runs the model again, which must change no value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from conftest import assert_same, tiny_bert, tiny_gpt2, tiny_llama, token_ids
+from torch import nn
+
+import tensorsnap
+from tensorsnap import TensorSnapWarning
+from tensorsnap._graph import _compiled
+
+try:
+    from transformers.utils.generic import ModelOutput
+except ImportError:  # pragma: no cover - transformers is a test dependency
+    ModelOutput = None  # type: ignore[assignment,misc]
+
+
+def _run(
+    model: nn.Module, call: Callable[[], Any], graph: bool, grad: bool = False, **options: Any
+) -> tuple[Any, Any]:
+    torch.manual_seed(7)
+    mode = torch.enable_grad() if grad else torch.no_grad()
+    with mode, tensorsnap.capture(model, ops=True, graph=graph, **options) as snap:
+        out = call()
+    return snap, out
+
+
+def _fields(snap: Any) -> list[tuple[Any, ...]]:
+    return [tuple(r) for r in snap.records]  # every field, nbytes too
+
+
+def _tensors(value: Any, seen: set[int] | None = None) -> list[torch.Tensor]:
+    """Every tensor in a value, through tuples, lists, mappings and objects' attributes."""
+    seen = set() if seen is None else seen
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if id(value) in seen or isinstance(value, (type, nn.Module, str, bytes)):
+        return []
+    seen.add(id(value))
+    found: list[torch.Tensor] = []
+    parts: list[Any] = []
+    if isinstance(value, (tuple, list)):
+        parts = list(value)
+    elif isinstance(value, dict):
+        parts = list(value.values())
+    if hasattr(value, "__dict__"):
+        parts += list(vars(value).values())
+    for part in parts:
+        found += _tensors(part, seen)
+    return found
+
+
+def _same(actual: Any, expected: Any, path: str) -> None:
+    """conftest's assert_same, plus strides of every tensor and a ModelOutput's attributes
+    (assert_same compares a Mapping by its items only)."""
+    assert_same(actual, expected, path)
+    got, want = _tensors(actual), _tensors(expected)
+    assert len(got) == len(want), path
+    for i, (a, e) in enumerate(zip(got, want)):
+        assert a.stride() == e.stride(), f"{path}: tensor {i} strides {a.stride()} {e.stride()}"
+        assert not a.requires_grad and a.grad_fn is None, f"{path}: tensor {i} requires grad"
+    if ModelOutput is not None and isinstance(expected, ModelOutput):
+        assert list(vars(actual)) == list(vars(expected)), f"{path}: attributes differ"
+        for k, v in vars(expected).items():
+            _same(vars(actual)[k], v, f"{path}.{k}")
+
+
+def _same_output(actual: Any, expected: Any) -> None:
+    """The model's own outputs: the same types, tensors bitwise equal (parameters too)."""
+    assert type(actual) is type(expected)
+    got, want = _tensors(actual), _tensors(expected)
+    assert len(got) == len(want)
+    for a, e in zip(got, want):
+        assert type(a) is type(e) and a.dtype == e.dtype and a.stride() == e.stride()
+        assert torch.equal(a, e)
+    if not got:
+        assert actual == expected
+
+
+def _compare(graph: Any, eager: Any) -> None:
+    assert list(graph) == list(eager)
+    assert _fields(graph) == _fields(eager)
+    for key in eager:
+        _same(graph[key], eager[key], key)
+
+
+def _graph_blocks(
+    model: nn.Module, call: Callable[[], Any], blocks: int = 3, **options: Any
+) -> tuple[Any, Any]:
+    """The last of ``blocks`` graph-mode blocks, which ran the graph (no warning)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TensorSnapWarning)
+        for _ in range(blocks):
+            graph, out = _run(model, call, graph=True, **options)
+    assert _compiled[model].compiles >= 1 and _compiled[model].eager is None
+    return graph, out
+
+
+def _frozen(snap: Any) -> dict[str, Any]:
+    """Independent copies of every value of a snapshot, to check later that none changed."""
+    return {key: tensorsnap.snapshot(snap[key]) for key in snap}
+
+
+def _unchanged(snap: Any, kept: dict[str, Any]) -> None:
+    assert list(snap) == list(kept)
+    for key, value in kept.items():
+        _same(snap[key], value, key)
+
+
+def _scribble(*values: Any) -> None:
+    """Write into every tensor the caller holds, as a caller may after the block."""
+    with torch.no_grad():
+        for value in values:
+            for t in _tensors(value):
+                if t.is_floating_point():
+                    t.fill_(123.0)
+
+
+def _check(
+    model: nn.Module,
+    call: Callable[[], Any],
+    held: Callable[[Any], list[Any]],
+    blocks: int = 3,
+    **options: Any,
+) -> Any:
+    """Graph mode equals the eager capture, and no value changes when the caller writes into
+    what the call returned, its inputs and the model's parameters (``held(output)``), or when
+    the model runs again."""
+    eager, out_eager = _run(model, call, graph=False, **options)
+    graph, out = _graph_blocks(model, call, blocks, **options)
+    _compare(graph, eager)
+    _same_output(out, out_eager)
+    kept = _frozen(graph)
+    _run(model, call, graph=True, **options)  # the graph runs again, into another snapshot
+    _unchanged(graph, kept)
+    _scribble(*held(out))
+    _unchanged(graph, kept)
+    return graph
+
+
+# -- the model's own output, built from the graph ---------------------------------------------
+
+
+class _Returns(nn.Module):
+    """A model whose own output holds what the caller already holds or can write."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.lin = nn.Linear(4, 4)
+        self.act = nn.Tanh()
+        self.register_buffer("seen", torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> Any:
+        h = self.act(self.lin(x))
+        how = self.how
+        if how == "input":
+            return x
+        if how == "input-and-op":
+            return h, x
+        if how == "input-view":
+            return x[1:], x.t(), h
+        if how == "parameter":
+            return self.lin.weight, h
+        if how == "parameter-view":
+            return self.lin.weight.t(), self.lin.bias[:2], self.seen[1:], h
+        if how == "twice":
+            return h, h
+        if how == "twice-nested":
+            return {"a": h, "b": [h, (h, x)]}
+        if how == "submodule":
+            return h  # the Tanh's output itself, shared with keys "act" and "act/tanh"
+        if how == "view-of-fresh":
+            return h.t(), h[0], h
+        if how == "list":
+            return [h * 2, h, OrderedDict(q=h + 1, r=x)]
+        if how == "object":
+            box = _Box()
+            box.h, box.parts, box.n = h, [h * 2, x], 3
+            return box
+        if how == "none":
+            return None
+        if how == "number":
+            return 7
+        raise AssertionError(how)
+
+
+class _Box:
+    """A plain object a model returns, rebuilt from its attributes."""
+
+    h: torch.Tensor
+    parts: list[torch.Tensor]
+    n: int
+
+
+_HOWS = [
+    "input",
+    "input-and-op",
+    "input-view",
+    "parameter",
+    "parameter-view",
+    "twice",
+    "twice-nested",
+    "submodule",
+    "view-of-fresh",
+    "list",
+    "object",
+    "none",
+    "number",
+]
+
+
+@pytest.mark.parametrize("how", _HOWS)
+def test_the_models_own_output_is_the_eager_one_and_no_write_of_the_caller_changes_a_key(
+    how: str,
+) -> None:
+    model = _Returns(how)
+    x = torch.randn(3, 4)
+    graph = _check(model, lambda: model(x), lambda out: [out, x, *model.parameters(), model.seen])
+    assert "" in graph and "act/tanh" in graph
+
+
+# -- grad mode -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["twice-nested", "input-view", "parameter-view", "list"])
+def test_grad_mode_with_parameters_frozen_and_unfrozen_between_blocks(how: str) -> None:
+    model = _Returns(how)
+    x = torch.randn(3, 4)
+    for trainable in ("all", "none", "lin.weight", "all"):
+        for name, p in model.named_parameters():
+            p.requires_grad_(trainable in ("all", name))
+        call = lambda: model(x)  # noqa: E731
+        eager, out_eager = _run(model, call, graph=False, grad=True)
+        graph, out = _graph_blocks(model, call, grad=True)
+        _compare(graph, eager)
+        _same_output(out, out_eager)
+        assert [t.requires_grad for t in _tensors(out)] == [
+            t.requires_grad for t in _tensors(out_eager)
+        ]
+
+
+def test_grad_mode_with_an_input_that_requires_grad_and_backward_after() -> None:
+    model = _Returns("input-view")
+    x = torch.randn(3, 4, requires_grad=True)
+
+    def call() -> Any:
+        a, b, h = model(x)
+        (a.sum() + b.sum() + h.pow(2).sum()).backward()
+        return h
+
+    eager, _ = _run(model, call, graph=False, grad=True)
+    x.grad = None
+    model.zero_grad()
+    graph, _ = _graph_blocks(model, call, grad=True)
+    _compare(graph, eager)
+    assert x.grad is not None
+
+
+def test_inference_mode_gives_the_eager_values() -> None:
+    model = _Returns("twice-nested")
+    x = torch.randn(3, 4)
+
+    def call() -> Any:
+        with torch.inference_mode():
+            return model(x)
+
+    eager, _ = _run(model, call, graph=False)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always", TensorSnapWarning)
+        for _ in range(3):
+            graph, _ = _run(model, call, graph=True)
+    _compare(graph, eager)
+
+
+# -- ModelOutputs, rebuilt from the layout of the first one made -------------------------------
+
+if ModelOutput is not None:
+
+    @dataclasses.dataclass
+    class _Out(ModelOutput):  # type: ignore[misc]
+        logits: torch.Tensor | None = None
+        hidden: tuple[torch.Tensor, ...] | None = None
+        extra: torch.Tensor | None = None
+
+    @dataclasses.dataclass
+    class _Counted(ModelOutput):  # type: ignore[misc]
+        """A ModelOutput whose __post_init__ derives an attribute from a value's shape."""
+
+        logits: torch.Tensor | None = None
+        extra: torch.Tensor | None = None
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            self.rows = self.logits.shape[0] if self.logits is not None else -1
+            self.tag = "rows"
+
+
+class _Outputs(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, hidden: bool = False) -> Any:
+        h = self.lin(x)
+        how = self.how
+        if how == "toggled":  # fields None in one call, set in the next
+            return _Out(logits=h * 2, hidden=(h, x) if hidden else None)
+        if how == "same-twice":
+            return _Out(logits=h, extra=h)
+        if how == "first-only":
+            return _Out(logits=h)
+        if how == "tuple-first":  # the first field alone, not a tensor: __post_init__'s branch
+            return _Out(logits=(h, h + 1))  # type: ignore[arg-type]
+        if how == "item-set-later":  # an item set after __init__ goes last among the items
+            out = _Out(hidden=(h,))
+            out["logits"] = h + 1
+            return out
+        if how == "attribute-set-later":  # a None field set as an attribute: not an item
+            out = _Out(logits=h)
+            out.extra = h + 1
+            return out
+        if how == "counted":
+            return _Counted(logits=h * 2, extra=x)
+        raise AssertionError(how)
+
+
+class _Wraps(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.inner = _Outputs(how)
+
+    def forward(self, x: torch.Tensor, hidden: bool = False) -> Any:
+        out = self.inner(x, hidden)
+        logits = out["logits"]
+        first = logits[0] if isinstance(logits, tuple) else logits
+        # (a dict: dynamo cannot compare two tuples by identity, see the test of nested tuples)
+        return {"y": first.relu(), "inner": out}
+
+
+@pytest.mark.skipif(ModelOutput is None, reason="needs transformers")
+@pytest.mark.parametrize("how", ["same-twice", "first-only", "tuple-first", "attribute-set-later"])
+def test_model_outputs_of_unusual_shapes_are_the_eager_copies_block_after_block(how: str) -> None:
+    model = _Wraps(how)
+    x = torch.randn(3, 4)
+    _check(model, lambda: model(x), lambda out: [out, x, *model.parameters()])
+
+
+@pytest.mark.skipif(ModelOutput is None, reason="needs transformers")
+def test_model_output_fields_set_in_one_block_and_none_in_the_next() -> None:
+    model = _Wraps("toggled")
+    x = torch.randn(3, 4)
+    for hidden in (False, True, False, True):
+        call = lambda hidden=hidden: model(x, hidden=hidden)  # noqa: E731
+        eager, out_eager = _run(model, call, graph=False)
+        graph, out = _graph_blocks(model, call)
+        _compare(graph, eager)
+        _same_output(out, out_eager)
+        assert ("hidden" in graph["inner"]) == hidden and ("hidden" in graph[""]["inner"]) == hidden
+
+
+@pytest.mark.skipif(ModelOutput is None, reason="needs transformers")
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect: _Layout takes an int that __post_init__ derived from a value's shape for a "
+    "constant, so on a graph with dynamic shapes later ModelOutputs keep the first one's",
+)
+def test_a_model_output_attribute_derived_from_a_shape_follows_dynamic_shapes() -> None:
+    model = _Wraps("counted")
+    for rows in (2, 3, 4, 5):
+        x = torch.randn(rows, 4)
+        eager, _ = _run(model, lambda: model(x), graph=False)  # noqa: B023
+        graph, _ = _graph_blocks(model, lambda: model(x), blocks=2)  # noqa: B023
+        assert vars(eager["inner"])["rows"] == rows
+        _compare(graph, eager)  # the ModelOutput's attribute "rows" too
+
+
+@pytest.mark.skipif(ModelOutput is None, reason="needs transformers")
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect (before this session too): a ModelOutput is rebuilt as cls(**items), whose "
+    "__post_init__ orders its items by field; the eager copy keeps the order they were set in",
+)
+def test_a_model_output_item_set_after_init_keeps_its_place() -> None:
+    model = _Wraps("item-set-later")
+    x = torch.randn(3, 4)
+    eager, _ = _run(model, lambda: model(x), graph=False)
+    assert list(eager["inner"]) == ["hidden", "logits"]
+    graph, _ = _graph_blocks(model, lambda: model(x))
+    _compare(graph, eager)
+
+
+# -- real models ------------------------------------------------------------------------------
+
+
+def _held_gpt2(model: nn.Module, ids: torch.Tensor) -> Callable[[Any], list[Any]]:
+    return lambda out: [out, ids, *model.parameters(), *model.buffers()]
+
+
+def test_gpt2_root_output_shares_the_graph_values_and_is_safe_from_the_callers_writes() -> None:
+    model = tiny_gpt2()
+    ids = token_ids(2, 8)
+    graph = _check(model, lambda: model(input_ids=ids), _held_gpt2(model, ids))
+    # the documented sharing: the root output's logits are the lm_head key's tensor, a copy
+    assert graph[""].logits is graph["lm_head"]
+
+
+def test_bert_with_return_dict_toggled_between_blocks() -> None:
+    model = tiny_bert()
+    ids = token_ids(2, 8)
+    for tuples in (True, False):
+        call = lambda tuples=tuples: model(input_ids=ids, return_dict=not tuples)  # noqa: E731
+        graph = _check(model, call, _held_gpt2(model, ids), blocks=2)
+        assert isinstance(graph[""], tuple) == tuples
+
+
+def test_llama_called_twice_a_block_with_its_cache() -> None:
+    model = tiny_llama()
+    ids = token_ids(2, 5)
+
+    def call() -> Any:
+        model(input_ids=ids)
+        return model(input_ids=ids.flip(0))
+
+    graph = _check(model, call, _held_gpt2(model, ids), blocks=2)
+    assert (
+        "#1" in graph
+        and "model.layers.0#1" in graph
+        and not torch.equal(graph["#1"].logits, graph[""].logits)
+    )
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_batches_of_other_sizes_in_one_block_each(dynamic: bool) -> None:
+    # static: one graph per size (dynamo is told not to make sizes dynamic); dynamic: the
+    # third size on runs the graph made dynamic on the second
+    model = _Returns("twice-nested")
+    for batch in (2, 3, 4, 5, 2):
+        x = torch.randn(batch, 4)
+        call = lambda x=x: model(x)  # noqa: E731
+        if dynamic:
+            _check(model, call, lambda out, x=x: [out, x], blocks=2)
+        else:
+            with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+                _check(model, call, lambda out, x=x: [out, x], blocks=2)
+    assert _compiled[model].compiles >= 2
+
+
+def test_bert_train_forward_in_grad_mode_with_layers_frozen_between_blocks() -> None:
+    model = tiny_bert()
+    model.train()
+    ids = token_ids(2, 8)
+    call = lambda: model(input_ids=ids)  # noqa: E731
+    for frozen in ("embeddings", ""):
+        for name, p in model.named_parameters():
+            p.requires_grad_(not (frozen and name.startswith(frozen)))
+        eager, out_eager = _run(model, call, graph=False, grad=True)
+        graph, out = _graph_blocks(model, call, grad=True)
+        _compare(graph, eager)
+        _same_output(out, out_eager)
+        assert out.last_hidden_state.requires_grad
+        kept = _frozen(graph)
+        out.last_hidden_state.sum().backward()
+        _scribble(out)
+        _unchanged(graph, kept)
