@@ -33,7 +33,13 @@ from ._errors import TensorSnapError, attr, format_path
 from ._offload import Offload
 from ._tree import extent
 
-__all__ = ["Copier", "copies_from_attributes", "is_model_output", "snapshot"]
+__all__ = [
+    "Copier",
+    "copies_as_model_output",
+    "copies_from_attributes",
+    "is_model_output",
+    "snapshot",
+]
 
 _MISSING = object()
 
@@ -825,6 +831,13 @@ def copies_from_attributes(cls: type) -> bool:
         and not any(name in vars(k) for k in cls.__mro__[:-1] for name in own)
         and not any(vars(k).get("__slots__") for k in cls.__mro__[:-1])  # ABC's () holds none
     )
+
+
+def copies_as_model_output(cls: type) -> bool:
+    """Whether the copy engine copies a ``cls`` instance as a ``ModelOutput``: a new instance
+    given copies of its items and then of its ``__dict__``, no method of the class taking
+    part (graph mode rebuilds such objects itself)."""
+    return _HANDLERS.get(cls, _handler_for(cls)) is _copy_model_output
 
 
 def is_model_output(cls: type) -> bool:

@@ -62,7 +62,8 @@ DEEPEST = 24
 
 def _markable(value: Any, seen: list[Any] | None = None, depth: int = 0) -> Any:
     """``value`` as an fx argument can hold it, traced by dynamo: Mappings (``ModelOutput``)
-    become their class's module and name with their keys and values, other objects (a
+    become their class's module and name with their keys and values, and the names and values
+    of their attributes (a ModelOutput's fields, as set when it was made), other objects (a
     transformers ``DynamicCache``) their class with the names and values of their attributes
     as the module call returned them, and classes their module and name; the plan rebuilds
     them, or refuses those the copy engine would not copy from their attributes.
@@ -93,12 +94,16 @@ def _markable(value: Any, seen: list[Any] | None = None, depth: int = 0) -> Any:
         return [_markable(item, seen, depth) for item in value]
     if isinstance(value, dict):
         plain = cls is dict  # dynamo cannot read a builtin class's __module__ as a constant
+        state = None if plain else getattr(value, "__dict__", None)
+        attributes = state if type(state) is dict else {}  # a ModelOutput's fields
         return (
             MAPPING,
             "builtins" if plain else cls.__module__,
             "dict" if plain else cls.__qualname__,
             tuple(value.keys()),
             tuple(_markable(item, seen, depth) for item in value.values()),
+            tuple(attributes.keys()),
+            tuple(_markable(item, seen, depth) for item in attributes.values()),
         )
     if isinstance(value, type):
         return (CLASS, value.__module__, value.__qualname__)

@@ -25,7 +25,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._clones import clone, clone_items
-from ._copy import Copier, copies_from_attributes, is_model_output
+from ._copy import Copier, copies_as_model_output, copies_from_attributes
 from ._graphmarks import CLASS, DEEP, DEEPEST, MAPPING, OBJECT, OPAQUE, SHARED, mark
 from ._graphnames import operator_name
 from ._keys import call_key, op_key
@@ -425,7 +425,7 @@ class Plan:
             return leaves[-1][1]
 
         name = self._names[module_id]
-        value = _structure(_unwrap(fx.node.map_arg(node.args[1], leaf)), name, [], set())
+        value = _structure(_unwrap(fx.node.map_arg(node.args[1], leaf)), name, [])
         self.entries.append(_Entry(frame, None, 0, value, self._whole(leaves, name)))
 
     def _root_output(self) -> bool:
@@ -446,7 +446,7 @@ class Plan:
 
         name = self._names[self.root_id]
         try:
-            value = _structure(_unwrap(fx.node.map_arg(node.args[1], leaf)), name, [], set())
+            value = _structure(_unwrap(fx.node.map_arg(node.args[1], leaf)), name, [])
             whole = self._whole(leaves, name)
         except Unsupported:
             return False
@@ -455,7 +455,8 @@ class Plan:
         return True
 
     def _whole(self, leaves: list[tuple[fx.Node, _Leaf]], name: str) -> bool:
-        """Whether a module output's tensors share storage and need one copy of them all."""
+        """Whether a module output's tensors share storage and need one copy of them all:
+        views of each other that the caller can reach, which copies made apart would part."""
         nodes = {n: how.how for n, how in leaves}
         seen: set[StorageWeakRef] = set()
         overlap = False
@@ -469,7 +470,8 @@ class Plan:
                 f"module {name!r} returns tensors that share storage and that a later node of "
                 "the graph writes"
             )
-        return (overlap or len(nodes) < len(leaves)) and _COPY in nodes.values()
+        # (a tensor held twice is one value twice without this: each slot is copied once)
+        return overlap and _COPY in nodes.values()
 
     # -- copies ----------------------------------------------------------------------------------
 
@@ -693,8 +695,16 @@ def _fill(
     if isinstance(structure, dict):
         return {k: fill(v) for k, v in structure.items()}
     if isinstance(structure, _Mapping):
-        if structure.fields:  # a ModelOutput never holds itself (see _structure)
-            made = memo[id(structure)] = structure.build([fill(v) for v in structure.values])
+        if structure.fields:
+            # as the copy engine copies a ModelOutput: no __init__ or __post_init__ (which would
+            # re-derive and reorder the items), its items and attributes set as they were
+            model_output: Any = structure.cls
+            made = memo[id(structure)] = model_output.__new__(model_output)
+            for k, v in zip(structure.keys, structure.values, strict=True):
+                OrderedDict.__setitem__(made, k, fill(v))
+            made.__dict__.update(
+                [(k, fill(v)) for k, v in zip(structure.names, structure.state, strict=True)]
+            )
             return made
         mapping = memo[id(structure)] = structure.cls()
         for k, v in zip(structure.keys, structure.values, strict=True):
@@ -721,61 +731,15 @@ class _Rebuilt:
 
 class _Mapping(_Rebuilt):
     """A Mapping in a module output (``dict``, ``OrderedDict``, a ``ModelOutput``): rebuilt
-    from its items."""
+    from its items, and a ModelOutput from its attributes too."""
 
-    __slots__ = ("fields", "layout")
+    __slots__ = ("fields", "names", "state")
 
-    def __init__(self, cls: type, keys: tuple[Any, ...], fields: bool) -> None:
+    def __init__(self, cls: type, keys: tuple[Any, ...], fields: bool, names: tuple[str, ...]):
         super().__init__(cls, keys, ())
-        self.fields = fields  # a ModelOutput: made as cls(**items)
-        # where cls(**items) put the items and attributes, learned from the first one made
-        self.layout: _Layout | None = None
-
-    def build(self, values: list[Any]) -> Any:
-        """A ModelOutput holding ``values``: made as ``cls(**items)`` made the first one.
-
-        transformers' ``__init__`` and ``__post_init__`` (which may rename deprecated fields)
-        cost some 30 us a call; the one they made first shows where each item and attribute
-        went, and later ones are set there directly, as the copy engine copies a ModelOutput.
-        """
-        layout = self.layout
-        if layout is not None and layout.usable:
-            return layout.make(self.cls, values)
-        made = self.cls(**dict(zip(self.keys, values, strict=True)))
-        if layout is None:
-            self.layout = _Layout(made, values)
-        return made
-
-
-class _Layout:
-    """Where a ModelOutput's ``__init__`` put the values it was given: each item and
-    attribute is one of them, by position, or a constant (``None``, a number, a string)."""
-
-    __slots__ = ("attributes", "items", "usable")
-
-    def __init__(self, made: Any, values: list[Any]) -> None:
-        positions = {id(v): i for i, v in enumerate(values)}
-        self.usable = len(positions) == len(values)  # no value given twice
-
-        def place(value: Any) -> tuple[int, Any]:
-            position = positions.get(id(value))
-            if position is not None:
-                return position, None
-            if value is not None and type(value) not in (bool, int, float, str):
-                self.usable = False  # made by __init__ itself: cannot be set directly
-            return -1, value
-
-        self.items = [(k, *place(v)) for k, v in made.items()]
-        self.attributes = [(k, *place(v)) for k, v in made.__dict__.items()]
-
-    def make(self, cls: Any, values: list[Any]) -> Any:
-        made = cls.__new__(cls)
-        for key, position, constant in self.items:
-            OrderedDict.__setitem__(made, key, values[position] if position >= 0 else constant)
-        made.__dict__.update(
-            [(k, values[position] if position >= 0 else c) for k, position, c in self.attributes]
-        )
-        return made
+        self.fields = fields  # a ModelOutput: its items, then its attributes, set as they were
+        self.names = names  # its attributes' names, and their values (filled in later)
+        self.state: tuple[Any, ...] = ()
 
 
 class _Object(_Rebuilt):
@@ -793,12 +757,12 @@ class _Shared:
         self.target = target
 
 
-def _structure(value: Any, name: str, made: list[Any], building: set[int]) -> Any:
+def _structure(value: Any, name: str, made: list[Any]) -> Any:
     """A module output's structure with its Mappings resolved to the live classes.
 
     ``made``: its tuples, lists, mappings and objects in the order :func:`._graphmarks._markable`
-    met them (a ``SHARED`` tag names one by its place there); ``building``: the ModelOutputs
-    being resolved, which cannot be made before their fields (one holding itself is refused).
+    met them (a ``SHARED`` tag names one by its place there; a tuple is made after what it
+    holds, so one holding itself is refused).
     """
     if isinstance(value, tuple) and value and value[0] == OPAQUE:
         raise Unsupported(
@@ -812,25 +776,24 @@ def _structure(value: Any, name: str, made: list[Any], building: set[int]) -> An
         )
     if isinstance(value, tuple) and len(value) == 2 and value[0] == SHARED:
         target = made[value[1]]
-        if target is None or id(target) in building:
+        if target is None:
             raise Unsupported(
-                f"module {name!r} returned a tuple or ModelOutput that holds itself (they are "
-                "made after what they hold)"
+                f"module {name!r} returned a tuple that holds itself (a tuple is made after "
+                "what it holds)"
             )
         return _Shared(target)
-    if isinstance(value, tuple) and len(value) == 5 and value[0] == MAPPING:
+    if isinstance(value, tuple) and len(value) == 7 and value[0] == MAPPING:
         cls = _live_class(value[1], value[2])
-        # rebuilt as cls(pairs) or cls(**fields): other dict types (defaultdict, a subclass
-        # with an __init__ of its own) would not come back as they were
-        fields = cls is not None and is_model_output(cls)
-        if cls is None or not (cls in (dict, OrderedDict) or fields):
+        # rebuilt as cls(pairs), or a ModelOutput as the copy engine copies one: other dict
+        # types (defaultdict, a subclass with an __init__ or __deepcopy__ of its own, an
+        # OrderedDict given attributes) would not come back as they were
+        fields = cls is not None and copies_as_model_output(cls)
+        if cls is None or not ((cls in (dict, OrderedDict) and not value[5]) or fields):
             raise Unsupported(f"module {name!r} returned a {value[1]}.{value[2]}")
-        mapping = _Mapping(cls, value[3], fields)
+        mapping = _Mapping(cls, value[3], fields, value[5])
         made.append(mapping)
-        if fields:
-            building.add(id(mapping))
-        mapping.values = tuple(_structure(v, name, made, building) for v in value[4])
-        building.discard(id(mapping))
+        mapping.values = tuple(_structure(v, name, made) for v in value[4])
+        mapping.state = tuple(_structure(v, name, made) for v in value[6])
         return mapping
     if isinstance(value, tuple) and len(value) == 5 and value[0] == OBJECT:
         cls = _live_class(value[1], value[2])
@@ -842,7 +805,7 @@ def _structure(value: Any, name: str, made: list[Any], building: set[int]) -> An
             )
         found = _Object(cls, value[3], ())
         made.append(found)
-        found.values = tuple(_structure(v, name, made, building) for v in value[4])
+        found.values = tuple(_structure(v, name, made) for v in value[4])
         return found
     if isinstance(value, tuple) and len(value) == 3 and value[0] == CLASS:
         live = _live_class(value[1], value[2])
@@ -852,15 +815,15 @@ def _structure(value: Any, name: str, made: list[Any], building: set[int]) -> An
     if type(value) is tuple:
         at = len(made)
         made.append(None)  # until its items are resolved: a tuple is made after them
-        made[at] = resolved = tuple(_structure(v, name, made, building) for v in value)
+        made[at] = resolved = tuple(_structure(v, name, made) for v in value)
         return resolved
     if type(value) is list:
         items: list[Any] = []
         made.append(items)
-        items.extend(_structure(v, name, made, building) for v in value)
+        items.extend(_structure(v, name, made) for v in value)
         return items
     if type(value) is dict:
-        return {k: _structure(v, name, made, building) for k, v in value.items()}
+        return {k: _structure(v, name, made) for k, v in value.items()}
     return value
 
 
