@@ -312,7 +312,7 @@ class _Derived(ModelOutput):  # type: ignore[misc]
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.doubled = self.a * 2  # an attribute __init__ makes from the values
+        self.doubled = self.a * 2  # an attribute __init__ makes from the values, in the graph
 
 
 class _ReturnsDerived(nn.Module):
@@ -326,7 +326,7 @@ class _ReturnsDerived(nn.Module):
 
 
 @pytest.mark.parametrize("rows", [2, 3])
-def test_model_outputs_whose_init_makes_values_are_rebuilt_through_it(rows: int) -> None:
+def test_model_outputs_keep_the_attributes_their_init_made(rows: int) -> None:
     model = _ReturnsDerived()
     inputs = [torch.randn(rows, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     _assert_same_capture(model, lambda: model(inputs[0]))
