@@ -197,6 +197,31 @@ class _Returns(nn.Module):
             box = _Box()
             box.h, box.parts, box.n = h, [h * 2, x], 3
             return box
+        if how == "split-input":  # views of the caller's input: copied as one value
+            a, b = x.split(2, dim=-1)
+            return a * 1, b
+        if how == "split-parameter":
+            a, b = self.lin.weight.split([1, 3], dim=-1)
+            return a + h[:1, :1], b
+        if how == "split-returned":  # a part of a fresh split is returned: the caller has it
+            a, b = h.split(2, dim=-1)
+            return a, b * 2
+        if how == "split-fresh":  # kept as it is: nothing else holds its storage
+            a, b, c = (h * 3).split([1, 2, 1], dim=-1)
+            return torch.cat([c, a, b], dim=-1)
+        if how == "split-then-written":  # a later node writes the split's storage
+            g = h * 3
+            a, b = g.split(2, dim=-1)
+            g.mul_(2)
+            return a + b
+        if how == "split-partial":  # the parts do not reach all of their storage
+            a, b = (h * 3)[:, 1:].split([1, 2], dim=-1)
+            return a + b[:, :1]
+        if how == "chunk-rows":  # disjoint parts of one storage
+            a, b = (h * 3).chunk(2, dim=0)
+            return a.sum() + b.sum()
+        if how == "unbind":
+            return sum((h * 3).unbind(-1))
         if how == "none":
             return None
         if how == "number":
@@ -224,6 +249,14 @@ _HOWS = [
     "view-of-fresh",
     "list",
     "object",
+    "split-input",
+    "split-parameter",
+    "split-returned",
+    "split-fresh",
+    "split-then-written",
+    "split-partial",
+    "chunk-rows",
+    "unbind",
     "none",
     "number",
 ]
@@ -237,12 +270,16 @@ def test_the_models_own_output_is_the_eager_one_and_no_write_of_the_caller_chang
     x = torch.randn(3, 4)
     graph = _check(model, lambda: model(x), lambda out: [out, x, *model.parameters(), model.seen])
     assert "" in graph and "act/tanh" in graph
+    if how.startswith("split"):
+        assert "/split" in graph or "/split_with_sizes" in graph
 
 
 # -- grad mode -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("how", ["twice-nested", "input-view", "parameter-view", "list"])
+@pytest.mark.parametrize(
+    "how", ["twice-nested", "input-view", "parameter-view", "list", "split-fresh", "split-returned"]
+)
 def test_grad_mode_with_parameters_frozen_and_unfrozen_between_blocks(how: str) -> None:
     model = _Returns(how)
     x = torch.randn(3, 4)
@@ -380,27 +417,20 @@ def test_model_output_fields_set_in_one_block_and_none_in_the_next() -> None:
 
 
 @pytest.mark.skipif(ModelOutput is None, reason="needs transformers")
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: _Layout takes an int that __post_init__ derived from a value's shape for a "
-    "constant, so on a graph with dynamic shapes later ModelOutputs keep the first one's",
-)
 def test_a_model_output_attribute_derived_from_a_shape_follows_dynamic_shapes() -> None:
     model = _Wraps("counted")
     for rows in (2, 3, 4, 5):
         x = torch.randn(rows, 4)
         eager, _ = _run(model, lambda: model(x), graph=False)  # noqa: B023
-        graph, _ = _graph_blocks(model, lambda: model(x), blocks=2)  # noqa: B023
+        with warnings.catch_warnings(record=True):  # the graph, or the eager capture, by name
+            warnings.simplefilter("always", TensorSnapWarning)
+            for _ in range(2):
+                graph, _ = _run(model, lambda: model(x), graph=True)  # noqa: B023
         assert vars(eager["inner"])["rows"] == rows
         _compare(graph, eager)  # the ModelOutput's attribute "rows" too
 
 
 @pytest.mark.skipif(ModelOutput is None, reason="needs transformers")
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect (before this session too): a ModelOutput is rebuilt as cls(**items), whose "
-    "__post_init__ orders its items by field; the eager copy keeps the order they were set in",
-)
 def test_a_model_output_item_set_after_init_keeps_its_place() -> None:
     model = _Wraps("item-set-later")
     x = torch.randn(3, 4)
@@ -483,3 +513,193 @@ def test_bert_train_forward_in_grad_mode_with_layers_frozen_between_blocks() -> 
         out.last_hidden_state.sum().backward()
         _scribble(out)
         _unchanged(graph, kept)
+
+
+# -- options beside graph=True -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"include": ["", "act*", "/*"]},
+        {"include": "*", "exclude": ["lin", "/t"]},
+        {"dtype": torch.float16},
+        {"device": "cpu"},
+        {"max_memory": 0},
+        {"max_memory": 200},
+        {"nonfinite": "raise"},
+    ],
+    ids=["include", "exclude", "dtype", "device", "spill", "spill-some", "nonfinite"],
+)
+@pytest.mark.parametrize("how", ["view-of-fresh", "split-fresh", "input-view"])
+def test_options_with_shared_values_give_the_eager_capture(how: str, options: Any) -> None:
+    model = _Returns(how)
+    x = torch.randn(3, 4)
+    _check(model, lambda: model(x), lambda out: [out, x, *model.parameters()], **options)
+
+
+def test_nonfinite_raise_on_a_known_run_names_the_first_bad_key_and_keeps_the_ones_before() -> None:
+    model = _Returns("view-of-fresh")
+    good = torch.randn(3, 4)
+    bad = good.clone()
+    bad[1, 2] = float("nan")  # the first key holding it is the Linear's op
+    for _ in range(3):  # the check, the graph's first run, a run of known records
+        _run(model, lambda: model(good), graph=True, nonfinite="raise")
+    snaps = []
+    for graph in (False, True):
+        with (
+            pytest.raises(tensorsnap.NonFiniteError, match="'lin/linear'"),
+            tensorsnap.capture(model, ops=True, graph=graph, nonfinite="raise") as snap,
+        ):
+            model(bad)
+        snaps.append(snap)
+    eager, graph = snaps
+    _compare(graph, eager)
+    # the snapshot is still readable, and the next block is a full one
+    graph, _ = _graph_blocks(model, lambda: model(good), blocks=1, nonfinite="raise")
+    eager, _ = _run(model, lambda: model(good), graph=False, nonfinite="raise")
+    _compare(graph, eager)
+
+
+# -- ops that may give back their input itself at run time ------------------------------------
+
+
+class _Aliases(nn.Module):
+    """Ops that return their input (or a view of it) when there is nothing to do."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.lin = nn.Linear(4, 4)
+        self.drop = nn.Dropout(0.5)
+        self.same = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        w = self.lin.weight
+        ops: dict[str, Callable[[], torch.Tensor]] = {
+            "dropout": lambda: nn.functional.dropout(x, 0.5, training=False),
+            "dropout-module": lambda: self.drop(w)[:3],
+            "identity-module": lambda: self.same(w)[:3],
+            "contiguous": lambda: x.contiguous(),
+            "to": lambda: x.to(torch.float32),
+            "float": lambda: w.float()[:3],
+            "cpu": lambda: x.cpu(),
+            "expand_as": lambda: x.expand_as(x),
+            "reshape": lambda: x.reshape(3, 4),
+            "detach": lambda: x.detach(),
+            "type_as": lambda: x.type_as(h),
+        }
+        return ops[self.how]() + h
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "dropout",
+        "dropout-module",
+        "identity-module",
+        "contiguous",
+        "to",
+        "float",
+        "cpu",
+        "expand_as",
+        "reshape",
+        "detach",
+        "type_as",
+    ],
+)
+def test_ops_that_give_back_an_input_or_a_parameter_are_copied(how: str) -> None:
+    model = _Aliases(how).eval()
+    x = torch.randn(3, 4)
+    graph = _check(model, lambda: model(x), lambda out: [out, x, *model.parameters()])
+    held = {t.untyped_storage().data_ptr() for t in [x, *model.parameters()]}
+    for key in graph:
+        assert all(t.untyped_storage().data_ptr() not in held for t in _tensors(graph[key])), key
+
+
+class _GradInside(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.act = nn.Tanh()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():  # values that require grad under an outer no_grad
+            h = self.act(self.lin(x)) * 2
+        return h.detach() + 1
+
+
+def test_values_made_with_grad_enabled_inside_a_no_grad_call_do_not_require_grad() -> None:
+    model = _GradInside()
+    x = torch.randn(3, 4)
+    graph = _check(model, lambda: model(x), lambda out: [out, x, *model.parameters()])
+    assert list(graph) == ["lin/linear", "lin", "act/tanh", "act", "/mul", "/detach", "/add", ""]
+
+
+# -- several calls and several models -----------------------------------------------------------
+
+
+def test_calls_of_two_sizes_interleaved_in_a_block_are_numbered_as_eager_numbers_them() -> None:
+    model = _Returns("view-of-fresh")
+    small, large = torch.randn(2, 4), torch.randn(5, 4)
+
+    def call() -> Any:
+        for x in (small, large, small, small, large):
+            out = model(x)
+        return out
+
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        graph = _check(model, call, lambda out: [out, small, large, *model.parameters()])
+    assert "#4" in graph and "act#3/tanh" in graph
+    assert _compiled[model].compiles >= 2
+
+
+def test_graph_blocks_of_two_models_nested_each_give_the_eager_values() -> None:
+    first, second = _Returns("twice-nested"), _Returns("split-fresh")
+    x = torch.randn(3, 4)
+
+    def blocks(graph: bool) -> tuple[Any, Any]:
+        with (
+            torch.no_grad(),
+            tensorsnap.capture(first, ops=True, graph=graph) as outer,
+            tensorsnap.capture(second, ops=True, graph=graph) as inner,
+        ):
+            second(first(x)["a"])
+            first(x * 2)
+        return outer, inner
+
+    eager = blocks(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TensorSnapWarning)
+        for _ in range(3):
+            graph = blocks(True)
+    assert _compiled[first].compiles == 1 and _compiled[second].compiles == 1
+    for got, want in zip(graph, eager):
+        _compare(got, want)
+
+
+# -- what still runs eagerly ------------------------------------------------------------------
+
+
+class _Nested(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        h = self.lin(x)
+        return h, (h + 1, x)  # a tuple in a tuple, as return_dict=False outputs are
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect (before this session too): _markable's identity check `other is value` on "
+    "two tuples is a builtin dynamo cannot trace, so any output holding two tuples runs eagerly",
+)
+def test_an_output_holding_a_tuple_in_a_tuple_takes_the_graph() -> None:
+    model = _Nested()
+    x = torch.randn(3, 4)
+    eager, _ = _run(model, lambda: model(x), graph=False)
+    graph, _ = _graph_blocks(model, lambda: model(x))  # a warning names the refusal
+    _compare(graph, eager)
