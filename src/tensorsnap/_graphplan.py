@@ -587,6 +587,8 @@ class Plan:
 
 
 _TENSOR = {torch.Tensor}
+# what a module output's structure holds as it is (a ModelOutput's unset fields, a cache's flags)
+_CONSTANTS = frozenset({type(None), bool, int, float, str, torch.device, torch.dtype})
 _requires_grad = torch.Tensor.requires_grad.__get__  # type: ignore[attr-defined]
 
 
@@ -676,9 +678,12 @@ def _fill(
 ) -> Any:
     """The value of a module output's ``structure``; ``memo``: what each tuple, list, mapping
     and object of it became, so that one held twice (a :class:`_Shared`) is one value twice."""
-    if isinstance(structure, _Leaf):
+    kind = type(structure)
+    if kind is _Leaf:
         return _take(extras, structure, plain, recorder, key, clones)
-    if isinstance(structure, _Shared):
+    if kind in _CONSTANTS:
+        return structure
+    if kind is _Shared:
         return memo[id(structure.target)]
 
     def fill(part: Any) -> Any:
