@@ -80,6 +80,9 @@ def _same(actual: Any, expected: Any, path: str) -> None:
         assert not a.requires_grad and a.grad_fn is None, f"{path}: tensor {i} requires grad"
     if ModelOutput is not None and isinstance(expected, ModelOutput):
         assert list(vars(actual)) == list(vars(expected)), f"{path}: attributes differ"
+        for k in expected:  # an item and its attribute are one value in the eager copy
+            one = vars(expected).get(k) is dict.__getitem__(expected, k)
+            assert (vars(actual).get(k) is dict.__getitem__(actual, k)) == one, f"{path}.{k}"
         for k, v in vars(expected).items():
             _same(vars(actual)[k], v, f"{path}.{k}")
 
@@ -351,6 +354,16 @@ if ModelOutput is not None:
             self.rows = self.logits.shape[0] if self.logits is not None else -1
             self.tag = "rows"
 
+    @dataclasses.dataclass
+    class _Derives(ModelOutput):  # type: ignore[misc]
+        """A ModelOutput whose __post_init__ makes a tensor attribute (not a field)."""
+
+        logits: torch.Tensor | None = None
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            self.probs = self.logits.softmax(-1) if self.logits is not None else None
+
 
 class _Outputs(nn.Module):
     def __init__(self, how: str) -> None:
@@ -377,6 +390,10 @@ class _Outputs(nn.Module):
             out = _Out(logits=h)
             out.extra = h + 1
             return out
+        if how == "derived":
+            return _Derives(logits=h * 2)
+        if how == "list-field":  # a list as a field: the item and the attribute are one list
+            return _Out(logits=h, hidden=[h, x])  # type: ignore[arg-type]
         if how == "counted":
             return _Counted(logits=h * 2, extra=x)
         raise AssertionError(how)
@@ -396,7 +413,10 @@ class _Wraps(nn.Module):
 
 
 @pytest.mark.skipif(ModelOutput is None, reason="needs transformers")
-@pytest.mark.parametrize("how", ["same-twice", "first-only", "tuple-first", "attribute-set-later"])
+@pytest.mark.parametrize(
+    "how",
+    ["same-twice", "first-only", "tuple-first", "attribute-set-later", "derived", "list-field"],
+)
 def test_model_outputs_of_unusual_shapes_are_the_eager_copies_block_after_block(how: str) -> None:
     model = _Wraps(how)
     x = torch.randn(3, 4)
