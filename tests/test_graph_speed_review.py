@@ -741,3 +741,51 @@ def test_an_output_holding_a_tuple_in_a_tuple_takes_the_graph() -> None:
     eager, _ = _run(model, lambda: model(x), graph=False)
     graph, _ = _graph_blocks(model, lambda: model(x))  # a warning names the refusal
     _compare(graph, eager)
+
+
+def test_a_block_mixing_known_graph_runs_with_a_new_graphs_eager_check() -> None:
+    model = _Returns("view-of-fresh")
+    small, large = torch.randn(2, 4), torch.randn(5, 4)
+
+    def call() -> Any:
+        for x in (small, large, small, large, small):
+            out = model(x)
+        return out
+
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        _graph_blocks(model, lambda: model(small))  # the small graph's records are known
+        eager, _ = _run(model, call, graph=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", TensorSnapWarning)
+            mixed, _ = _run(model, call, graph=True)  # the large graph checked mid-block
+            again, _ = _run(model, call, graph=True)  # both run, numbered from the block
+    _compare(mixed, eager)
+    _compare(again, eager)
+
+
+class _PassesOn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> Any:
+        return self.lin(y), x
+
+
+def test_nonfinite_raise_names_the_models_own_output_when_only_it_is_bad() -> None:
+    model = _PassesOn()
+    y, good, bad = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    bad[0, 0] = float("inf")  # only the input the model returns: key ""
+    for _ in range(3):
+        _run(model, lambda: model(good, y), graph=True, nonfinite="raise")
+    assert _compiled[model].compiles == 1
+    snaps = []
+    for graph in (False, True):
+        with (
+            pytest.raises(tensorsnap.NonFiniteError, match=r"^'' is the first"),
+            tensorsnap.capture(model, ops=True, graph=graph, nonfinite="raise") as snap,
+        ):
+            model(bad, y)
+        snaps.append(snap)
+    _compare(snaps[1], snaps[0])
+    assert "" in snaps[1]
