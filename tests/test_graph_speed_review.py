@@ -71,6 +71,10 @@ def _tensors(value: Any, seen: set[int] | None = None) -> list[torch.Tensor]:
     return found
 
 
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
 def _same(actual: Any, expected: Any, path: str) -> None:
     """conftest's assert_same, plus strides of every tensor and a ModelOutput's attributes
     (assert_same compares a Mapping by its items only)."""
@@ -79,6 +83,11 @@ def _same(actual: Any, expected: Any, path: str) -> None:
     assert len(got) == len(want), path
     for i, (a, e) in enumerate(zip(got, want)):
         assert a.stride() == e.stride(), f"{path}: tensor {i} strides {a.stride()} {e.stride()}"
+        for j in range(i):  # one tensor twice, and views of one storage, as in the eager copy
+            assert (got[j] is a) == (want[j] is e), f"{path}: tensors {j}, {i} identity"
+            assert _storage(got[j]) == _storage(a) or _storage(want[j]) != _storage(e), (
+                f"{path}: tensors {j}, {i} share storage in the eager copy only"
+            )
         assert not a.requires_grad and a.grad_fn is None, f"{path}: tensor {i} requires grad"
     if ModelOutput is not None and isinstance(expected, ModelOutput):
         assert list(vars(actual)) == list(vars(expected)), f"{path}: attributes differ"
