@@ -101,8 +101,10 @@ class Recorder:
         A view keeps its storage shared with the keys it views; its record counts the bytes of
         the span it reaches, what the copy of it would hold.
         """
-        if type(value) is torch.Tensor and not value.is_nested:
-            nbytes = value.nbytes if value._base is None else extent(value) * value.element_size()
+        if type(value) is torch.Tensor and value.layout is torch.strided and not value.is_nested:
+            # the span it reaches, as its copy would hold: a view detached in grad mode has no
+            # _base, and still reaches past its own elements
+            nbytes = extent(value) * value.element_size() if value.numel() else 0
             record = Record(key, name, call, op, kind, tuple(value.shape), value.dtype, nbytes)
         else:
             record = make_record(key, name, call, op, kind, value)
