@@ -416,17 +416,23 @@ class Plan:
                 call = n
                 break
         frame = self._frame_index(module_id, call)
-        # the output as it is when the call returns: the module may have written it after
-        # the node that made it (``h = lin(x); h.relu_(); return h`` returns the linear node)
+        value, whole = self._output(node, self._names[module_id])
+        self.entries.append(_Entry(frame, None, 0, value, whole))
+
+    def _output(self, node: fx.Node, name: str) -> tuple[Any, bool]:
+        """The structure of the output a mark holds, and whether it needs one copy whole.
+
+        The output as it is when the call returns: the module may have written it after the
+        node that made it (``h = lin(x); h.relu_(); return h`` returns the linear node).
+        """
         leaves: list[tuple[fx.Node, _Leaf]] = []
 
         def leaf(n: fx.Node) -> Any:
             leaves.append((n, self._leaf(n, node)))
             return leaves[-1][1]
 
-        name = self._names[module_id]
         value = _structure(_unwrap(fx.node.map_arg(node.args[1], leaf)), name, [])
-        self.entries.append(_Entry(frame, None, 0, value, self._whole(leaves, name)))
+        return value, self._whole(leaves, name)
 
     def _root_output(self) -> bool:
         """Add the entry of the model's own output; False where it is left to the session.
@@ -435,19 +441,10 @@ class Plan:
         and the inner ones have no entry (the check of keys against an eager run refuses
         such a graph).
         """
-        node = self._root_mark
-        if node is None:
+        if self._root_mark is None:
             return False
-        leaves: list[tuple[fx.Node, _Leaf]] = []
-
-        def leaf(n: fx.Node) -> Any:
-            leaves.append((n, self._leaf(n, node)))
-            return leaves[-1][1]
-
-        name = self._names[self.root_id]
         try:
-            value = _structure(_unwrap(fx.node.map_arg(node.args[1], leaf)), name, [])
-            whole = self._whole(leaves, name)
+            value, whole = self._output(self._root_mark, self._names[self.root_id])
         except Unsupported:
             return False
         self.entries.append(_Entry(0, None, 0, value, whole))
