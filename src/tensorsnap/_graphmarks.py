@@ -10,6 +10,7 @@ the marks and removes them before the graph runs.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -94,8 +95,10 @@ def _markable(value: Any, seen: list[Any] | None = None, depth: int = 0) -> Any:
         return [_markable(item, seen, depth) for item in value]
     if isinstance(value, dict):
         plain = cls is dict  # dynamo cannot read a builtin class's __module__ as a constant
-        state = None if plain else getattr(value, "__dict__", None)
-        attributes = state if type(state) is dict else {}  # a ModelOutput's fields
+        # a ModelOutput's fields (dynamo 2.14 cannot read an OrderedDict's __dict__; the plan
+        # rebuilds a plain OrderedDict from its items, as it was made)
+        state = None if plain or cls is OrderedDict else getattr(value, "__dict__", None)
+        attributes = state if type(state) is dict else {}
         return (
             MAPPING,
             "builtins" if plain else cls.__module__,
