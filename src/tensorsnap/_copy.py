@@ -37,7 +37,6 @@ __all__ = [
     "Copier",
     "copies_as_model_output",
     "copies_from_attributes",
-    "is_model_output",
     "snapshot",
 ]
 
