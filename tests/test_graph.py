@@ -113,6 +113,47 @@ def test_the_graph_is_compiled_once_and_reused_across_blocks_and_calls() -> None
     assert _compiled[model].compiles == 1
 
 
+class _Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.scale = 2.0  # a Python number dynamo reads while tracing: a guard on its value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.linear(x)) * self.scale
+
+
+def test_a_graph_runs_without_dynamo_while_its_guards_pass_and_recompiles_when_they_fail() -> None:
+    model = _Scaled()
+
+    def call(rows: int = 3) -> Any:
+        return model(torch.ones(rows, 4))
+
+    _assert_same_capture(model, call)
+    compiled = _compiled[model]
+    dynamo_calls = []
+    through_dynamo = compiled.fn
+    compiled.fn = lambda *a: dynamo_calls.append(1) or through_dynamo(*a)
+    _assert_same_capture(model, call)  # the graph's guards pass: no call goes through dynamo
+    assert dynamo_calls == []
+    # a changed Python value, new shapes, then the first graph again
+    for scale, rows in [(3.0, 3), (3.0, 5), (2.0, 3)]:
+        model.scale = scale
+        eager, _ = _run(model, lambda: call(rows), graph=False)  # noqa: B023
+        for _ in range(3):  # (a new graph: its keys checked, then compiled, then run)
+            graph, _ = _run(model, lambda: call(rows), graph=True)  # noqa: B023
+        expected = torch.relu(model.linear(torch.ones(rows, 4))) * scale
+        assert torch.equal(graph[""], expected.detach())
+        assert list(graph) == list(eager)
+        for key in eager:
+            assert_same(graph[key], eager[key], key)
+    assert len(dynamo_calls) > 0  # the failed guards sent calls to dynamo, which recompiled
+    torch._dynamo.reset()  # dynamo drops its graphs: the next calls go through dynamo again
+    dynamo_calls.clear()
+    _assert_same_capture(model, call)
+    assert dynamo_calls != []
+
+
 def test_gpt2_without_its_cache_runs_eagerly_with_a_warning_naming_why() -> None:
     # without a cache, transformers looks for packed sequences in the position ids: eagerly it
     # reads their values and builds no mask for one sequence, compiled it always builds one

@@ -222,7 +222,11 @@ def _replay(gm: fx.GraphModule, example_inputs: list[Any]) -> tuple[dict[fx.Node
         fake = fakes[0].fake_mode
         inputs = list(example_inputs)
     else:  # real inputs: fake copies, made by one converter so that aliasing is kept
-        fake = FakeTensorMode()
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        # static shapes, as the graph was traced; a shape environment of its own for the
+        # values read from tensors (a float attribute dynamo made an input: ``.item()``)
+        fake = FakeTensorMode(shape_env=ShapeEnv(), static_shapes=True)
         inputs = [fake.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in example_inputs]
     writes = _Writes()
     replay = _Replay(gm, writes)
