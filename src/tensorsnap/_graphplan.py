@@ -26,6 +26,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._clones import clone, clone_items
 from ._copy import Copier, copies_as_model_output, copies_from_attributes
+from ._graphfill import (
+    COPIED,
+    COPY,
+    KEEP,
+    Leaf,
+    Mapping,
+    Object,
+    Shared,
+    builder,
+    value_of,
+)
 from ._graphmarks import CLASS, DEEP, DEEPEST, MAPPING, OBJECT, OPAQUE, SHARED, mark
 from ._graphnames import operator_name
 from ._keys import call_key, op_key
@@ -64,11 +75,6 @@ class Unsupported(Exception):
 
 # ---- planning one graph ------------------------------------------------------------------------
 
-# how a captured value reaches the session
-_KEEP = 0  # fresh and never written again: kept as it is (copied when it is a view)
-_COPIED = 1  # copied inside the graph, before a later node wrote it
-_COPY = 2  # the caller can reach its storage: copied when the graph returns
-
 _INPLACE_OPERATORS = {
     operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
     operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior,
@@ -96,29 +102,20 @@ def _copy_now(value: Any) -> Any:
         return copy
 
 
-class _Leaf:
-    """A place in a module output's structure filled from the graph's extra outputs."""
-
-    __slots__ = ("how", "index")
-
-    def __init__(self, index: int, how: int) -> None:
-        self.index = index
-        self.how = how
-
-
 class _Entry:
     """One key's value, in the order the eager capture would record it."""
 
-    __slots__ = ("count", "frame", "op", "value", "whole")
+    __slots__ = ("build", "count", "frame", "op", "value", "whole")
 
     def __init__(self, frame: int, op: str | None, count: int, value: Any, whole: bool = False):
         self.frame = frame  # index in Plan.frames
         self.op = op  # None: the module call's output
         self.count = count  # calls of this op before it in the same module call
-        self.value = value  # a _Leaf, or a structure holding _Leafs (module outputs)
+        self.value = value  # a Leaf, or a structure holding _Leafs (module outputs)
         # a structure whose tensors share storage, copied as one value when the graph returns
         # (as the eager capture copies it: one tensor twice stays one copy, views stay views)
         self.whole = whole
+        self.build: Callable[[Any, Callable[[Leaf], Any]], Any] | None = None  # see builder
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -303,6 +300,9 @@ class Plan:
             real()
         # symbolic shapes: values of one graph may differ in shape from run to run
         self.static = not any(_symbolic(v) for v in self._values.values())
+        for entry in self.entries:  # module outputs: their structure's walk, compiled
+            if type(entry.value) is not Leaf and not entry.whole:
+                entry.build = builder(entry.value, self.frames[entry.frame][1])
         self._quick = _Quick(self.entries, [self._values.get(n) for n in self._extras])
         self._values.clear()
         self._written.clear()
@@ -429,7 +429,7 @@ class Plan:
         The output as it is when the call returns: the module may have written it after the
         node that made it (``h = lin(x); h.relu_(); return h`` returns the linear node).
         """
-        leaves: list[tuple[fx.Node, _Leaf]] = []
+        leaves: list[tuple[fx.Node, Leaf]] = []
 
         def leaf(n: fx.Node) -> Any:
             leaves.append((n, self._leaf(n, node)))
@@ -455,7 +455,7 @@ class Plan:
         self.calls[self.root_id] = 1
         return True
 
-    def _whole(self, leaves: list[tuple[fx.Node, _Leaf]], name: str) -> bool:
+    def _whole(self, leaves: list[tuple[fx.Node, Leaf]], name: str) -> bool:
         """Whether a module output's tensors share storage and need one copy of them all:
         views of each other that the caller can reach, which copies made apart would part."""
         nodes = {n: how.how for n, how in leaves}
@@ -465,19 +465,19 @@ class Plan:
             storages = _storages(self._values.get(n))
             overlap = overlap or bool(storages & seen)
             seen |= storages
-        if overlap and _COPIED in nodes.values():
+        if overlap and COPIED in nodes.values():
             # each node's value was copied apart inside the graph: their sharing is lost
             raise Unsupported(
                 f"module {name!r} returns tensors that share storage and that a later node of "
                 "the graph writes"
             )
         # (a tensor held twice is one value twice without this: each slot is copied once)
-        return overlap and _COPY in nodes.values()
+        return overlap and COPY in nodes.values()
 
     # -- copies ----------------------------------------------------------------------------------
 
     def _leaf(self, node: fx.Node, at: fx.Node | None = None) -> Any:
-        """A :class:`_Leaf` for ``node``'s value as it is right after node ``at`` (``node``
+        """A :class:`Leaf` for ``node``'s value as it is right after node ``at`` (``node``
         itself unless given), with a copy node there if a later node writes it."""
         at = node if at is None else at
         value = self._values.get(node)
@@ -496,9 +496,9 @@ class Plan:
                 with self.gm.graph.inserting_after(at):
                     copy = self.gm.graph.call_function(_copy_now, (node,))
                     self._copies[node, at] = copy
-            return _Leaf(self._slot(copy), _COPIED)
-        how = _COPY if storages & self._reachable else _KEEP
-        return _Leaf(self._slot(node), how)
+            return Leaf(self._slot(copy), COPIED)
+        how = COPY if storages & self._reachable else KEEP
+        return Leaf(self._slot(node), how)
 
     def _slot(self, node: fx.Node) -> int:
         """``node``'s place among the graph's extra outputs (a value shared by two keys, such
@@ -531,10 +531,12 @@ class Plan:
         selected = None if every else session.selected
         start = len(recorder.snapshot)
         clones: dict[int, Any] = {}
-        for key, name, call, op, kind, value, whole in self._rows_for(base):
+        for (key, name, call, op, kind, value, whole), entry in zip(
+            self._rows_for(base), self.entries, strict=True
+        ):
             if selected is not None and not selected(key):
                 continue
-            value = _value(value, whole, extras, plain, recorder, key, clones)
+            value = value_of(value, whole, extras, plain, recorder, key, clones, entry.build)
             store(key, name, call, op, kind, value)
         counted = {module_id: calls.get(module_id, 0) + n for module_id, n in self.calls.items()}
         if self.static and plain and every and len(self._records) < 16:
@@ -563,9 +565,9 @@ class Plan:
         records, keys, _ = known
         values = list(quick.placed(extras))
         clones: dict[int, Any] = {}
-        for position, value, whole in quick.special:
+        for position, value, whole, build in quick.special:
             key = keys[position]
-            values[position] = _value(value, whole, extras, True, recorder, key, clones)
+            values[position] = value_of(value, whole, extras, True, recorder, key, clones, build)
         recorder.adopt_all(records, keys, values)
         return True
 
@@ -588,8 +590,6 @@ class Plan:
 
 
 _TENSOR = {torch.Tensor}
-# what a module output's structure holds as it is (a ModelOutput's unset fields, a cache's flags)
-_CONSTANTS = frozenset({type(None), bool, int, float, str, torch.device, torch.dtype})
 _requires_grad = torch.Tensor.requires_grad.__get__  # type: ignore[attr-defined]
 
 
@@ -616,8 +616,8 @@ class _Quick:
         kept = [
             i
             for i, e in enumerate(entries)
-            if type(e.value) is _Leaf
-            and e.value.how == _KEEP
+            if type(e.value) is Leaf
+            and e.value.how == KEEP
             and isinstance(fakes[e.value.index], torch.Tensor)
         ]
         places = [0] * len(entries)
@@ -627,140 +627,9 @@ class _Quick:
         self.kept = _items([places[i] for i in kept])
         self.placed = _items(places)
         wanted = set(kept)
-        self.special = [(i, e.value, e.whole) for i, e in enumerate(entries) if i not in wanted]
-
-
-def _value(
-    value: Any,
-    whole: bool,
-    extras: Any,
-    plain: bool,
-    recorder: Recorder,
-    key: str,
-    clones: dict[int, Any],
-) -> Any:
-    """One entry's value; ``clones``: the copies made so far in this hand-over, by place
-    among the extra outputs (a tensor the caller can reach, held by two keys, is copied once:
-    the keys share the copy, as they share a kept tensor)."""
-    if type(value) is _Leaf:
-        return _take(extras, value, plain, recorder, key, clones)
-    if plain and whole:
-        return recorder.copy_value(_fill(value, extras, False, recorder, key, {}, clones), key)
-    return _fill(value, extras, plain, recorder, key, {}, clones)
-
-
-def _take(
-    extras: Any, leaf: _Leaf, plain: bool, recorder: Recorder, key: str, clones: dict[int, Any]
-) -> Any:
-    value = extras[leaf.index]
-    if not plain or leaf.how == _COPIED:
-        return value  # the session's copier copies it, or it is a copy already
-    if leaf.how == _KEEP:
-        # fresh storage that nothing writes again and only the snapshot will hold: views of
-        # it stay views (of one storage with the other keys that view it), as lazy=True keeps
-        if type(value) is torch.Tensor:
-            return value.detach() if value.requires_grad else value
-        if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in value):
-            return value
-    copy = clones.get(leaf.index)
-    if copy is None:
-        copy = clones[leaf.index] = recorder.copy_value(value, key)
-    return copy
-
-
-def _fill(
-    structure: Any,
-    extras: Any,
-    plain: bool,
-    recorder: Recorder,
-    key: str,
-    memo: dict[int, Any],
-    clones: dict[int, Any],
-) -> Any:
-    """The value of a module output's ``structure``; ``memo``: what each tuple, list, mapping
-    and object of it became, so that one held twice (a :class:`_Shared`) is one value twice."""
-    kind = type(structure)
-    if kind is _Leaf:
-        return _take(extras, structure, plain, recorder, key, clones)
-    if kind in _CONSTANTS:
-        return structure
-    if kind is _Shared:
-        return memo[id(structure.target)]
-
-    def fill(part: Any) -> Any:
-        return _fill(part, extras, plain, recorder, key, memo, clones)
-
-    if isinstance(structure, tuple):
-        made = memo[id(structure)] = tuple([fill(item) for item in structure])
-        return made
-    if isinstance(structure, list):
-        items: list[Any] = []
-        memo[id(structure)] = items  # made before its items: it may hold itself
-        items.extend([fill(item) for item in structure])
-        return items
-    if isinstance(structure, dict):
-        return {k: fill(v) for k, v in structure.items()}
-    if isinstance(structure, _Mapping):
-        if structure.fields:
-            # as the copy engine copies a ModelOutput: no __init__ or __post_init__ (which would
-            # re-derive and reorder the items), its items and attributes set as they were
-            model_output: Any = structure.cls
-            made = memo[id(structure)] = model_output.__new__(model_output)
-            for k, v in zip(structure.keys, structure.values, strict=True):
-                OrderedDict.__setitem__(made, k, fill(v))
-            made.__dict__.update(
-                [(k, fill(v)) for k, v in zip(structure.names, structure.state, strict=True)]
-            )
-            return made
-        mapping = memo[id(structure)] = structure.cls()
-        for k, v in zip(structure.keys, structure.values, strict=True):
-            mapping[k] = fill(v)
-        return mapping
-    if isinstance(structure, _Object):
-        # as the copy engine rebuilds it: a new instance, its attributes' copies set on it
-        cls: Any = structure.cls
-        result = memo[id(structure)] = cls.__new__(cls)
-        values = [fill(v) for v in structure.values]
-        result.__dict__.update(zip(structure.keys, values, strict=True))
-        return result
-    return structure
-
-
-class _Rebuilt:
-    """A class and its parts (keys or attribute names, and their values), rebuilt by _fill."""
-
-    __slots__ = ("cls", "keys", "values")
-
-    def __init__(self, cls: type, keys: tuple[Any, ...], values: tuple[Any, ...]) -> None:
-        self.cls, self.keys, self.values = cls, keys, values
-
-
-class _Mapping(_Rebuilt):
-    """A Mapping in a module output (``dict``, ``OrderedDict``, a ``ModelOutput``): rebuilt
-    from its items, and a ModelOutput from its attributes too."""
-
-    __slots__ = ("fields", "names", "state")
-
-    def __init__(self, cls: type, keys: tuple[Any, ...], fields: bool, names: tuple[str, ...]):
-        super().__init__(cls, keys, ())
-        self.fields = fields  # a ModelOutput: its items, then its attributes, set as they were
-        self.names = names  # its attributes' names, and their values (filled in later)
-        self.state: tuple[Any, ...] = ()
-
-
-class _Object(_Rebuilt):
-    """Another object in a module output (a ``DynamicCache``): rebuilt from its attributes."""
-
-    __slots__ = ()
-
-
-class _Shared:
-    """A list, mapping or object of a module output met again: the same value once more."""
-
-    __slots__ = ("target",)
-
-    def __init__(self, target: Any) -> None:
-        self.target = target
+        self.special = [
+            (i, e.value, e.whole, e.build) for i, e in enumerate(entries) if i not in wanted
+        ]
 
 
 def _structure(value: Any, name: str, made: list[Any]) -> Any:
@@ -787,7 +656,7 @@ def _structure(value: Any, name: str, made: list[Any]) -> Any:
                 f"module {name!r} returned a tuple that holds itself (a tuple is made after "
                 "what it holds)"
             )
-        return _Shared(target)
+        return Shared(target)
     if isinstance(value, tuple) and len(value) == 7 and value[0] == MAPPING:
         cls = _live_class(value[1], value[2])
         # rebuilt as cls(pairs), or a ModelOutput as the copy engine copies one: other dict
@@ -796,7 +665,7 @@ def _structure(value: Any, name: str, made: list[Any]) -> Any:
         fields = cls is not None and copies_as_model_output(cls)
         if cls is None or not ((cls in (dict, OrderedDict) and not value[5]) or fields):
             raise Unsupported(f"module {name!r} returned a {value[1]}.{value[2]}")
-        mapping = _Mapping(cls, value[3], fields, value[5])
+        mapping = Mapping(cls, value[3], fields, value[5])
         made.append(mapping)
         mapping.values = tuple(_structure(v, name, made) for v in value[4])
         mapping.state = tuple(_structure(v, name, made) for v in value[6])
@@ -809,7 +678,7 @@ def _structure(value: Any, name: str, made: list[Any]) -> Any:
                 "copies through its own __deepcopy__, __reduce__ or __setstate__; graph mode "
                 "rebuilds objects from their attributes only"
             )
-        found = _Object(cls, value[3], ())
+        found = Object(cls, value[3], ())
         made.append(found)
         found.values = tuple(_structure(v, name, made) for v in value[4])
         return found
@@ -844,7 +713,7 @@ def _live_class(module: str, qualname: str) -> type | None:
 
 def _unwrap(value: Any) -> Any:
     """fx's immutable containers back to plain tuples, lists and dicts."""
-    if isinstance(value, _Leaf):
+    if isinstance(value, Leaf):
         return value
     if isinstance(value, tuple):
         return tuple(_unwrap(v) for v in value)
