@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import weakref
 from collections.abc import Iterable
 
 from torch import nn
@@ -63,15 +64,67 @@ def module_names(
     are those of the unwrapped model. ``wrappers``, when given, receives the wrappers' ids, and
     ``modules`` the named modules themselves, in the same order.
     """
-    names: dict[int, str] = {}
+    try:
+        walk = _walks.get(model)
+    except TypeError:  # a model class with an __eq__ and no __hash__: walked every time
+        return _walk(model).give(wrappers, modules)
+    if walk is None or not walk.current():
+        walk = _walk(model)
+        if walk.comparable:
+            _walks[model] = walk
+    return walk.give(wrappers, modules)
+
+
+class _Walk:
+    """A model's names, and the module tree they were read from.
+
+    A capture opens a block per batch, and walking the tree costs about 1 us per module; the
+    names of the last walk serve while every module of it still has its class and the same
+    children (the same objects, under the same names). Names depend on nothing else.
+    """
+
+    __slots__ = ("comparable", "modules", "names", "tree", "wrappers")
+
+    def __init__(self) -> None:
+        self.names: dict[int, str] = {}
+        self.wrappers: set[int] = set()
+        self.modules: list[nn.Module] = []
+        self.tree: list[tuple[nn.Module, type, dict[str, nn.Module | None]]] = []
+        # children compared with == (a dict comparison) are compared by identity only when no
+        # module class defines an __eq__ of its own
+        self.comparable = True
+
+    def give(self, wrappers: set[int] | None, modules: list[nn.Module] | None) -> dict[int, str]:
+        if wrappers is not None:
+            wrappers.update(self.wrappers)
+        if modules is not None:
+            modules.extend(self.modules)
+        return dict(self.names)
+
+    def current(self) -> bool:
+        for module, cls, children in self.tree:
+            if type(module) is not cls or module._modules != children:
+                return False
+        return True
+
+
+# the last walk of each model (dropped with the model)
+_walks: weakref.WeakKeyDictionary[nn.Module, _Walk] = weakref.WeakKeyDictionary()
+
+
+def _walk(model: nn.Module) -> _Walk:
+    walk = _Walk()
+    names, wrappers, modules = walk.names, walk.wrappers, walk.modules
 
     def visit(module: nn.Module, name: str) -> None:
         if id(module) in names:
             return
+        walk.tree.append((module, type(module), dict(module._modules)))
+        if type(module).__eq__ is not object.__eq__:
+            walk.comparable = False
         wrapped = _is_wrapper(module)
         if wrapped is not None:
-            if wrappers is not None:
-                wrappers.add(id(module))
+            wrappers.add(id(module))
             # the wrapper's own name goes to what it wraps; the wrapper is not a key
             inner = module._modules[wrapped]
             if inner is not None:
@@ -81,14 +134,13 @@ def module_names(
                     visit(child, f"{name}.{child_name}" if name else child_name)
             return
         names[id(module)] = name
-        if modules is not None:
-            modules.append(module)
+        modules.append(module)
         for child_name, child in module._modules.items():
             if child is not None:
                 visit(child, f"{name}.{child_name}" if name else child_name)
 
     visit(model, "")
-    return names
+    return walk
 
 
 def _patterns(value: str | Iterable[str] | None, option: str) -> list[str]:
