@@ -463,13 +463,13 @@ def test_a_forward_writing_buffers_a_dict_and_a_global_list_leaves_the_plain_run
 
 
 def test_gpt2_decoding_with_its_cache_block_after_block_runs_directly() -> None:
-    model = tiny_gpt2()
+    model = tiny_gpt2(n_layer=1)
     ids = token_ids(2, 5)
 
     def decode() -> list[Any]:
         out = model(input_ids=ids)
         logits = [out.logits]
-        for _ in range(2):
+        for _ in range(1):
             out = model(
                 input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values
             )
@@ -481,7 +481,7 @@ def test_gpt2_decoding_with_its_cache_block_after_block_runs_directly() -> None:
 
 
 def test_bert_with_token_types_added_and_removed_between_calls() -> None:
-    model = tiny_bert()
+    model = tiny_bert(num_hidden_layers=1)
     ids = token_ids(2, 8)
     types = torch.zeros(2, 8, dtype=torch.long)
     types[:, 4:] = 1
@@ -501,7 +501,7 @@ def test_bert_with_token_types_added_and_removed_between_calls() -> None:
 
 
 def test_llama_with_its_cache_in_grad_mode_and_in_no_grad() -> None:
-    model = tiny_llama()
+    model = tiny_llama(num_hidden_layers=1)
     ids = token_ids(2, 6)
     call = lambda: model(input_ids=ids).logits  # noqa: E731
     _graph_is_eager(model, call)
@@ -563,6 +563,16 @@ def test_a_users_compiled_model_before_inside_and_after_the_blocks() -> None:
         assert_same(wrapped(x), before)
 
 
+class _Two(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x).relu())
+
+
 # -- defects ---------------------------------------------------------------------------------------
 
 
@@ -579,7 +589,7 @@ class _Rows(nn.Module):
 )
 @pytest.mark.parametrize("how", ["rows", "gpt2"])
 def test_a_graph_with_a_dynamic_batch_is_planned_and_run(how: str) -> None:
-    model = _Rows() if how == "rows" else tiny_gpt2()
+    model = _Rows() if how == "rows" else tiny_gpt2(n_layer=1)
     for batch in [2, 3, 5, 4, 2]:
         x = torch.randn(batch, 4) if how == "rows" else token_ids(batch, 5)
         call = (lambda x=x: model(x)) if how == "rows" else (lambda x=x: model(input_ids=x))
@@ -592,23 +602,41 @@ def test_a_graph_with_a_dynamic_batch_is_planned_and_run(how: str) -> None:
     "fails on a guard of self._direct (SyntaxError), the model runs eagerly for good, and "
     "the eager fallback inside the compiled region raises 'attempted to set_stance'",
 )
-def test_a_users_compiled_function_calling_the_model_in_blocks() -> None:
+def test_a_users_compiled_function_first_run_in_blocks_gives_the_eager_capture() -> None:
     torch.manual_seed(0)
-    model = _Softmax().eval()
+    model = _Two().eval()
     x = torch.randn(3, 4)
     _graph_is_eager(model, lambda: model(x))
     step = torch.compile(lambda t: model(t) * 2, backend="eager")
-    _graph_is_eager(model, lambda: step(x), blocks=4)
+    eager, out_eager = _run(model, lambda: step(x), False)  # step's first run: in a block
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TensorSnapWarning)
+        for _ in range(4):  # (before eb58598 every block took the graph)
+            graph, out_graph = _run(model, lambda: step(x), True)
+            _compare(graph, eager)
+            assert_same(out_graph, out_eager)
+    assert_same(out_graph, _plain(lambda: model(x) * 2))
 
 
-class _Two(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 4)
-        self.b = nn.Linear(4, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(self.a(x).relu())
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect (before eb58598 too): a user's torch.compile'd function run once outside "
+    "a block keeps its graph of the model inside blocks: graph mode's call slot is not "
+    "guarded, and the snapshot is silently empty (the eager capture's mode forces a recompile)",
+)
+def test_a_users_compiled_function_run_before_the_blocks_is_captured() -> None:
+    torch.manual_seed(0)
+    model = _Two().eval()
+    x = torch.randn(3, 4)
+    step = torch.compile(lambda t: model(t) * 2, backend="eager")
+    with torch.no_grad():
+        step(x)
+    eager, _ = _run(model, lambda: step(x), False)
+    assert list(eager) == ["a/linear", "a", "/relu", "b/linear", "b", ""]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TensorSnapWarning)  # an eager fallback is right here
+        graph, _ = _run(model, lambda: step(x), True)
+    _compare(graph, eager)
 
 
 @pytest.mark.xfail(
