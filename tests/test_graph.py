@@ -476,6 +476,33 @@ def test_a_data_dependent_branch_gives_the_eager_keys_in_both_branches(sign: flo
 # -- the model stays as it was -----------------------------------------------------------------
 
 
+def test_what_graph_mode_patches_in_dynamo_is_as_it_was_after_each_block() -> None:
+    from torch._dynamo.output_graph import OutputGraph
+
+    model = nn.Linear(2, 2)
+    before = OutputGraph.remove_node
+    for _ in range(2):  # (the patches are made in the first block, reused in the second)
+        with torch.no_grad(), tensorsnap.capture(model, ops=True, graph=True):
+            assert OutputGraph.remove_node is not before
+            model(torch.ones(1, 2))
+        assert OutputGraph.remove_node is before
+
+    def theirs(*args: Any, **kwargs: Any) -> Any:  # another library's patch, made since
+        return before(*args, **kwargs)
+
+    OutputGraph.remove_node = theirs  # type: ignore[method-assign]
+    try:
+        with torch.no_grad(), tensorsnap.capture(model, ops=True, graph=True):
+            ours = OutputGraph.remove_node
+            model(torch.ones(1, 2))
+        assert OutputGraph.remove_node is theirs
+        # ours wrapped what the attribute held when the block began, not what it held before
+        wrapped = [cell.cell_contents for cell in ours.__closure__ or ()]
+        assert ours is not theirs and theirs in wrapped and before not in wrapped
+    finally:
+        OutputGraph.remove_node = before  # type: ignore[method-assign]
+
+
 def test_the_model_and_a_users_compiled_model_are_left_as_they_were() -> None:
     from torch.nn.modules import module as hooks
 

@@ -48,16 +48,14 @@ def check_model(
             "graph=True cannot capture through DDP, FSDP or checkpoint wrappers (their hooks "
             "and collectives run outside the model's graph); capture with graph=False"
         )
-    for module in modules:
+    for module in modules:  # (the named modules: compiled wrappers are not among them)
         if module._forward_hooks or module._forward_pre_hooks:
             name = names.get(id(module), "?")
             raise TensorSnapError(
                 f"graph=True cannot tell the ops of module {name!r}'s own forward hooks from its "
                 "forward (a graph holds both); remove the hooks or capture with graph=False"
             )
-        if module is not root and (
-            is_compiled_wrapper(module) or module.__dict__.get("_compiled_call_impl") is not None
-        ):
+        if module.__dict__.get("_compiled_call_impl") is not None and module is not root:
             raise TensorSnapError(
                 f"graph=True cannot compile module {names.get(id(module), '?')!r}, which is "
                 "torch.compile'd on its own; capture the model with graph=False"

@@ -123,7 +123,8 @@ def _markable(value: Any, seen: list[Any] | None = None, depth: int = 0) -> Any:
 
 
 class Marks:
-    """Keeps :func:`_mark_output` among torch's global forward hooks while graph blocks are open."""
+    """Keeps :func:`_mark_output` among torch's global forward hooks while graph blocks are open,
+    with the patches of dynamo that graph mode's traces need (:class:`_Patch`)."""
 
     _lock = threading.Lock()
     _open = 0
@@ -134,8 +135,8 @@ class Marks:
         with Marks._lock:
             if Marks._open == 0:
                 hooks._global_forward_hooks[_HOOK_ID] = _mark_output
-                _AttributeOrder.enter()
-                KeepIndexing.enter()
+                for patch in _patches():
+                    patch.apply()
             Marks._open += 1
 
     def __exit__(self, *exc: Any) -> None:
@@ -145,8 +146,42 @@ class Marks:
             Marks._open -= 1
             if Marks._open == 0:
                 hooks._global_forward_hooks.pop(_HOOK_ID, None)
-                _AttributeOrder.exit()
-                KeepIndexing.exit()
+                for patch in _patches():
+                    patch.undo()
+
+
+class _Patch:
+    """One attribute of dynamo's replaced while graph blocks are open, and restored after.
+
+    The replacement is made once from what the attribute held; if something else replaced
+    that since (another library's patch), it is made again from what the attribute holds now.
+    """
+
+    __slots__ = ("make", "name", "original", "owner", "replacement")
+
+    def __init__(self, owner: Any, name: str, make: Callable[[Any], Any]) -> None:
+        self.owner, self.name, self.make = owner, name, make
+        self.original: Any = None
+        self.replacement: Any = None
+
+    def apply(self) -> None:  # under Marks._lock
+        current = getattr(self.owner, self.name)
+        if current is not self.original or self.replacement is None:
+            self.original, self.replacement = current, self.make(current)
+        setattr(self.owner, self.name, self.replacement)
+
+    def undo(self) -> None:  # under Marks._lock
+        setattr(self.owner, self.name, self.original)
+
+
+_made: list[_Patch] | None = None
+
+
+def _patches() -> list[_Patch]:  # under Marks._lock
+    global _made
+    if _made is None:
+        _made = _AttributeOrder.patches() + KeepIndexing.patches()
+    return _made
 
 
 class _AttributeOrder:
@@ -161,10 +196,8 @@ class _AttributeOrder:
     torch without dynamo's ``SideEffectsProxyDict``, nothing is changed.
     """
 
-    _saved: Any = None
-
-    @classmethod
-    def enter(cls) -> None:  # under Marks._lock
+    @staticmethod
+    def patches() -> list[_Patch]:
         try:
             from torch._dynamo import variables
             from torch._dynamo.variables import dicts
@@ -172,32 +205,27 @@ class _AttributeOrder:
             proxy = dicts.SideEffectsProxyDict
             hashed, constant = dicts.HashableTracker, dicts.ConstantVariable
             deleted = variables.DeletedVariable
-            original = proxy.__iter__
+            proxy.__iter__  # noqa: B018
             proxy.side_effects_table  # noqa: B018  (what __iter__ below reads)
         except (ImportError, AttributeError):
-            return
+            return []
 
-        def __iter__(self: Any) -> Any:
-            if not _TRACING:
-                yield from original(self)
-                return
-            table = self.side_effects_table()
-            for name in self.item_dict:
-                if not isinstance(table.get(name), deleted):
-                    yield hashed(constant.create(name))
-            for name, value in table.items():
-                if name not in self.item_dict and not isinstance(value, deleted):
-                    yield hashed(constant.create(name))
+        def make(original: Any) -> Any:
+            def __iter__(self: Any) -> Any:
+                if not _TRACING:
+                    yield from original(self)
+                    return
+                table = self.side_effects_table()
+                for name in self.item_dict:
+                    if not isinstance(table.get(name), deleted):
+                        yield hashed(constant.create(name))
+                for name, value in table.items():
+                    if name not in self.item_dict and not isinstance(value, deleted):
+                        yield hashed(constant.create(name))
 
-        cls._saved = (proxy, original)
-        setattr(proxy, "__iter__", __iter__)  # noqa: B010
+            return __iter__
 
-    @classmethod
-    def exit(cls) -> None:  # under Marks._lock
-        if cls._saved is not None:
-            proxy, original = cls._saved
-            setattr(proxy, "__iter__", original)  # noqa: B010
-            cls._saved = None
+        return [_Patch(proxy, "__iter__", make)]
 
 
 class KeepIndexing:
@@ -212,30 +240,22 @@ class KeepIndexing:
     and the check of the graph's keys against an eager run finds it.
     """
 
-    _saved: tuple[Any, Any, Any] | None = None
     local = threading.local()
 
     @classmethod
-    def enter(cls) -> None:  # under Marks._lock
+    def patches(cls) -> list[_Patch]:
         try:
             from torch._dynamo.output_graph import OutputGraph
         except ImportError:
-            return
-        prune = getattr(OutputGraph, "remove_unused_graphargs", None)
-        remove = getattr(OutputGraph, "remove_node", None)
-        if prune is None or remove is None:
-            return
-        cls._saved = (OutputGraph, prune, remove)
-        setattr(OutputGraph, "remove_unused_graphargs", cls._prune(prune))  # noqa: B010
-        setattr(OutputGraph, "remove_node", cls._remove(remove))  # noqa: B010
-
-    @classmethod
-    def exit(cls) -> None:  # under Marks._lock
-        if cls._saved is not None:
-            graphs, prune, remove = cls._saved
-            setattr(graphs, "remove_unused_graphargs", prune)  # noqa: B010
-            setattr(graphs, "remove_node", remove)  # noqa: B010
-            cls._saved = None
+            return []
+        if not (
+            hasattr(OutputGraph, "remove_unused_graphargs") and hasattr(OutputGraph, "remove_node")
+        ):
+            return []
+        return [
+            _Patch(OutputGraph, "remove_unused_graphargs", cls._prune),
+            _Patch(OutputGraph, "remove_node", cls._remove),
+        ]
 
     @classmethod
     def _prune(cls, prune: Callable[..., Any]) -> Callable[..., Any]:
