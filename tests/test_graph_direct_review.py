@@ -224,6 +224,79 @@ def test_an_input_that_requires_grad_then_not_in_grad_mode() -> None:
     _direct_is_eager(model, calls, torch.enable_grad)
 
 
+class _Tensors(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("b", torch.arange(4.0))
+        self.w = nn.Parameter(torch.ones(4))
+        self.plain = torch.ones(4)  # a tensor attribute, neither parameter nor buffer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.b.shape[0]  # a graph of static shapes holds n as a constant
+        return x[:, :n] * self.b + self.w.sum() + self.plain.sum()
+
+
+_IN_PLACE: dict[str, Callable[[Any], Any]] = {
+    "buffer-data-shape": lambda m: setattr(m.b, "data", torch.arange(6.0)),
+    "parameter-data-shape": lambda m: setattr(m.w, "data", torch.ones(6)),
+    "buffer-resize": lambda m: m.b.resize_(6).copy_(torch.arange(6.0)),
+    "attribute-data-shape": lambda m: setattr(m.plain, "data", torch.ones(6)),
+    "parameter-data-dtype": lambda m: setattr(m.w, "data", torch.ones(4, dtype=torch.float64)),
+    "model-double": lambda m: m.double(),
+    "requires-grad": lambda m: m.b.requires_grad_(True),
+}
+
+
+@pytest.mark.parametrize("change", list(_IN_PLACE))
+def test_a_tensor_of_the_model_changed_in_place_between_blocks(change: str) -> None:
+    # the same tensor objects in the same module dicts (dynamo may skip guards on tensors of
+    # an unchanged dict): their new shapes, dtypes and flags must still send calls to dynamo
+    model = _Tensors()
+    x = torch.randn(3, 8)
+    _graph_is_eager(model, lambda: model(x))
+    with torch.no_grad():
+        _IN_PLACE[change](model)
+    graph = _graph_is_eager(model, lambda: model(x))
+    _direct_is_eager(model, lambda: model(x))
+    assert graph.records[0].shape == (3, 6 if change.startswith("buffer-") else 4)  # x[:, :n]
+
+
+class _Embeds(nn.Module):
+    def __init__(self, region: str) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.lin = nn.Linear(4, 4)
+        self.region = region
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.region == "no_grad":
+            with torch.no_grad():
+                h = self.emb(ids) * 2
+        elif self.region == "autocast":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                h = self.lin(self.emb(ids))
+        else:
+            h = self.emb(ids) * 2
+        return self.lin(h)
+
+
+def test_the_models_error_in_the_direct_path_is_raised_as_eager_raises_it() -> None:
+    torch.manual_seed(0)
+    model = _Embeds("none")
+    good, bad = torch.tensor([[1, 2, 3]]), torch.tensor([[1, 12, 3]])
+    _graph_is_eager(model, lambda: model(good))
+    dynamo = _Dynamo(model)
+    for graph in (False, True, True):
+        with (
+            pytest.raises(IndexError, match="index out of range"),
+            torch.no_grad(),
+            tensorsnap.capture(model, ops=True, graph=graph),
+        ):
+            model(bad)
+    assert dynamo.calls == 0  # the graph ran (directly) and raised the model's error
+    _direct_is_eager(model, lambda: model(good))
+
+
 # -- global state dynamo guards: modes, grad, autocast ---------------------------------------------
 
 
@@ -682,6 +755,33 @@ def test_a_module_classs_forward_replaced_between_blocks() -> None:
         _graph_is_eager(model, lambda: model(x))
     finally:
         _Two.forward = _forward  # type: ignore[method-assign]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect (before eb58598 too): a graph that raises inside the forward's no_grad() or "
+    "autocast region leaves that mode on (dynamo's graph sets it without a finally); eager and "
+    "plain runs restore it, so later calls silently lose gradients or run in bfloat16",
+)
+@pytest.mark.parametrize("region", ["no_grad", "autocast"])
+def test_an_error_inside_the_forwards_grad_or_autocast_region_restores_the_mode(
+    region: str,
+) -> None:
+    torch.manual_seed(0)
+    model = _Embeds(region)
+    good, bad = torch.tensor([[1, 2, 3]]), torch.tensor([[1, 12, 3]])
+    _graph_is_eager(model, lambda: model(good), torch.enable_grad)
+    with torch.enable_grad():
+        try:
+            with (
+                pytest.raises(IndexError, match="index out of range"),
+                tensorsnap.capture(model, ops=True, graph=True),
+            ):
+                model(bad)
+            state = (torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"))
+        finally:
+            torch.set_autocast_enabled("cpu", False)
+    assert state == (True, False)  # as after the same error in a plain or eager run
 
 
 class _PassThrough(TorchDispatchMode):
