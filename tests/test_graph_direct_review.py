@@ -297,6 +297,30 @@ def test_the_models_error_in_the_direct_path_is_raised_as_eager_raises_it() -> N
     _direct_is_eager(model, lambda: model(good))
 
 
+class _Aliases(nn.Module):
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        v = y[0] * 1
+        u = y[1:]  # a view of an input, written below when x is y
+        x.add_(1)
+        return v + u.sum() + x.sum()
+
+
+def test_inputs_that_alias_each_other_in_some_calls_and_not_in_others() -> None:
+    model = _Aliases()
+    a, b = torch.zeros(3, 3), torch.zeros(3, 3)
+
+    def calls() -> list[Any]:
+        outs = []
+        for x, y in [(a, b), (a, a), (a[0], a), (a, b)]:
+            a.zero_()
+            b.zero_()
+            outs.append(model(x, y))
+        return outs
+
+    _graph_is_eager(model, calls)
+    _direct_is_eager(model, calls)
+
+
 # -- global state dynamo guards: modes, grad, autocast ---------------------------------------------
 
 
@@ -802,22 +826,27 @@ class _Counts(nn.Module):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="defect (before eb58598 too): under a user's TorchDispatchMode dynamo runs the "
-    "call eagerly without capturing it and then raises RuntimeError ('found no compiled "
-    "frames'); graph mode neither falls back nor refuses by name",
+    reason="defect (before eb58598 too): where dynamo skips the frame (a user's "
+    "TorchDispatchMode, torch._dynamo.config.disable) torch.compile(fullgraph=True) runs the "
+    "call eagerly, uncaptured, then raises RuntimeError ('found no compiled frames'); graph "
+    "mode neither falls back to the eager capture nor refuses by name",
 )
-def test_a_block_inside_a_users_dispatch_mode_gives_the_eager_capture() -> None:
+@pytest.mark.parametrize("how", ["dispatch-mode", "dynamo-disabled"])
+def test_a_block_where_dynamo_skips_frames_gives_the_eager_capture(how: str) -> None:
     torch.manual_seed(0)
     model = _Counts()
     x = torch.randn(3, 4)
-    for _ in range(2):
-        _run(model, lambda: model(x), True)
-    with _PassThrough():
+    if how == "dispatch-mode":
+        for _ in range(2):
+            _run(model, lambda: model(x), True)
+        context: Any = _PassThrough()
+    else:
+        context = torch._dynamo.config.patch(disable=True)
+    with context:
         eager, _ = _run(model, lambda: model(x), False)
-    calls = model.calls
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", TensorSnapWarning)  # an eager fallback is right here
-        with _PassThrough():
+        calls = model.calls
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TensorSnapWarning)  # an eager fallback is right
             graph, _ = _run(model, lambda: model(x), True)
     assert model.calls == calls + 1
     _compare(graph, eager)
