@@ -709,6 +709,44 @@ def test_functional_call_with_other_parameters_takes_the_graph_with_them() -> No
         assert torch.equal(graph[""], expected)
 
 
+class _Returns(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.w = nn.Parameter(torch.ones(2))
+        self.same = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> Any:
+        outputs = {
+            "input": lambda: x,
+            "pair": lambda: (x, x),
+            "dict": lambda: {"a": x},
+            "parameter": lambda: self.w,
+            "identity": lambda: self.same(x),
+            "view": lambda: x.view(-1),
+            "none": lambda: None,
+            "constant": lambda: 3,
+        }
+        return outputs[self.how]()
+
+
+def _graph_runs_of(how: str) -> None:
+    model = _Returns(how)
+    x = torch.randn(2, 2)
+    eager, _ = _run(model, lambda: model(x), False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TensorSnapWarning)
+        for _ in range(4):  # the check, the compile, then runs of a known graph, directly
+            graph, out = _run(model, lambda: model(x), True)
+            _compare(graph, eager)
+            assert_same(_detached(out), _detached(model(x)))
+
+
+@pytest.mark.parametrize("how", ["input", "pair", "dict", "parameter", "identity", "view"])
+def test_a_graph_with_no_op_or_one_returns_the_eager_capture(how: str) -> None:
+    _graph_runs_of(how)
+
+
 # -- defects ---------------------------------------------------------------------------------------
 
 
@@ -881,6 +919,17 @@ def test_a_process_wide_hook_registered_inside_the_block_gives_the_eager_capture
     assert_same(out_graph, out_eager)
     assert_same(out_graph, _plain(calls))
     _compare(graph, eager)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect (before eb58598 too): a model returning None or a Python constant: from "
+    "the third block (a known graph's bulk hand-over, Plan._hand_known) graph mode raises "
+    "IndexError: tuple index out of range",
+)
+@pytest.mark.parametrize("how", ["none", "constant"])
+def test_a_model_returning_no_tensor_takes_the_graph_block_after_block(how: str) -> None:
+    _graph_runs_of(how)
 
 
 class _PassThrough(TorchDispatchMode):
