@@ -197,7 +197,6 @@ def test_inputs_of_other_kinds_and_kwargs_come_and_go_between_calls_of_one_block
         lambda: model(x),
         lambda: model(x, y=y),  # a keyword argument added
         lambda: model(x, y=None),
-        lambda: model(x.double().float()),
         lambda: model(torch.randn(4, 3).t()),  # not contiguous
         lambda: model(torch.randn(3, 8)[:, ::2]),  # strided
         lambda: model(x, y),
@@ -209,6 +208,39 @@ def test_inputs_of_other_kinds_and_kwargs_come_and_go_between_calls_of_one_block
 
     _graph_is_eager(model, calls)
     _direct_is_eager(model, calls)  # every call's graph exists: none goes through dynamo
+
+
+class _Sums(nn.Module):
+    def forward(self, x: torch.Tensor, y: Any = None, z: Any = None) -> torch.Tensor:
+        h = (x * 2 + 1).sum(-1)
+        if y is not None:
+            h = h + y
+        if z is not None:
+            h = h * z
+        return h
+
+
+def test_inputs_of_other_dtypes_devices_and_keyword_orders_in_one_block() -> None:
+    model = _Sums()
+    x = torch.randn(3, 4)
+    xs = [x, x.double(), x.half(), torch.arange(12).view(3, 4), x.bfloat16(), x]
+    ones, twos = torch.ones(3), torch.full((3,), 2.0)
+
+    def calls() -> list[Any]:
+        outs = [model(t) for t in xs]
+        outs.append(model(x, y=ones, z=twos))
+        outs.append(model(x, z=twos, y=ones))  # the same keywords in another order
+        return outs
+
+    _graph_is_eager(model, calls)
+    _direct_is_eager(model, calls)
+    meta = torch.empty(3, 4, device="meta")  # no values: keys and records only
+    eager, _ = _run(model, lambda: model(meta), False)
+    for _ in range(3):
+        graph, _ = _run(model, lambda: model(meta), True)
+    assert list(graph) == list(eager) == ["/mul", "/add", "/sum", ""]
+    assert [tuple(r) for r in graph.records] == [tuple(r) for r in eager.records]
+    assert all(graph[key].device.type == "meta" for key in graph)
 
 
 def test_an_input_that_requires_grad_then_not_in_grad_mode() -> None:
