@@ -476,6 +476,14 @@ def test_a_data_dependent_branch_gives_the_eager_keys_in_both_branches(sign: flo
 # -- the model stays as it was -----------------------------------------------------------------
 
 
+def test_a_compiled_wrapper_inside_the_model_is_traced_into_its_graph() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    model[1] = torch.compile(model[1], backend="eager")  # an OptimizedModule as a child
+    x = torch.randn(3, 4)
+    graph = _assert_same_capture(model, lambda: model(x))
+    assert list(graph) == ["0/linear", "0", "1/relu", "1", "2/linear", "2", ""]
+
+
 def test_what_graph_mode_patches_in_dynamo_is_as_it_was_after_each_block() -> None:
     from torch._dynamo.output_graph import OutputGraph
 
