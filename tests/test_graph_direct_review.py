@@ -624,9 +624,6 @@ def test_bert_with_token_types_added_and_removed_between_calls() -> None:
 
     _graph_is_eager(model, calls)
     _direct_is_eager(model, calls)
-    model.train()  # dropout: a new graph, its masks drawn as the plain run draws them
-    _graph_is_eager(model, calls)
-    _direct_is_eager(model, calls)
 
 
 def test_llama_with_its_cache_in_grad_mode_and_in_no_grad() -> None:
