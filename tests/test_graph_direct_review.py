@@ -699,6 +699,44 @@ class _Two(nn.Module):
         return self.b(self.a(x).relu())
 
 
+@pytest.mark.parametrize("direction", ["untie", "tie"])
+def test_a_weight_tied_or_untied_between_blocks(direction: str) -> None:
+    # a graph traced with two modules holding one parameter takes it as one input
+    torch.manual_seed(0)
+    model = _Two().eval()
+    x = torch.randn(3, 4)
+    if direction == "untie":
+        model.b.weight = model.a.weight
+    _graph_is_eager(model, lambda: model(x))
+    if direction == "untie":
+        model.b.weight = nn.Parameter(torch.randn(4, 4))
+    else:
+        model.b.weight = model.a.weight
+    _graph_is_eager(model, lambda: model(x))
+    _direct_is_eager(model, lambda: model(x))
+
+
+def test_backward_after_direct_blocks_gives_a_plain_runs_gradients() -> None:
+    torch.manual_seed(0)
+    model = _Two()
+    x = torch.randn(3, 4)
+
+    def step() -> list[torch.Tensor]:
+        model.zero_grad()
+        model(x).square().sum().backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    expected = _plain(step, torch.enable_grad)
+    for _ in range(2):
+        _run(model, step, True, torch.enable_grad)
+    dynamo = _Dynamo(model)
+    graph, grads = _run(model, step, True, torch.enable_grad)
+    assert dynamo.calls == 0 and len(grads) == 4
+    assert_same(grads, expected)
+    eager, _ = _run(model, step, False, torch.enable_grad)
+    assert list(graph) == list(eager)
+
+
 def test_a_hook_registered_between_blocks_is_refused_by_name() -> None:
     torch.manual_seed(0)
     model = _Two().eval()
