@@ -467,6 +467,14 @@ class _Float(nn.Module):
             return h * 2 if self.f > 2.6 else h - 1
         if self.how == "full":
             return h + torch.full((4,), self.f), self.f
+        if self.how == "hardtanh":
+            return F.hardtanh(h, -self.f, self.f)
+        if self.how == "layer_norm-eps":
+            return F.layer_norm(h, (4,), eps=self.f)
+        if self.how == "sdpa-scale":
+            return F.scaled_dot_product_attention(h[None], h[None], h[None], scale=self.f)
+        if self.how == "interpolate":
+            return F.interpolate(h[None], scale_factor=self.f)
         return F.dropout(h, p=self.f / 10, training=True)
 
 
@@ -487,11 +495,15 @@ def test_a_float_attribute_changed_thirteen_times_takes_the_graph_every_block(ho
     assert _compiled[model].compiles <= 3
 
 
-def test_a_float_attribute_read_as_dropouts_p_gives_the_eager_values() -> None:
-    # the graph with p as an input cannot be planned (dropout guards on p's value): that
-    # call and the model's later ones run eagerly, with the same values
+@pytest.mark.parametrize(
+    "how", ["dropout", "hardtanh", "layer_norm-eps", "sdpa-scale", "interpolate"]
+)
+def test_a_float_attribute_an_op_checks_gives_the_eager_values(how: str) -> None:
+    # the graph with the float as an input cannot be planned (the op guards on its value,
+    # which the fake replay does not know): that call and the model's later ones run
+    # eagerly, with the same values
     torch.manual_seed(0)
-    model = _Float("dropout")
+    model = _Float(how)
     x = torch.randn(3, 4)
     for value in [2.0, 3.0, 2.5, 2.0]:
         model.f = value
