@@ -476,6 +476,35 @@ def test_a_data_dependent_branch_gives_the_eager_keys_in_both_branches(sign: flo
 # -- the model stays as it was -----------------------------------------------------------------
 
 
+class _Tuples(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        h = self.linear(x)
+        pair = (h, x)
+        return h, (h * 2, h + 1), pair, [pair], (h, x)  # pair held twice; (h, x) built again
+
+
+def test_outputs_holding_several_tuples_take_the_graph() -> None:
+    model = _Tuples()
+    graph = _assert_same_capture(model, lambda: model(torch.ones(2, 4)))
+    out = graph[""]
+    assert out[2] is out[3][0]  # one tuple held twice is one tuple, as the eager copy has it
+    # a tuple built twice from the same objects is rebuilt once (dynamo cannot tell tuples
+    # apart but by their items; the eager copy has two): equal items, one object
+    assert out[4] is out[2]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_real_models_with_return_dict_false_take_the_graph(name: str) -> None:
+    model = tiny_gpt2() if name == "gpt2" else tiny_bert()
+    ids = token_ids(2, 8)
+    graph = _assert_same_capture(model, lambda: model(input_ids=ids, return_dict=False))
+    assert type(graph[""]) is tuple
+
+
 def test_a_compiled_wrapper_inside_the_model_is_traced_into_its_graph() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     model[1] = torch.compile(model[1], backend="eager")  # an OptimizedModule as a child

@@ -86,7 +86,7 @@ def _markable(value: Any, seen: list[Any] | None = None, depth: int = 0) -> Any:
         return value
     if not isinstance(value, type):  # containers and objects; classes are constants
         for i, other in enumerate(seen):
-            if other is value:
+            if _same(other, value):
                 return (SHARED, i)
         seen.append(value)
     if cls is tuple:
@@ -120,6 +120,18 @@ def _markable(value: Any, seen: list[Any] | None = None, depth: int = 0) -> Any:
             tuple(_markable(item, seen, depth) for item in state.values()),
         )
     return (OPAQUE, cls.__module__, cls.__qualname__)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """``a is b``, as dynamo can trace it: for two tuples (whose identity dynamo cannot test),
+    whether they hold the same items, each the same object (two tuples ``is`` one another
+    does, and two different tuples rarely do: built twice from the same tensors, the second is
+    rebuilt as the first, which only ``is`` can tell apart)."""
+    if type(a) is tuple and type(b) is tuple:
+        return len(a) == len(b) and all(map(_same, a, b))
+    if type(a) is tuple or type(b) is tuple:
+        return False
+    return a is b
 
 
 class Marks:
