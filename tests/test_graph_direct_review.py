@@ -293,6 +293,18 @@ def test_a_tensor_of_the_model_changed_in_place_between_blocks(change: str) -> N
     assert graph.records[0].shape == (3, 6 if change.startswith("buffer-") else 4)  # x[:, :n]
 
 
+class _Breaks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if h.sum() > 0:  # a graph break: graph mode runs the call through the eager capture
+            h = h * 2
+        return h
+
+
 class _Embeds(nn.Module):
     def __init__(self, region: str) -> None:
         super().__init__()
@@ -869,6 +881,25 @@ def test_a_users_compiled_function_first_run_in_blocks_gives_the_eager_capture()
             _compare(graph, eager)
             assert_same(out_graph, out_eager)
     assert_same(out_graph, _plain(lambda: model(x) * 2))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect (before eb58598 too): a call graph mode runs eagerly (a graph break) inside "
+    "a user's torch.compile'd function raises RuntimeError 'attempted to set_stance in a "
+    "torch.compile region' (the eager capture's install enters ForceEager there)",
+)
+def test_an_eager_fallback_inside_a_users_compiled_function_gives_the_eager_capture() -> None:
+    torch.manual_seed(0)
+    model = _Breaks()
+    x = torch.randn(3, 4)
+    step = torch.compile(lambda t: model(t) + 1, backend="eager")
+    eager, out_eager = _run(model, lambda: step(x), False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TensorSnapWarning)  # the fallback is right here
+        graph, out_graph = _run(model, lambda: step(x), True)
+    _compare(graph, eager)
+    assert_same(out_graph, out_eager)
 
 
 @pytest.mark.xfail(
