@@ -585,16 +585,56 @@ def test_options_graph_mode_cannot_serve_are_refused(options: dict[str, Any], me
         tensorsnap.capture(nn.Linear(2, 2), graph=True, **options)
 
 
-def test_modules_with_their_own_hooks_are_refused_by_name() -> None:
-    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
-    model[1].register_forward_hook(lambda *a: None)
-    with (
-        pytest.raises(TensorSnapError, match="module '1'"),
-        tensorsnap.capture(model, ops=True, graph=True),
-    ):
-        pass
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_transformers_hidden_states_and_attentions_hooks_take_the_graph(name: str) -> None:
+    # transformers (5.x) collects hidden states and attentions with forward hooks of its own
+    # on the layers, which run no ops: the graph holds them, and its keys are the eager ones
+    model = tiny_gpt2() if name == "gpt2" else tiny_bert()
+    ids = token_ids(2, 8)
+    with torch.no_grad():
+        plain = model(input_ids=ids, output_hidden_states=True, output_attentions=True)
+
+    def call() -> Any:
+        return model(input_ids=ids, output_hidden_states=True, output_attentions=True)
+
+    graph = _assert_same_capture(model, call)
+    assert any(m._forward_hooks for m in model.modules())  # the hooks are there
+    assert len(graph[""].hidden_states) == len(plain.hidden_states) > 2
+    for got, want in zip(graph[""].hidden_states, plain.hidden_states, strict=True):
+        assert torch.equal(got, want)
+    for got, want in zip(graph[""].attentions, plain.attentions, strict=True):
+        assert torch.equal(got, want)
+    _assert_same_capture(model, lambda: model(input_ids=ids))  # and without them
+
+
+def test_forward_hooks_that_run_no_ops_take_the_graph_and_run_each_call() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
+    seen: dict[str, Any] = {}
+    model[1].register_forward_hook(lambda module, args, output: seen.update(relu=output))
+    model[0].register_forward_pre_hook(lambda module, args: (args[0],))
+    for rows in (3, 3, 4):
+        x = torch.randn(rows, 2)
+        _assert_same_capture(model, lambda: model(x))  # noqa: B023
+        assert torch.equal(seen["relu"], torch.relu(model[0](x)).detach())  # the last call's
+
+
+def test_forward_hooks_that_run_ops_run_eagerly_with_a_warning_naming_the_module() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
+    model[1].register_forward_hook(lambda module, args, output: output * 2)
+    x = torch.randn(3, 2)
+    eager, out_eager = _run(model, lambda: model(x), graph=False)
+    with pytest.warns(TensorSnapWarning, match=r"module '1' has forward hooks of its own"):
+        _run(model, lambda: model(x), graph=True)
+    graph, out_graph = _run(model, lambda: model(x), graph=True)  # eagerly, warned once
+    assert list(graph) == list(eager)
+    for key in eager:
+        assert_same(graph[key], eager[key], key)
+    assert_same(out_graph, out_eager)
+
+
+def test_graph_true_must_be_a_bool() -> None:
     with pytest.raises(TensorSnapError, match="graph="):
-        tensorsnap.capture(model, ops=True, graph=1)  # type: ignore[arg-type]
+        tensorsnap.capture(nn.Linear(2, 2), ops=True, graph=1)  # type: ignore[arg-type]
 
 
 def test_extract_with_graph_writes_the_same_bundle(tmp_path: Any) -> None:

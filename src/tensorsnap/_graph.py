@@ -49,12 +49,6 @@ def check_model(
             "and collectives run outside the model's graph); capture with graph=False"
         )
     for module in modules:  # (the named modules: compiled wrappers are not among them)
-        if module._forward_hooks or module._forward_pre_hooks:
-            name = names.get(id(module), "?")
-            raise TensorSnapError(
-                f"graph=True cannot tell the ops of module {name!r}'s own forward hooks from its "
-                "forward (a graph holds both); remove the hooks or capture with graph=False"
-            )
         if module.__dict__.get("_compiled_call_impl") is not None and module is not root:
             raise TensorSnapError(
                 f"graph=True cannot compile module {names.get(id(module), '?')!r}, which is "
@@ -489,14 +483,36 @@ class GraphRunner:
             )
             eager_key = got[at] if at < len(got) else "(none)"
             graph_key = expected[at] if at < len(expected) else "(none)"
+            hooked = sorted(_own_hooks(self._modules, self.model).values())
+            module = graph_key.split("/")[0].split("#")[0]
+            if module in hooked:  # its hooks' ops: the module's forward's, in a graph
+                why = (
+                    f"module {module!r} has forward hooks of its own that run ops, which a "
+                    "graph holds as part of its forward"
+                )
+            else:
+                why = "e.g. library code that runs other ops when compiled" + (
+                    f", or forward hooks of modules {', '.join(map(repr, hooked[:3]))} that run ops"
+                    if hooked
+                    else ""
+                )
             reason = (
                 f"its graph would give key {graph_key!r} where the eager capture gives "
-                f"{eager_key!r}, e.g. library code that runs other ops when compiled"
+                f"{eager_key!r}: {why}"
             )
             self.compiled.eager = reason
             self._note(reason)
         self.compiled.checked[code] = reason
         return output
+
+
+def _own_hooks(modules: dict[int, str], model: nn.Module) -> dict[int, str]:
+    """The names of the model's modules that have forward hooks of their own, by id."""
+    return {
+        id(m): modules[id(m)]
+        for m in model.modules()
+        if (m._forward_hooks or m._forward_pre_hooks) and id(m) in modules
+    }
 
 
 def _others_hooked() -> bool:
