@@ -29,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tensorsnap
-from tensorsnap import TensorSnapError, TensorSnapWarning
+from tensorsnap import TensorSnapWarning
 from tensorsnap._graph import _compiled
 
 Context = Callable[[], Any]
@@ -761,24 +761,32 @@ def test_backward_after_direct_blocks_gives_a_plain_runs_gradients() -> None:
     assert list(graph) == list(eager)
 
 
-def test_a_hook_registered_between_blocks_is_refused_by_name() -> None:
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect (84645e8: hooks no longer refused): a hook registered between blocks is not "
+    "run, the graph made without it runs (dynamo skips hook guards): wrong keys and values, "
+    "the model's output 10x too small; before 84645e8 the block refused it by name",
+)
+@pytest.mark.parametrize("register", ["register_forward_hook", "register_forward_pre_hook"])
+def test_a_hook_registered_between_blocks_gives_the_eager_capture(register: str) -> None:
+    # the graph was made without the hook (dynamo does not guard hooks): it must not run
     torch.manual_seed(0)
     model = _Two().eval()
     x = torch.randn(3, 4)
     _graph_is_eager(model, lambda: model(x))
-    for register in ("register_forward_hook", "register_forward_pre_hook"):
-        hook = (lambda m, i, o: o * 10) if "pre" not in register else (lambda m, i: (i[0] * 10,))
-        handle = getattr(model.b, register)(hook)
-        try:
-            with (
-                pytest.raises(TensorSnapError, match=r"module 'b''s own forward hooks"),
-                torch.no_grad(),
-                tensorsnap.capture(model, ops=True, graph=True),
-            ):
-                model(x)
-        finally:
-            handle.remove()
-    _direct_is_eager(model, lambda: model(x))  # the hooks gone: the graph again, directly
+    hook = (lambda m, i, o: o * 10) if "pre" not in register else (lambda m, i: (i[0] * 10,))
+    handle = getattr(model.b, register)(hook)
+    try:
+        eager, out_eager = _run(model, lambda: model(x), False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TensorSnapWarning)  # a hook running ops: eagerly
+            for _ in range(3):
+                graph, out_graph = _run(model, lambda: model(x), True)
+                _compare(graph, eager)
+                assert_same(out_graph, out_eager)
+        assert_same(out_graph, _plain(lambda: model(x)))
+    finally:
+        handle.remove()
 
 
 def test_functional_call_with_other_parameters_takes_the_graph_with_them() -> None:
@@ -929,23 +937,28 @@ def test_a_users_compiled_function_run_before_the_blocks_is_captured() -> None:
     "graph was compiled is not run (dynamo skips hook guards); the model's output lacks it",
 )
 @pytest.mark.parametrize("where", ["a", ""])
-def test_a_hook_registered_inside_the_block_is_refused_by_name(where: str) -> None:
+def test_a_hook_registered_inside_the_block_gives_the_eager_capture(where: str) -> None:
     torch.manual_seed(0)
     model = _Two().eval()
     x = torch.randn(3, 4)
     _graph_is_eager(model, lambda: model(x))
     module = model.get_submodule(where)
-    with (
-        pytest.raises(TensorSnapError, match=rf"module {where!r}.*hooks"),
-        torch.no_grad(),
-        tensorsnap.capture(model, ops=True, graph=True),
-    ):
-        model(x)
+
+    def calls() -> Any:
+        first = model(x)
         handle = module.register_forward_hook(lambda m, i, o: o * 10)
         try:
-            model(x)
+            return first, model(x)
         finally:
             handle.remove()
+
+    eager, out_eager = _run(model, calls, False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TensorSnapWarning)  # an eager fallback is right here
+        graph, out_graph = _run(model, calls, True)
+    assert_same(out_graph, _plain(calls))
+    assert_same(out_graph, out_eager)
+    _compare(graph, eager)
 
 
 _forward = _Two.forward
