@@ -761,9 +761,14 @@ def test_backward_after_direct_blocks_gives_a_plain_runs_gradients() -> None:
     assert list(graph) == list(eager)
 
 
+_TORCH_2_13 = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 14)
+
+
 @pytest.mark.xfail(
+    _TORCH_2_13,
     strict=True,
-    reason="defect (84645e8: hooks no longer refused): a hook registered between blocks is not "
+    reason="defect (84645e8: hooks no longer refused; torch 2.13 only, 2.14 passes): a hook "
+    "registered between blocks is not "
     "run, the graph made without it runs (dynamo skips hook guards): wrong keys and values, "
     "the model's output 10x too small; before 84645e8 the block refused it by name",
 )
@@ -931,12 +936,24 @@ def test_a_users_compiled_function_run_before_the_blocks_is_captured() -> None:
     _compare(graph, eager)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect (before eb58598 too): a forward hook registered in the block after the "
-    "graph was compiled is not run (dynamo skips hook guards); the model's output lacks it",
+@pytest.mark.parametrize(
+    "where",
+    [
+        pytest.param(
+            "a",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="defect (before eb58598 too): a forward hook registered on a submodule "
+                "in the block after the graph was compiled is not run (torch 2.13 and 2.14: "
+                "the output lacks it on 2.13, the keys differ on 2.14)",
+            ),
+        ),
+        pytest.param(
+            "",
+            marks=pytest.mark.xfail(_TORCH_2_13, strict=True, reason="torch 2.13 only, see above"),
+        ),
+    ],
 )
-@pytest.mark.parametrize("where", ["a", ""])
 def test_a_hook_registered_inside_the_block_gives_the_eager_capture(where: str) -> None:
     torch.manual_seed(0)
     model = _Two().eval()
