@@ -318,7 +318,7 @@ class _Embeds(nn.Module):
                 h = self.emb(ids) * 2
         elif self.region == "autocast":
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                h = self.lin(self.emb(ids))
+                h = self.lin(self.emb(ids)).float()
         else:
             h = self.emb(ids) * 2
         return self.lin(h)
@@ -761,17 +761,6 @@ def test_backward_after_direct_blocks_gives_a_plain_runs_gradients() -> None:
     assert list(graph) == list(eager)
 
 
-_TORCH_2_13 = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 14)
-
-
-@pytest.mark.xfail(
-    _TORCH_2_13,
-    strict=True,
-    reason="defect (84645e8: hooks no longer refused; torch 2.13 only, 2.14 passes): a hook "
-    "registered between blocks is not "
-    "run, the graph made without it runs (dynamo skips hook guards): wrong keys and values, "
-    "the model's output 10x too small; before 84645e8 the block refused it by name",
-)
 @pytest.mark.parametrize("register", ["register_forward_hook", "register_forward_pre_hook"])
 def test_a_hook_registered_between_blocks_gives_the_eager_capture(register: str) -> None:
     # the graph was made without the hook (dynamo does not guard hooks): it must not run
@@ -792,6 +781,63 @@ def test_a_hook_registered_between_blocks_gives_the_eager_capture(register: str)
         assert_same(out_graph, _plain(lambda: model(x)))
     finally:
         handle.remove()
+
+
+def test_a_hook_removed_between_blocks_is_not_run_by_the_graph_made_with_it() -> None:
+    torch.manual_seed(0)
+    model = _Two().eval()
+    x = torch.randn(3, 4)
+    handle = model.b.register_forward_hook(lambda m, i, o: o + 1)  # no op of its own keyed
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TensorSnapWarning)
+            for _ in range(3):
+                _run(model, lambda: model(x), True)
+    finally:
+        handle.remove()
+    _graph_is_eager(model, lambda: model(x))  # the output without the hook's + 1
+
+
+def test_a_hook_removed_inside_the_block_leaves_the_eager_fallback_capturing() -> None:
+    # the block opened with the hook: the calls after its removal (a new graph to check,
+    # run eagerly) must capture the module's ops as if it never had one
+    torch.manual_seed(0)
+    model = _Two().eval()
+    x, y = torch.randn(3, 4), torch.randn(5, 4)
+
+    def calls() -> Any:
+        first = model(x)
+        handle.remove()
+        return first, model(y), model(x)
+
+    handle = model.a.register_forward_pre_hook(lambda m, i: None)
+    eager, out_eager = _run(model, calls, False)
+    for _ in range(2):
+        handle = model.a.register_forward_pre_hook(lambda m, i: None)
+        graph, out_graph = _run(model, calls, True)
+        _compare(graph, eager)
+        assert_same(out_graph, out_eager)
+
+
+def test_a_hook_registered_on_gpt2_between_blocks_gives_the_eager_capture() -> None:
+    torch.manual_seed(0)
+    model = tiny_gpt2(n_layer=2)
+    ids = token_ids(2, 6)
+    call = lambda: model(input_ids=ids).logits  # noqa: E731
+    _graph_is_eager(model, call)
+    handle = model.transformer.ln_f.register_forward_hook(lambda m, i, o: o * 2)
+    try:
+        eager, out_eager = _run(model, call, False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TensorSnapWarning)  # its op: eagerly, by name
+            for _ in range(3):
+                graph, out_graph = _run(model, call, True)
+        _compare(graph, eager)
+        assert_same(out_graph, out_eager)
+        assert_same(out_graph, _plain(call))
+    finally:
+        handle.remove()
+    _graph_is_eager(model, call)
 
 
 def test_functional_call_with_other_parameters_takes_the_graph_with_them() -> None:
@@ -859,12 +905,6 @@ class _Rows(nn.Module):
         return x * torch.arange(x.shape[0])[:, None]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect (eb58598): the fake replay's own ShapeEnv does not know dynamo's size "
-    "symbols; a graph with a dynamic batch cannot be planned ('vr must not be None for "
-    "symbol s..') and the model runs eagerly for good",
-)
 @pytest.mark.parametrize("how", ["rows", "gpt2"])
 def test_a_graph_with_a_dynamic_batch_is_planned_and_run(how: str) -> None:
     model = _Rows() if how == "rows" else tiny_gpt2(n_layer=1)
@@ -874,12 +914,6 @@ def test_a_graph_with_a_dynamic_batch_is_planned_and_run(how: str) -> None:
         _graph_is_eager(model, call, blocks=2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect (eb58598): a user's torch.compile'd function tracing into _Compiled.call "
-    "fails on a guard of self._direct (SyntaxError), the model runs eagerly for good, and "
-    "the eager fallback inside the compiled region raises 'attempted to set_stance'",
-)
 def test_a_users_compiled_function_first_run_in_blocks_gives_the_eager_capture() -> None:
     torch.manual_seed(0)
     model = _Two().eval()
@@ -896,12 +930,6 @@ def test_a_users_compiled_function_first_run_in_blocks_gives_the_eager_capture()
     assert_same(out_graph, _plain(lambda: model(x) * 2))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect (before eb58598 too): a call graph mode runs eagerly (a graph break) inside "
-    "a user's torch.compile'd function raises RuntimeError 'attempted to set_stance in a "
-    "torch.compile region' (the eager capture's install enters ForceEager there)",
-)
 def test_an_eager_fallback_inside_a_users_compiled_function_gives_the_eager_capture() -> None:
     torch.manual_seed(0)
     model = _Breaks()
@@ -936,24 +964,7 @@ def test_a_users_compiled_function_run_before_the_blocks_is_captured() -> None:
     _compare(graph, eager)
 
 
-@pytest.mark.parametrize(
-    "where",
-    [
-        pytest.param(
-            "a",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="defect (before eb58598 too): a forward hook registered on a submodule "
-                "in the block after the graph was compiled is not run (torch 2.13 and 2.14: "
-                "the output lacks it on 2.13, the keys differ on 2.14)",
-            ),
-        ),
-        pytest.param(
-            "",
-            marks=pytest.mark.xfail(_TORCH_2_13, strict=True, reason="torch 2.13 only, see above"),
-        ),
-    ],
-)
+@pytest.mark.parametrize("where", ["a", ""])
 def test_a_hook_registered_inside_the_block_gives_the_eager_capture(where: str) -> None:
     torch.manual_seed(0)
     model = _Two().eval()
@@ -981,11 +992,6 @@ def test_a_hook_registered_inside_the_block_gives_the_eager_capture(where: str) 
 _forward = _Two.forward
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect (before eb58598 too): dynamo does not guard a module class's forward; "
-    "replaced between blocks, the old graph runs: old keys, old output",
-)
 def test_a_module_classs_forward_replaced_between_blocks() -> None:
     torch.manual_seed(0)
     model = _Two().eval()
@@ -998,12 +1004,6 @@ def test_a_module_classs_forward_replaced_between_blocks() -> None:
         _Two.forward = _forward  # type: ignore[method-assign]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect (before eb58598 too): a graph that raises inside the forward's no_grad() or "
-    "autocast region leaves that mode on (dynamo's graph sets it without a finally); eager and "
-    "plain runs restore it, so later calls silently lose gradients or run in bfloat16",
-)
 @pytest.mark.parametrize("region", ["no_grad", "autocast"])
 def test_an_error_inside_the_forwards_grad_or_autocast_region_restores_the_mode(
     region: str,
@@ -1061,12 +1061,6 @@ def test_a_process_wide_hook_registered_inside_the_block_gives_the_eager_capture
     _compare(graph, eager)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect (before eb58598 too): a model returning None or a Python constant: from "
-    "the third block (a known graph's bulk hand-over, Plan._hand_known) graph mode raises "
-    "IndexError: tuple index out of range",
-)
 @pytest.mark.parametrize("how", ["none", "constant"])
 def test_a_model_returning_no_tensor_takes_the_graph_block_after_block(how: str) -> None:
     _graph_runs_of(how)
@@ -1088,13 +1082,6 @@ class _Counts(nn.Module):
         return self.a(x).softmax(-1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect (before eb58598 too): where dynamo skips the frame (a user's "
-    "TorchDispatchMode, torch._dynamo.config.disable) torch.compile(fullgraph=True) runs the "
-    "call eagerly, uncaptured, then raises RuntimeError ('found no compiled frames'); graph "
-    "mode neither falls back to the eager capture nor refuses by name",
-)
 @pytest.mark.parametrize("how", ["dispatch-mode", "dynamo-disabled"])
 def test_a_block_where_dynamo_skips_frames_gives_the_eager_capture(how: str) -> None:
     torch.manual_seed(0)

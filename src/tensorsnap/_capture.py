@@ -186,6 +186,9 @@ class _Session(AbstractContextManager[Snapshot]):
         self._warned: set[int] = set()
         self._op_name = op_name
         self._hooked: set[int] = set()  # modules with forward hooks of their own
+        # graph mode, whose eager calls install the hooks per call: the modules that had hooks
+        # when the block opened (the eager capture's ops of hooks registered later are kept)
+        self._hooks_at_entry: set[int] | None = None
         self._hooks_of: nn.Module | None = None  # whose forward hooks are running now
         self._reach = Reach()  # names(): which gradient keys a backward pass would produce
         self._inputs_at_pre: set[int] = set()  # modules whose inputs the pre-hook records
@@ -272,6 +275,9 @@ class _Session(AbstractContextManager[Snapshot]):
             root = root._modules["_orig_mod"]  # type: ignore[assignment]
         check_model(root, self._modules, self._wrappers, self.names)
         self._root = root
+        self._hooks_at_entry = {
+            id(m) for m in self._modules if m._forward_pre_hooks or m._forward_hooks
+        }
         measure_operators()
         self._enter(Marks())
         if root is not self.model:  # the user's compiled wrapper must run the model eagerly
@@ -283,6 +289,7 @@ class _Session(AbstractContextManager[Snapshot]):
             self._eager_call,
             lambda start: [r.key for r in self.recorder.records_from(start)],
             self.names,
+            self._modules,
         )
         self._enter(self._runner)  # refuses calls of submodules outside the model's calls
         self._enter(CallSlot(root, self._graph_call))
@@ -328,6 +335,8 @@ class _Session(AbstractContextManager[Snapshot]):
             while len(self._handles) > handles:
                 self._handles.pop().remove()
             self._stack.clear()
+            self._hooked.clear()  # (the next call's install finds the hooks there are then)
+            self._hooks_of = None
             self._target = None
 
     # the view of the session a graph's values are handed to (_graph.GraphSession)
@@ -355,8 +364,11 @@ class _Session(AbstractContextManager[Snapshot]):
         hooks get two more of ours, registered last, that mark where their forward starts and
         where their forward hooks end.
         """
+        entry = self._hooks_at_entry
         for module in self._modules:
-            if module._forward_pre_hooks or module._forward_hooks:
+            if (module._forward_pre_hooks or module._forward_hooks) and (
+                entry is None or id(module) in entry
+            ):
                 self._hooked.add(id(module))
                 self._handles.append(module.register_forward_pre_hook(self._forward_starts))
                 self._handles.append(

@@ -164,6 +164,19 @@ class _Stance:
             self.inner.__exit__(*exc)
 
 
+class _Skipped(Exception):
+    """dynamo would run the call as plain Python, uncaptured: the eager capture must."""
+
+
+def _dynamo_skips() -> str | None:
+    """Why dynamo would not trace a call now, where it would run the frame as it is."""
+    if torch._C._len_torch_dispatch_stack():
+        return "a TorchDispatchMode is active, and dynamo does not trace under one"
+    if torch._dynamo.config.disable:
+        return "dynamo is disabled (torch._dynamo.config.disable)"
+    return None
+
+
 class _Verify(Exception):
     """Raised by the backend for a graph seen for the first time: run the call eagerly."""
 
@@ -199,6 +212,24 @@ class _Compiled:
         self.fn: Callable[..., Any] = torch.compile(fn, backend=self._backend, fullgraph=True)
         self._code = code
         self._direct: dict[types.CodeType, Callable[..., Any]] = {}  # dynamo's code -> function
+        self.unguarded: tuple[Any, ...] = ()  # what the graphs hold that dynamo does not guard
+
+    def drop_graphs(self, unguarded: tuple[Any, ...]) -> None:
+        """Have dynamo make new graphs, for modules whose hooks or forward changed.
+
+        dynamo traces a module's own hooks into its graph but does not guard them
+        (``torch._dynamo.config.skip_nnmodule_hook_guards``), nor a module class's
+        ``forward``: a graph made before a hook was registered or removed would still run.
+        """
+        self.unguarded = unguarded
+        self._direct.clear()
+        self.eager = None  # (the reason may have been the hooks' ops: the new graph is checked)
+        reset = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
+        reset = getattr(reset, "reset_code", None)
+        if reset is None:  # a torch without it: the graphs cannot be dropped
+            self.eager = "the hooks or forward of a module changed after its graph was made"
+        else:
+            reset(self._code)
 
     def call(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Run the model's call through the first of its graphs whose guards pass, or dynamo.
@@ -219,6 +250,9 @@ class _Compiled:
                     break
                 if _passes(guards, frame):
                     return function(model, args, kwargs)
+        skipped = _dynamo_skips()
+        if skipped is not None:
+            raise _Skipped(skipped)
         return self.fn(model, args, kwargs)
 
     def _function(self, code: types.CodeType | None) -> Callable[..., Any] | None:
@@ -352,6 +386,7 @@ class GraphRunner:
         eager: Callable[[tuple[Any, ...], dict[str, Any]], Any],
         produced: Callable[[int], list[str]],
         names: dict[int, str],
+        modules: list[nn.Module],
     ) -> None:
         self.model = model
         self.session = session
@@ -367,6 +402,7 @@ class GraphRunner:
         self._depth = 0  # calls of the model in progress (a model may call itself)
         self._thread = threading.get_ident()
         self._modules = names  # the model's modules' names, by id (the session's)
+        self._unguarded = _Unguarded(modules)
 
     def __enter__(self) -> None:
         _graphmarks.watchers.append(self.watch)
@@ -401,6 +437,10 @@ class GraphRunner:
         not started when the refusal arrives, and runs through the eager capture instead, with
         nothing lost or counted twice.
         """
+        if torch.compiler.is_compiling():
+            # a user's torch.compile'd function calls the model: its trace stops here (a graph
+            # break), and the call runs as in eager code, compiled by us or captured eagerly
+            return _untraced(self, args, kwargs)
         if self._depth:
             # the model calls itself: the call in progress runs eagerly (dynamo refuses the
             # recursion), and its hooks and mode capture this one as part of it
@@ -419,14 +459,23 @@ class GraphRunner:
             # them into the graph; this call runs eagerly, later ones may use the graph again
             self._note("process-wide module hooks other than graph mode's are registered")
             return self._eager(args, kwargs)
+        unguarded = self._unguarded.now()
+        if unguarded != compiled.unguarded:
+            compiled.drop_graphs(unguarded)
         if compiled.eager is None:
             previous, _active.session, _active.ran = _active.session, self.session, False
+            modes = _Modes()
             compiled.pending = None
             try:
                 with _Stance(), _Tracing():
                     output = compiled.call(self.model, args, kwargs)
+            except _Skipped as skipped:
+                _active.session = previous
+                self._note(str(skipped))  # later calls may take the graph again
+                return self._eager(args, kwargs)
             except Exception as error:
                 if _active.ran or not _is_refusal(error):
+                    modes.restore()  # a graph raising sets no mode back, as a `with` would
                     raise
                 _forget(error)
                 pending, compiled.pending = compiled.pending, None
@@ -504,6 +553,60 @@ class GraphRunner:
             self._note(reason)
         self.compiled.checked[code] = reason
         return output
+
+
+_untraced = torch._dynamo.disable(GraphRunner.call)
+
+
+class _Unguarded:
+    """What of the model's modules a graph holds and dynamo does not guard: hooks and forwards.
+
+    Read at each call (a hook may be registered inside the block): the modules' hook dicts
+    and classes are gathered once per block. Hooks are told by their handles' ids, which
+    torch never gives twice (holding the hooks themselves would keep what they refer to, the
+    model maybe, as long as its compiled call).
+    """
+
+    __slots__ = ("classes", "hooks", "pre_hooks")
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.classes = list(dict.fromkeys(map(type, modules)))
+        self.hooks = [m._forward_hooks for m in modules]
+        self.pre_hooks = [m._forward_pre_hooks for m in modules]
+
+    def now(self) -> tuple[Any, ...]:
+        forwards = tuple([cls.forward for cls in self.classes])
+        if not (any(self.hooks) or any(self.pre_hooks)):
+            return forwards, ()
+        pairs = enumerate(zip(self.hooks, self.pre_hooks, strict=True))
+        return forwards, tuple([(i, tuple(h), tuple(p)) for i, (h, p) in pairs if h or p])
+
+
+class _Modes:
+    """Grad mode and autocast as a call found them, set back where a graph raised.
+
+    A graph enters the forward's ``no_grad()`` or ``autocast()`` regions by setting the mode
+    and leaves them by setting it back, with no ``finally``: a graph that raises inside one
+    would leave it on.
+    """
+
+    __slots__ = ("autocast", "grad")
+
+    def __init__(self) -> None:
+        self.grad = torch.is_grad_enabled()
+        self.autocast = [
+            (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+            for device in _AUTOCAST
+        ]
+
+    def restore(self) -> None:
+        torch.set_grad_enabled(self.grad)
+        for device, enabled, dtype in self.autocast:
+            torch.set_autocast_enabled(device, enabled)
+            torch.set_autocast_dtype(device, dtype)
+
+
+_AUTOCAST = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
 
 
 def _own_hooks(modules: dict[int, str], model: nn.Module) -> dict[int, str]:

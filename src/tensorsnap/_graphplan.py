@@ -216,15 +216,30 @@ def _replay(gm: fx.GraphModule, example_inputs: list[Any]) -> tuple[dict[fx.Node
 
     fakes = [a for a in example_inputs if isinstance(a, FakeTensor)]
     if fakes:  # torch handed fake inputs already: their mode runs the replay
-        fake = fakes[0].fake_mode
-        inputs = list(example_inputs)
-    else:  # real inputs: fake copies, made by one converter so that aliasing is kept
+        return _replay_in(gm, fakes[0].fake_mode, list(example_inputs))
+    # real inputs: fake copies, made by one converter so that aliasing is kept
+    try:
+        return _replay_in(gm, FakeTensorMode(), example_inputs)
+    except Exception:
         from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-        # static shapes, as the graph was traced; a shape environment of its own for the
-        # values read from tensors (a float attribute dynamo made an input: ``.item()``)
-        fake = FakeTensorMode(shape_env=ShapeEnv(), static_shapes=True)
-        inputs = [fake.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in example_inputs]
+        # a value read from a tensor (a float attribute dynamo made an input: ``.item()``)
+        # needs a shape environment; one of our own does not know the symbols of a graph
+        # with dynamic shapes, which the plain mode replays, so it is the second try
+        return _replay_in(
+            gm, FakeTensorMode(shape_env=ShapeEnv(), static_shapes=True), example_inputs
+        )
+
+
+def _replay_in(
+    gm: fx.GraphModule, fake: Any, example_inputs: list[Any]
+) -> tuple[dict[fx.Node, Any], _Writes]:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    inputs = [
+        a if isinstance(a, FakeTensor) or not isinstance(a, torch.Tensor) else fake.from_tensor(a)
+        for a in example_inputs
+    ]
     writes = _Writes()
     replay = _Replay(gm, writes)
     with fake, writes:
@@ -625,7 +640,8 @@ class _Quick:
             places[i] = entries[i].value.index
         self.grad = any(fakes[places[i]].requires_grad for i in kept)
         self.kept = _items([places[i] for i in kept])
-        self.placed = _items(places)
+        # (the specials' places are overwritten; without a kept value there may be no outputs)
+        self.placed = _items(places) if kept else (lambda sequence: (None,) * len(places))
         wanted = set(kept)
         self.special = [
             (i, e.value, e.whole, e.build) for i, e in enumerate(entries) if i not in wanted
