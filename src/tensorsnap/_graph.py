@@ -570,7 +570,7 @@ class _Unguarded:
     __slots__ = ("classes", "hooks", "pre_hooks")
 
     def __init__(self, modules: list[nn.Module]) -> None:
-        self.classes = list(dict.fromkeys(map(type, modules)))
+        self.classes: list[type[nn.Module]] = list(dict.fromkeys(map(type, modules)))
         self.hooks = [m._forward_hooks for m in modules]
         self.pre_hooks = [m._forward_pre_hooks for m in modules]
 
