@@ -943,12 +943,6 @@ def test_an_eager_fallback_inside_a_users_compiled_function_gives_the_eager_capt
     assert_same(out_graph, out_eager)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect (before eb58598 too): a user's torch.compile'd function run once outside "
-    "a block keeps its graph of the model inside blocks: graph mode's call slot is not "
-    "guarded, and the snapshot is silently empty (the eager capture's mode forces a recompile)",
-)
 def test_a_users_compiled_function_run_before_the_blocks_is_captured() -> None:
     torch.manual_seed(0)
     model = _Two().eval()
@@ -1029,13 +1023,6 @@ def _times_ten(module: nn.Module, args: Any, output: Any) -> Any:
     return output * 10 if isinstance(module, nn.Linear) else None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect (before eb58598 too): a process-wide forward hook the user registers inside "
-    "the block runs before the eager fallback's hooks, which graph mode installs per call: "
-    "module outputs are recorded after the user's hook (a#1 is 10x the eager capture's) and "
-    "its op is keyed to the module ('a#1/mul', eager: '#1/mul')",
-)
 def test_a_process_wide_hook_registered_inside_the_block_gives_the_eager_capture() -> None:
     from torch.nn.modules.module import register_module_forward_hook
 

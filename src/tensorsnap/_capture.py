@@ -189,6 +189,7 @@ class _Session(AbstractContextManager[Snapshot]):
         # graph mode, whose eager calls install the hooks per call: the modules that had hooks
         # when the block opened (the eager capture's ops of hooks registered later are kept)
         self._hooks_at_entry: set[int] | None = None
+        self._globals_at_entry: set[int] | None = None  # and the process-wide hooks' ids
         self._hooks_of: nn.Module | None = None  # whose forward hooks are running now
         self._reach = Reach()  # names(): which gradient keys a backward pass would produce
         self._inputs_at_pre: set[int] = set()  # modules whose inputs the pre-hook records
@@ -232,6 +233,9 @@ class _Session(AbstractContextManager[Snapshot]):
         # torch's handle forgets the with_kwargs entry of a global hook (2.13): left there,
         # it would make torch.compile'd modules warn about global hooks forever after
         self._handles.append(DictEntry(_module_hooks, "_global_forward_hooks_with_kwargs", post.id))
+        if self._globals_at_entry is not None:
+            ours = {post.id} if light else {post.id, pre.id}
+            self._before_later_hooks(self._globals_at_entry | ours)
         if self.ops:
             self._guard_user_hooks()
         if self.inputs:
@@ -280,8 +284,17 @@ class _Session(AbstractContextManager[Snapshot]):
         }
         measure_operators()
         self._enter(Marks())
-        if root is not self.model:  # the user's compiled wrapper must run the model eagerly
-            self._enter(ForceEager())  # (our own compiled call sets its stance back, _graph)
+        self._globals_at_entry = {
+            *_module_hooks._global_forward_pre_hooks,
+            *_module_hooks._global_forward_hooks,
+        }
+        if hasattr(torch.compiler, "set_stance"):
+            # the user's compiled code (a wrapper of the model, a compiled function calling
+            # it) runs eagerly, as in the eager capture: a graph it made of the model before
+            # the block would run that graph, not ours (our own compiled call sets its stance
+            # back, _graph)
+            self._enter(ForceEager())
+        if root is not self.model:
             self._enter(Ignored(UserWarning, r"Using `torch\.compile\(module\)` when there"))
         self._runner = GraphRunner(
             root,
@@ -355,6 +368,18 @@ class _Session(AbstractContextManager[Snapshot]):
 
     def selected(self, key: str) -> bool:
         return self._all or self.select(key)
+
+    def _before_later_hooks(self, earlier: set[int]) -> None:
+        """Move the process-wide hooks registered since graph mode's block opened (those not in
+        ``earlier``: the hooks there were then, and ours) after ours.
+
+        Graph mode installs the eager capture's hooks for each call it runs eagerly, where the
+        eager capture installs them when its block opens: hooks registered in the block run
+        after the capture's, so their values and ops are those of the caller, not the module.
+        """
+        for table in (_module_hooks._global_forward_pre_hooks, _module_hooks._global_forward_hooks):
+            for key in [k for k in table if k not in earlier]:
+                table.move_to_end(key)
 
     def _guard_user_hooks(self) -> None:
         """Keep the ops of other forward hooks on the model's modules out of the snapshot.

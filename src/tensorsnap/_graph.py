@@ -143,11 +143,12 @@ class _Tracing:
 
 
 class _Stance:
-    """The "default" compile stance for our own compiled call, if another was set.
+    """The "default" compile stance for dynamo's way into our compiled call, if another was set.
 
-    A block that captures a user's compiled model runs it with the stance "force_eager" (so
-    that its wrapper calls the model's own ``__call__``, which is ours for the block), and an
-    eager capture open in another thread sets it too: our graph must still run.
+    A graph-mode block runs with the stance "force_eager", so that the user's compiled code
+    (a wrapper of the model, a function calling it) calls the model's own ``__call__``, which
+    is ours for the block; an eager capture open in another thread sets it too. Our graph must
+    still be made. (The direct call of a graph whose guards pass needs no stance.)
     """
 
     __slots__ = ("inner",)
@@ -253,7 +254,8 @@ class _Compiled:
         skipped = _dynamo_skips()
         if skipped is not None:
             raise _Skipped(skipped)
-        return self.fn(model, args, kwargs)
+        with _Stance():
+            return self.fn(model, args, kwargs)
 
     def _function(self, code: types.CodeType | None) -> Callable[..., Any] | None:
         """A function running ``code`` (dynamo's code for one graph), or None if it cannot be
@@ -467,7 +469,7 @@ class GraphRunner:
             modes = _Modes()
             compiled.pending = None
             try:
-                with _Stance(), _Tracing():
+                with _Tracing():
                     output = compiled.call(self.model, args, kwargs)
             except _Skipped as skipped:
                 _active.session = previous
