@@ -379,7 +379,7 @@ class _Session(AbstractContextManager[Snapshot]):
         """
         for table in (_module_hooks._global_forward_pre_hooks, _module_hooks._global_forward_hooks):
             for key in [k for k in table if k not in earlier]:
-                table.move_to_end(key)
+                table[key] = table.pop(key)  # to the end
 
     def _guard_user_hooks(self) -> None:
         """Keep the ops of other forward hooks on the model's modules out of the snapshot.
