@@ -7,6 +7,9 @@ check each block's keys against ``named_modules()`` read afresh.
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import torch
 from torch import nn
 
@@ -104,3 +107,23 @@ def test_a_module_registered_twice_keeps_its_first_name() -> None:
     assert _keys(model) == ["a", "b", "a#1", ""]
     model.c = nn.Tanh()
     assert _keys(model) == ["a", "b", "c", ""]
+
+
+def test_a_captured_model_is_freed_with_its_names() -> None:
+    # the names cache is keyed by the model: a value referring to it (here through a hook's
+    # closure on a child, as well as the modules themselves) would keep it alive for good
+    def block() -> weakref.ref[nn.Module]:
+        model = _Chain()
+        model.add_module("0", nn.Linear(2, 2))
+        model.add_module("1", nn.ReLU())
+        model._modules["0"].register_forward_hook(lambda m, i, o: model.training and None)
+        with tensorsnap.capture(model) as snap:
+            model(torch.ones(1, 2))
+        with tensorsnap.capture(model):  # the second block reads the cache
+            model(torch.ones(1, 2))
+        assert list(snap) == ["0", "1", ""]
+        return weakref.ref(model)
+
+    gone = block()
+    gc.collect()
+    assert gone() is None

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import fnmatch
+import operator
 import re
 import weakref
 from collections.abc import Iterable
+from itertools import chain
 
 from torch import nn
 
@@ -67,61 +69,84 @@ def module_names(
     try:
         walk = _walks.get(model)
     except TypeError:  # a model class with an __eq__ and no __hash__: walked every time
-        return _walk(model).give(wrappers, modules)
-    if walk is None or not walk.current():
-        walk = _walk(model)
-        if walk.comparable:
+        walk = None
+        hashable = False
+    else:
+        hashable = True
+    tree = walk.live() if walk is not None else None
+    if walk is None or tree is None:
+        walk, tree = _walk(model)
+        if hashable:
             _walks[model] = walk
-    return walk.give(wrappers, modules)
+    return walk.give(tree, wrappers, modules)
+
+
+_children = operator.attrgetter("_modules")
 
 
 class _Walk:
     """A model's names, and the module tree they were read from.
 
     A capture opens a block per batch, and walking the tree costs about 1 us per module; the
-    names of the last walk serve while every module of it still has its class and the same
-    children (the same objects, under the same names). Names depend on nothing else.
+    names of the last walk serve while every module of it is alive, with its class and the
+    same children (the same objects, under the same names). Names depend on nothing else. The
+    walk holds its modules by weak reference only: the model is its key in ``_walks``, and a
+    value referring to it would keep every captured model alive.
     """
 
-    __slots__ = ("comparable", "modules", "names", "tree", "wrappers")
+    __slots__ = ("children", "classes", "ids", "named", "names", "refs", "sizes", "wrappers")
 
-    def __init__(self) -> None:
-        self.names: dict[int, str] = {}
-        self.wrappers: set[int] = set()
-        self.modules: list[nn.Module] = []
-        self.tree: list[tuple[nn.Module, type, dict[str, nn.Module | None]]] = []
-        # children compared with == (a dict comparison) are compared by identity only when no
-        # module class defines an __eq__ of its own
-        self.comparable = True
+    def __init__(
+        self, tree: list[nn.Module], named: list[int], names: dict[int, str], wrappers: set[int]
+    ) -> None:
+        self.names, self.wrappers = names, wrappers
+        self.named = named  # the places in ``tree`` of the named modules (wrappers are not)
+        self.refs = [weakref.ref(module) for module in tree]
+        self.classes = list(map(type, tree))
+        dicts = list(map(_children, tree))
+        self.sizes = list(map(len, dicts))
+        self.children = list(chain.from_iterable(dicts))
+        # every child is in the tree, alive while it is compared: its id names it
+        self.ids = list(map(id, chain.from_iterable(map(dict.values, dicts))))
 
-    def give(self, wrappers: set[int] | None, modules: list[nn.Module] | None) -> dict[int, str]:
+    def live(self) -> list[nn.Module] | None:
+        """The tree's modules, if each is alive with its class and children; else None."""
+        tree = [ref() for ref in self.refs]
+        if list(map(type, tree)) != self.classes:  # (a module gone is a None)
+            return None
+        dicts = list(map(_children, tree))
+        if list(map(len, dicts)) != self.sizes or list(chain.from_iterable(dicts)) != self.children:
+            return None
+        if list(map(id, chain.from_iterable(map(dict.values, dicts)))) != self.ids:
+            return None
+        return tree  # type: ignore[return-value]
+
+    def give(
+        self, tree: list[nn.Module], wrappers: set[int] | None, modules: list[nn.Module] | None
+    ) -> dict[int, str]:
         if wrappers is not None:
             wrappers.update(self.wrappers)
         if modules is not None:
-            modules.extend(self.modules)
+            modules.extend([tree[i] for i in self.named])
         return dict(self.names)
-
-    def current(self) -> bool:
-        for module, cls, children in self.tree:
-            if type(module) is not cls or module._modules != children:
-                return False
-        return True
 
 
 # the last walk of each model (dropped with the model)
 _walks: weakref.WeakKeyDictionary[nn.Module, _Walk] = weakref.WeakKeyDictionary()
 
 
-def _walk(model: nn.Module) -> _Walk:
-    walk = _Walk()
-    names, wrappers, modules = walk.names, walk.wrappers, walk.modules
+def _walk(model: nn.Module) -> tuple[_Walk, list[nn.Module]]:
+    names: dict[int, str] = {}
+    wrappers: set[int] = set()
+    tree: list[nn.Module] = []
+    named: list[int] = []
+    seen: set[int] = set()
 
     def visit(module: nn.Module, name: str) -> None:
-        if id(module) in names:
+        if id(module) in seen:
             return
-        walk.tree.append((module, type(module), dict(module._modules)))
-        if type(module).__eq__ is not object.__eq__:
-            walk.comparable = False
+        seen.add(id(module))
+        tree.append(module)
         wrapped = _is_wrapper(module)
         if wrapped is not None:
             wrappers.add(id(module))
@@ -134,13 +159,13 @@ def _walk(model: nn.Module) -> _Walk:
                     visit(child, f"{name}.{child_name}" if name else child_name)
             return
         names[id(module)] = name
-        modules.append(module)
+        named.append(len(tree) - 1)
         for child_name, child in module._modules.items():
             if child is not None:
                 visit(child, f"{name}.{child_name}" if name else child_name)
 
     visit(model, "")
-    return walk
+    return _Walk(tree, named, names, wrappers), tree
 
 
 def _patterns(value: str | Iterable[str] | None, option: str) -> list[str]:
