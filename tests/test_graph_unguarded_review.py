@@ -697,7 +697,7 @@ def _collecting(found: list[Any]) -> Callable[..., Any]:
     return hook
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_transformers_models_with_hooks_registered_and_removed_between_blocks(name: str) -> None:
     build = {"gpt2": tiny_gpt2, "llama": tiny_llama, "bert": tiny_bert}[name]
     model = build(num_hidden_layers=1) if name != "gpt2" else build(n_layer=1)
@@ -707,7 +707,7 @@ def test_transformers_models_with_hooks_registered_and_removed_between_blocks(na
         out = model(input_ids=ids)
         return out.last_hidden_state if name == "bert" else out.logits
 
-    _graph_is_eager(model, call)
+    _graph_is_eager(model, call, blocks=2)
     layers = [m for n, m in model.named_modules() if n.endswith(("mlp", "attention", "attn"))]
     norm = next(
         m
@@ -717,13 +717,258 @@ def test_transformers_models_with_hooks_registered_and_removed_between_blocks(na
     # a value-changing hook (ops: eager fallback), then hooks with no op (the graph again)
     handle = norm.register_forward_hook(lambda m, i, o: o * 2)
     try:
-        _same_as_eager(model, call)
+        _same_as_eager(model, call, blocks=1)
     finally:
         handle.remove()
     handles = [m.register_forward_pre_hook(lambda m, i: None) for m in layers]
     try:
-        _graph_is_eager(model, call)
+        _graph_is_eager(model, call, blocks=2)
     finally:
         for h in handles:
             h.remove()
-    _graph_is_eager(model, call)
+    _graph_is_eager(model, call, blocks=2)
+
+
+# -- dynamic shapes and float attributes -----------------------------------------------------------
+
+
+class _Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.f = 0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x) * self.f
+        return h * torch.arange(x.shape[0])[:, None] + x.shape[0]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect: a graph with a dynamic batch and a float attribute as input (.item()) cannot "
+    "be planned: 'graph mode could not plan the model's graph (AssertionError: vr must not be "
+    "None for symbol s..)', and the model runs eagerly from then on; _graphplan._replay's first "
+    "try (a plain FakeTensorMode) cannot .item(), its second (a ShapeEnv of its own, static "
+    "shapes) does not know the graph's size symbols",
+)
+@pytest.mark.parametrize("order", ["float-first", "batch-first", "both"])
+def test_dynamic_batches_and_a_changing_float_attribute_together(order: str) -> None:
+    torch.manual_seed(0)
+    model = _Scaled().eval()
+    steps = {
+        "float-first": [(2, 0.5), (2, 0.25), (2, 0.125), (3, 0.125), (5, 0.75), (4, 1.5)],
+        "batch-first": [(2, 0.5), (3, 0.5), (5, 0.5), (4, 0.25), (2, 0.125), (5, 2.0)],
+        "both": [(2, 0.5), (3, 0.25), (5, 0.125), (4, 0.75), (2, 1.5), (3, 3.0)],
+    }[order]
+    for batch, f in steps:
+        model.f = f
+        x = torch.randn(batch, 4)
+        _same_as_eager(model, lambda x=x: model(x), blocks=2)
+    # the graphs made by then serve both changes without an eager call
+    model.f = 0.375
+    _graph_is_eager(model, lambda: model(torch.randn(6, 4)), blocks=1)
+
+
+def test_dynamic_batches_on_bert_with_a_hook_registered_between() -> None:
+    model = tiny_bert(num_hidden_layers=1)
+    calls = [(lambda b=b: model(input_ids=token_ids(b, 5)).last_hidden_state) for b in (2, 3, 5)]
+    for call in calls:
+        _same_as_eager(model, call, blocks=1)
+    handle = model.pooler.register_forward_pre_hook(lambda m, i: None)
+    try:
+        for call in calls:
+            _same_as_eager(model, call, blocks=1)
+        _graph_is_eager(model, calls[0], blocks=1)
+    finally:
+        handle.remove()
+
+
+# -- models returning no tensor --------------------------------------------------------------------
+
+
+class _NoTensor(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.how = how
+        self.seen: list[Any] = []
+
+    def forward(self, x: torch.Tensor) -> Any:
+        h = self.a(x).relu()
+        self.seen.append(h)  # what the model computed goes elsewhere
+        outputs = {
+            "empty-tuple": lambda: (),
+            "empty-dict": lambda: {},
+            "nones": lambda: (None, [None], {"k": None}),
+            "mixed-constants": lambda: (3, "s", 2.5, True, None),
+            "shape": lambda: h.shape,
+            "dtype": lambda: h.dtype,
+        }
+        return outputs[self.how]()
+
+
+_SIZE = pytest.mark.xfail(
+    strict=True,
+    raises=TensorSnapWarning,
+    reason="defect (minor): a model returning a torch.Size runs eagerly, warning "
+    "'GetAttrVariable(SizeVariable(length=2), __dict__) has no type' (dynamo's words): "
+    "_graphmarks._markable reads the __dict__ of a tuple subclass dynamo holds as a SizeVariable",
+)
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "empty-tuple",
+        "empty-dict",
+        "nones",
+        "mixed-constants",
+        pytest.param("shape", marks=_SIZE),
+        "dtype",
+    ],
+)
+def test_a_model_returning_no_tensor_after_computing_some(how: str) -> None:
+    torch.manual_seed(0)
+    model = _NoTensor(how)
+    x = torch.randn(2, 4)
+    eager, out_eager = _run(model, lambda: model(x), False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TensorSnapWarning)
+        for _ in range(3):
+            graph, out = _run(model, lambda: model(x), True)
+            _compare(graph, eager)
+            assert out == out_eager and type(out) is type(out_eager)
+    assert torch.equal(model.seen[-1], model.seen[0])
+    assert _compiled[model].eager is None
+
+
+# -- a TorchDispatchMode or a disabled dynamo ------------------------------------------------------
+
+
+class _Counter(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_dispatch_mode_over_a_graph_already_made_and_one_to_make() -> None:
+    model, x = _two()
+    _graph_is_eager(model, lambda: model(x))
+    for batch in (3, 5):  # a graph made (direct), and new shapes (dynamo's way: eagerly)
+        y = torch.randn(batch, 4)
+        with _Counter():
+            eager, out_eager = _run(model, lambda y=y: model(y), False)
+        with _Counter() as counter:
+            graph, out = _quiet_run(model, lambda y=y: model(y))
+        _compare(graph, eager)
+        assert_same(out, out_eager)
+        assert "aten.addmm.default" in counter.ops  # the user's mode saw the model's ops
+    with _Counter() as plain:
+        _plain(lambda: model(x))
+    with _Counter() as counter:
+        _graph_is_eager(model, lambda: model(x), blocks=1)
+    assert [op for op in counter.ops if "addmm" in op or "relu" in op] == [
+        op for op in plain.ops if "addmm" in op or "relu" in op
+    ] * 3  # (the eager capture, the plain run, the graph)
+
+
+def test_dynamo_disabled_between_calls_of_one_block() -> None:
+    model, x = _two()
+    y = torch.randn(5, 4)
+
+    def calls() -> Any:
+        first = model(x)
+        with torch._dynamo.config.patch(disable=True):
+            second, third = model(x), model(y)  # a graph made; new shapes: eagerly
+        return first, second, third, model(y)
+
+    _graph_is_eager(model, lambda: model(x))
+    _same_as_eager(model, calls)
+
+
+# -- backward hooks --------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect: a module's full backward hook (or backward pre-hook) registered after its "
+    "graph was made never fires in graph mode, and the gradients are those without it (x.grad "
+    "differs from a plain run's); _graph._Unguarded reads only _forward_hooks and "
+    "_forward_pre_hooks (dynamo refuses a module with backward hooks when it traces one)",
+)
+@pytest.mark.parametrize("kind", ["full", "pre"])
+def test_a_backward_hook_registered_between_blocks_runs_in_the_backward(kind: str) -> None:
+    model, x = _two()
+    x = x.requires_grad_()
+
+    def step() -> Any:
+        out = model(x)
+        out.sum().backward()
+        return out
+
+    _graph_is_eager(model, step, torch.enable_grad)
+    fired: list[str] = []
+
+    def full(m: nn.Module, grad_in: Any, grad_out: Any) -> Any:
+        fired.append("full")
+        return (grad_in[0] * 0.5,)
+
+    def pre(m: nn.Module, grad_out: Any) -> Any:
+        fired.append("pre")
+        return (grad_out[0] * 0.5,)
+
+    if kind == "full":
+        handle = model.b.register_full_backward_hook(full)
+    else:
+        handle = model.b.register_full_backward_pre_hook(pre)
+    try:
+        grads = []
+        for how in ("plain", "graph"):
+            x.grad = None
+            if how == "plain":
+                _plain(step, torch.enable_grad)
+            else:
+                _quiet_run(model, step, torch.enable_grad)
+            grads.append(x.grad.clone())
+        assert fired == [kind, kind]
+        assert torch.equal(grads[1], grads[0])
+    finally:
+        handle.remove()
+
+
+# -- captures inside and around graph-mode blocks -------------------------------------------------
+
+
+def test_an_eager_capture_of_a_submodule_inside_a_graph_block() -> None:
+    model, x = _two()
+    _graph_is_eager(model, lambda: model(x))
+    with torch.no_grad(), tensorsnap.capture(model.b, ops=True) as inner_eager:
+        eager, _ = _run(model, lambda: model(x), False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TensorSnapWarning)  # process-wide hooks: eagerly
+        with torch.no_grad(), tensorsnap.capture(model.b, ops=True) as inner_graph:
+            graph, _ = _run(model, lambda: model(x), True)
+    _compare(graph, eager)
+    _compare(inner_graph, inner_eager)
+
+
+def test_two_models_sharing_a_submodule_with_a_hook_registered_between_blocks() -> None:
+    torch.manual_seed(0)
+    first, second = _Two().eval(), _Two().eval()
+    second.b = first.b  # shared
+    x = torch.randn(3, 4)
+    for model in (first, second):
+        _graph_is_eager(model, lambda model=model: model(x), blocks=2)
+    handle = first.b.register_forward_hook(lambda m, i, o: i[0])  # no op: changes the value
+    try:
+        for model in (second, first):
+            _same_as_eager(model, lambda model=model: model(x))
+            _graph_is_eager(model, lambda model=model: model(x), blocks=1)
+    finally:
+        handle.remove()
+    for model in (first, second):
+        _graph_is_eager(model, lambda model=model: model(x), blocks=2)
