@@ -647,12 +647,7 @@ def test_hooks_changed_at_every_call_of_one_block() -> None:
 # -- memory ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: every captured model stays alive for good (eager capture too): "
-    "_keys._walks is a WeakKeyDictionary whose values (_Walk.modules, _Walk.tree) hold the model "
-    "and its modules strongly, so the key never dies (from 817c371)",
-)
+# (every captured model stayed alive, held by _keys._walks, until b6e187a)
 @pytest.mark.parametrize("graph", [False, True])
 def test_a_captured_model_is_freed(graph: bool) -> None:
     def block() -> weakref.ref[nn.Module]:
@@ -666,8 +661,6 @@ def test_a_captured_model_is_freed(graph: bool) -> None:
 
 
 def test_a_model_whose_hooks_and_forward_changed_between_blocks_is_freed() -> None:
-    import tensorsnap._keys
-
     def blocks() -> weakref.ref[nn.Module]:
         model, x = _two()
         call = lambda: model(x)  # noqa: E731
@@ -682,7 +675,6 @@ def test_a_model_whose_hooks_and_forward_changed_between_blocks_is_freed() -> No
         return weakref.ref(model)
 
     gone = blocks()
-    tensorsnap._keys._walks.clear()  # (the names cache keeps every model: see above)
     gc.collect()
     assert gone() is None
 
