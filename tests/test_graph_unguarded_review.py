@@ -1051,3 +1051,117 @@ def test_a_users_compiled_function_traced_in_the_block_under_its_own_default_sta
     eager, _ = _run(model, lambda: model(x), False)
     _compare(graph, eager)  # the model's call; the user's softmax and mul are not the model's
     assert counting.graphs >= 1  # the user's code outside the model's call was compiled
+
+
+# -- more hook and forward changes ----------------------------------------------------------------
+
+
+def test_a_base_classs_forward_patched_between_blocks() -> None:
+    # libraries patch nn.Linear.forward process-wide: every Linear of the model changes
+    model, x = _two()
+    _graph_is_eager(model, lambda: model(x))
+    forward = nn.Linear.forward
+    nn.Linear.forward = lambda self, t: forward(self, t) * 2  # type: ignore[method-assign]
+    try:
+        _same_as_eager(model, lambda: model(x))
+        _graph_is_eager(model, lambda: model(x), blocks=1)
+    finally:
+        nn.Linear.forward = forward  # type: ignore[method-assign]
+    _graph_is_eager(model, lambda: model(x))
+
+
+class _Kwargs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.inner = _Scale()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.a(x), scale=2.0)
+
+
+class _Scale(nn.Module):
+    def forward(
+        self, h: torch.Tensor, scale: float = 1.0, shift: torch.Tensor | None = None
+    ) -> Any:
+        h = h * scale
+        return h if shift is None else h + shift
+
+
+def test_a_kwargs_pre_hook_adding_a_tensor_keyword_registered_between_blocks() -> None:
+    torch.manual_seed(0)
+    model = _Kwargs().eval()
+    x = torch.randn(3, 4)
+    shift = torch.full((4,), 0.5)
+    _graph_is_eager(model, lambda: model(x))
+
+    def pre(m: nn.Module, args: Any, kwargs: Any) -> Any:
+        return args, {**kwargs, "shift": shift, "scale": 3.0}
+
+    handle = model.inner.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        _same_as_eager(model, lambda: model(x))
+        _graph_is_eager(model, lambda: model(x), blocks=1)
+    finally:
+        handle.remove()
+    _graph_is_eager(model, lambda: model(x))
+
+
+def test_a_process_wide_hook_present_when_the_block_opens_and_another_added_in_it() -> None:
+    from torch.nn.modules.module import register_module_forward_hook
+
+    model, x = _two()
+
+    def double(m: nn.Module, i: Any, o: Any) -> Any:
+        return o * 2 if m is model.a else None
+
+    def calls() -> Any:
+        out = model(x)
+        handle = register_module_forward_hook(lambda m, i, o: o + 1 if m is model.b else None)
+        try:
+            return out, model(x)
+        finally:
+            handle.remove()
+
+    first = register_module_forward_hook(double)
+    try:
+        _same_as_eager(model, calls)
+    finally:
+        first.remove()
+    _graph_is_eager(model, lambda: model(x))
+
+
+def test_a_model_compiled_in_place_before_the_blocks_keeps_its_compiled_call() -> None:
+    model, x = _two()
+    counting = _Counting()
+    model.compile(backend=counting)
+    with torch.no_grad():
+        expected = model(x)
+    assert counting.graphs == 1
+    slot = model._compiled_call_impl
+    _same_as_eager(model, lambda: model(x))
+    assert model._compiled_call_impl is slot
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+    assert counting.graphs == 1  # its own graph runs again after the blocks
+
+
+def test_refused_blocks_leave_the_stance_as_it_was() -> None:
+    model, x = _two()
+    with tensorsnap.capture(model, ops=True, graph=True):
+        with (
+            pytest.raises(tensorsnap.TensorSnapError, match="graph"),
+            tensorsnap.capture(model, ops=True, graph=True),
+        ):
+            pass
+        assert _stance().stance == "force_eager"
+        with torch.no_grad():
+            model(x)
+    assert _stance().stance == "default"
+    with (
+        pytest.raises(tensorsnap.TensorSnapError, match="lazy"),
+        tensorsnap.capture(model, ops=True, graph=True, lazy=True),
+    ):
+        pass
+    assert _stance().stance == "default"
+    _graph_is_eager(model, lambda: model(x))
