@@ -29,6 +29,9 @@ from tensorsnap._graph import _compiled
 
 Context = Callable[[], Any]
 
+# torch 2.14 guards modules' hooks itself (dynamo's skip_nnmodule_hook_guards works as False)
+_TORCH_2_13 = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 14)
+
 
 def _run(
     model: nn.Module, call: Callable[[], Any], graph: bool, context: Context | None = None
@@ -886,8 +889,10 @@ def test_dynamo_disabled_between_calls_of_one_block() -> None:
 
 
 @pytest.mark.xfail(
+    _TORCH_2_13,
     strict=True,
-    reason="defect: a module's full backward hook (or backward pre-hook) registered after its "
+    reason="defect (torch 2.13; 2.14 passes): a module's full backward hook (or backward "
+    "pre-hook) registered after its "
     "graph was made never fires in graph mode, and the gradients are those without it (x.grad "
     "differs from a plain run's); _graph._Unguarded reads only _forward_hooks and "
     "_forward_pre_hooks (dynamo refuses a module with backward hooks when it traces one)",
@@ -982,8 +987,10 @@ class _Helper(nn.Module):
 
 
 _HELPER = pytest.mark.xfail(
+    _TORCH_2_13,
     strict=True,
-    reason="defect, a wrong value: a hook registered between blocks on a module the model calls "
+    reason="defect, a wrong value (torch 2.13; 2.14 passes): a hook registered between blocks "
+    "on a module the model calls "
     "but holds in a plain list (not a submodule) is not run: the stale graph runs, '/relu' and the "
     "output differ from the eager capture's and a plain run's; _graph._Unguarded reads only the "
     "hooks of the model's submodules (session._modules), dynamo guards no module's hooks",
