@@ -10,6 +10,7 @@ bitwise) and the model's outputs with a plain run's.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import threading
 import warnings
@@ -525,22 +526,8 @@ def test_a_model_called_in_a_block_while_another_thread_compiles() -> None:
     call = lambda: model(x)  # noqa: E731
     _graph_is_eager(model, call)
     eager, out_eager = _run(model, call, False)
-    entered, release = threading.Event(), threading.Event()
-
-    def slow(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
-        entered.set()
-        release.wait(60)
-        return gm.forward
-
-    other = torch.compile(lambda t: t * 2, backend=slow)
-    thread = threading.Thread(target=other, args=(torch.ones(2),))
-    thread.start()
-    try:
-        assert entered.wait(60)
+    with _SlowCompile():
         graph, out_graph = _quiet_run(model, call)
-    finally:
-        release.set()
-        thread.join()
     _compare(graph, eager)
     assert_same(out_graph, out_eager)
 
@@ -1172,3 +1159,47 @@ def test_refused_blocks_leave_the_stance_as_it_was() -> None:
         pass
     assert _stance().stance == "default"
     _graph_is_eager(model, lambda: model(x))
+
+
+class _SlowCompile:
+    """Another thread inside a torch.compile session (its backend waits) for a ``with`` block."""
+
+    def __enter__(self) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+
+        def slow(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
+            self.entered.set()
+            self.release.wait(60)
+            return gm.forward
+
+        other = torch.compile(lambda t: t * 2, backend=slow)
+        self.thread = threading.Thread(target=other, args=(torch.ones(2),))
+        self.thread.start()
+        assert self.entered.wait(60)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release.set()
+        self.thread.join()
+
+
+_WATCH = pytest.mark.xfail(
+    strict=True,
+    reason="defect: while another thread compiles anything, a submodule called on its own in a "
+    "graph-mode block is not refused, and the snapshot silently lacks the call the eager capture "
+    "captures: _graphmarks._mark_output skips the watchers when torch.compiler.is_compiling(), "
+    "a process-wide flag dynamo holds True for every thread's compile session",
+)
+
+
+@pytest.mark.parametrize("other_thread_compiling", [False, pytest.param(True, marks=_WATCH)])
+def test_a_submodule_called_on_its_own_in_a_block_is_refused(other_thread_compiling: bool) -> None:
+    model, x = _two()
+    _graph_is_eager(model, lambda: model(x))
+    with (
+        _SlowCompile() if other_thread_compiling else contextlib.nullcontext(),
+        pytest.raises(tensorsnap.TensorSnapError, match="called on its own"),
+        torch.no_grad(),
+        tensorsnap.capture(model, ops=True, graph=True),
+    ):
+        model(x)
+        model.b(x)
