@@ -188,7 +188,7 @@ class _Session(AbstractContextManager[Snapshot]):
         self._hooked: set[int] = set()  # modules with forward hooks of their own
         # graph mode, whose eager calls install the hooks per call: the modules that had hooks
         # when the block opened (the eager capture's ops of hooks registered later are kept)
-        self._hooks_at_entry: set[int] | None = None
+        self._hooks_at_entry: dict[int, set[int]] | None = None  # their hooks' ids, by module
         self._globals_at_entry: set[int] | None = None  # and the process-wide hooks' ids
         self._hooks_of: nn.Module | None = None  # whose forward hooks are running now
         self._reach = Reach()  # names(): which gradient keys a backward pass would produce
@@ -235,7 +235,8 @@ class _Session(AbstractContextManager[Snapshot]):
         self._handles.append(DictEntry(_module_hooks, "_global_forward_hooks_with_kwargs", post.id))
         if self._globals_at_entry is not None:
             ours = {post.id} if light else {post.id, pre.id}
-            self._before_later_hooks(self._globals_at_entry | ours)
+            tables = (_module_hooks._global_forward_pre_hooks, _module_hooks._global_forward_hooks)
+            _before_later_hooks(tables, self._globals_at_entry | ours)
         if self.ops:
             self._guard_user_hooks()
         if self.inputs:
@@ -280,7 +281,9 @@ class _Session(AbstractContextManager[Snapshot]):
         check_model(root, self._modules, self._wrappers, self.names)
         self._root = root
         self._hooks_at_entry = {
-            id(m) for m in self._modules if m._forward_pre_hooks or m._forward_hooks
+            id(m): {*m._forward_pre_hooks, *m._forward_hooks}
+            for m in self._modules
+            if m._forward_pre_hooks or m._forward_hooks
         }
         measure_operators()
         self._enter(Marks())
@@ -294,7 +297,8 @@ class _Session(AbstractContextManager[Snapshot]):
             # the block would run that graph, not ours (our own compiled call sets its stance
             # back, _graph)
             self._enter(ForceEager())
-        if root is not self.model:
+            # (torch warns that global hooks fire once more for a compiled wrapper called in
+            # the block; they are ours, and skip wrappers)
             self._enter(Ignored(UserWarning, r"Using `torch\.compile\(module\)` when there"))
         self._runner = GraphRunner(
             root,
@@ -369,18 +373,6 @@ class _Session(AbstractContextManager[Snapshot]):
     def selected(self, key: str) -> bool:
         return self._all or self.select(key)
 
-    def _before_later_hooks(self, earlier: set[int]) -> None:
-        """Move the process-wide hooks registered since graph mode's block opened (those not in
-        ``earlier``: the hooks there were then, and ours) after ours.
-
-        Graph mode installs the eager capture's hooks for each call it runs eagerly, where the
-        eager capture installs them when its block opens: hooks registered in the block run
-        after the capture's, so their values and ops are those of the caller, not the module.
-        """
-        for table in (_module_hooks._global_forward_pre_hooks, _module_hooks._global_forward_hooks):
-            for key in [k for k in table if k not in earlier]:
-                table[key] = table.pop(key)  # to the end
-
     def _guard_user_hooks(self) -> None:
         """Keep the ops of other forward hooks on the model's modules out of the snapshot.
 
@@ -395,10 +387,12 @@ class _Session(AbstractContextManager[Snapshot]):
                 entry is None or id(module) in entry
             ):
                 self._hooked.add(id(module))
-                self._handles.append(module.register_forward_pre_hook(self._forward_starts))
-                self._handles.append(
-                    module.register_forward_hook(self._hooks_done, always_call=True)
-                )
+                starts = module.register_forward_pre_hook(self._forward_starts)
+                done = module.register_forward_hook(self._hooks_done, always_call=True)
+                self._handles += [starts, done]
+                if entry is not None:
+                    tables = (module._forward_pre_hooks, module._forward_hooks)
+                    _before_later_hooks(tables, entry[id(module)] | {starts.id, done.id})
 
     def _watch_module_inputs(self, pre_hook: int) -> None:
         """Have ``P:in``/``P:kwargs`` recorded when each call of the model's modules starts.
@@ -909,3 +903,16 @@ def names(
         output = model(*args, **kwargs)
     unreached = session._reach.unreached(output)
     return [key for key in snap if key not in unreached]
+
+
+def _before_later_hooks(tables: tuple[dict[int, Any], ...], earlier: set[int]) -> None:
+    """Move the hooks registered since a graph-mode block opened (those not in ``earlier``: the
+    hooks there were then, and ours) after ours, in each hook table.
+
+    Graph mode installs the eager capture's hooks for each call it runs eagerly, where the
+    eager capture installs them when its block opens: hooks registered in the block run after
+    the capture's, so their values and ops are those of the caller, not the module.
+    """
+    for table in tables:
+        for key in [k for k in table if k not in earlier]:
+            table[key] = table.pop(key)  # to the end

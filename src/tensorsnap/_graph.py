@@ -14,11 +14,14 @@ so nothing is ever lost (see :meth:`GraphRunner.call`).
 
 from __future__ import annotations
 
+import contextlib
+import operator
 import threading
 import types
 import warnings
 import weakref
 from collections.abc import Callable
+from itertools import chain
 from typing import Any
 
 import torch
@@ -165,6 +168,19 @@ class _Stance:
             self.inner.__exit__(*exc)
 
 
+def _hook_guards() -> Any:
+    """dynamo's guards on modules' hooks, which it skips by default, for the graphs it makes.
+
+    A graph holds the hooks of the modules it calls; guarded, a hook registered, removed or
+    replaced on any of them (a module the model holds in a plain list too) makes dynamo make
+    another graph. :class:`_Unguarded` also reads the model's own modules' hooks, and what
+    dynamo does not guard even so, their classes' ``forward``.
+    """
+    if not hasattr(torch._dynamo.config, "skip_nnmodule_hook_guards"):
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(skip_nnmodule_hook_guards=False)
+
+
 class _Skipped(Exception):
     """dynamo would run the call as plain Python, uncaptured: the eager capture must."""
 
@@ -254,7 +270,7 @@ class _Compiled:
         skipped = _dynamo_skips()
         if skipped is not None:
             raise _Skipped(skipped)
-        with _Stance():
+        with _Stance(), _hook_guards():
             return self.fn(model, args, kwargs)
 
     def _function(self, code: types.CodeType | None) -> Callable[..., Any] | None:
@@ -441,8 +457,12 @@ class GraphRunner:
         """
         if torch.compiler.is_compiling():
             # a user's torch.compile'd function calls the model: its trace stops here (a graph
-            # break), and the call runs as in eager code, compiled by us or captured eagerly
+            # break), and the call runs as in eager code, compiled by us or captured eagerly.
+            # (Outside a trace this is also true while any thread compiles: the same call.)
             return _untraced(self, args, kwargs)
+        return self._counted(args, kwargs)
+
+    def _counted(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self._depth:
             # the model calls itself: the call in progress runs eagerly (dynamo refuses the
             # recursion), and its hooks and mode capture this one as part of it
@@ -557,31 +577,38 @@ class GraphRunner:
         return output
 
 
-_untraced = torch._dynamo.disable(GraphRunner.call)
+_untraced = torch._dynamo.disable(GraphRunner._counted)
 
 
 class _Unguarded:
     """What of the model's modules a graph holds and dynamo does not guard: hooks and forwards.
 
-    Read at each call (a hook may be registered inside the block): the modules' hook dicts
-    and classes are gathered once per block. Hooks are told by their handles' ids, which
-    torch never gives twice (holding the hooks themselves would keep what they refer to, the
-    model maybe, as long as its compiled call).
+    Read at each call (a hook may be registered inside the block, or a module's hook dict
+    replaced to clear it): the modules' ``__dict__`` and classes are gathered once per block.
+    Hooks are told by their handles' ids, which torch never gives twice (holding the hooks
+    themselves would keep what they refer to, the model maybe, as long as its compiled call).
+    Forward hooks and pre-hooks are traced into the graph, and the backward ones set up in it
+    (a module call with backward hooks wraps its inputs and outputs).
     """
 
-    __slots__ = ("classes", "hooks", "pre_hooks")
+    __slots__ = ("classes", "dicts")
 
     def __init__(self, modules: list[nn.Module]) -> None:
         self.classes: list[type[nn.Module]] = list(dict.fromkeys(map(type, modules)))
-        self.hooks = [m._forward_hooks for m in modules]
-        self.pre_hooks = [m._forward_pre_hooks for m in modules]
+        self.dicts = [m.__dict__ for m in modules]
 
     def now(self) -> tuple[Any, ...]:
         forwards = tuple([cls.forward for cls in self.classes])
-        if not (any(self.hooks) or any(self.pre_hooks)):
+        tables = list(map(_HOOK_TABLES, self.dicts))
+        if not any(chain.from_iterable(tables)):
             return forwards, ()
-        pairs = enumerate(zip(self.hooks, self.pre_hooks, strict=True))
-        return forwards, tuple([(i, tuple(h), tuple(p)) for i, (h, p) in pairs if h or p])
+        hooked = [(i, *map(tuple, t)) for i, t in enumerate(tables) if any(t)]
+        return forwards, tuple(hooked)
+
+
+_HOOK_TABLES = operator.itemgetter(
+    "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"
+)
 
 
 class _Modes:

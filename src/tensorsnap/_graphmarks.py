@@ -84,6 +84,8 @@ def _markable(value: Any, seen: list[Any] | None = None, depth: int = 0) -> Any:
     cls = type(value)
     if isinstance(value, (torch.device, torch.dtype)):
         return value
+    if isinstance(value, torch.Size):  # (dynamo cannot read its __dict__): refused, by name
+        return (OPAQUE, "torch", "Size")
     if not isinstance(value, type):  # containers and objects; classes are constants
         for i, other in enumerate(seen):
             if _same(other, value):
