@@ -1250,3 +1250,31 @@ def test_a_hook_registered_between_blocks_on_a_compiled_submodule(on: str) -> No
     finally:
         handle.remove()
     _same_as_eager(model, call, plain=_eagerly(call))
+
+
+def test_a_backward_hook_registered_between_calls_of_one_block() -> None:
+    model, x = _two()
+    x = x.requires_grad_()
+    fired: list[int] = []
+
+    def steps() -> Any:
+        grads = []
+        for k in range(3):
+            handle = None
+            if k == 1:
+                handle = model.b.register_full_backward_hook(
+                    lambda m, gi, go: (fired.append(1), (gi[0] * 0.5,))[1]
+                )
+            x.grad = None
+            model(x).sum().backward()
+            grads.append(x.grad.clone())
+            if handle is not None:
+                handle.remove()
+        return grads
+
+    _graph_is_eager(model, lambda: model(x), torch.enable_grad)
+    expected = _plain(steps, torch.enable_grad)
+    assert len(fired) == 1
+    _, grads = _quiet_run(model, steps, torch.enable_grad)
+    assert len(fired) == 2
+    assert_same(grads, expected)
