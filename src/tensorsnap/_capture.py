@@ -236,7 +236,7 @@ class _Session(AbstractContextManager[Snapshot]):
         if self._globals_at_entry is not None:
             ours = {post.id} if light else {post.id, pre.id}
             tables = (_module_hooks._global_forward_pre_hooks, _module_hooks._global_forward_hooks)
-            _before_later_hooks(tables, self._globals_at_entry | ours)
+            _before_later_hooks(tables, self._globals_at_entry, ours)
         if self.ops:
             self._guard_user_hooks()
         if self.inputs:
@@ -307,6 +307,7 @@ class _Session(AbstractContextManager[Snapshot]):
             lambda start: [r.key for r in self.recorder.records_from(start)],
             self.names,
             self._modules,
+            [m for m in root.modules() if id(m) in self._wrappers] if self._wrappers else [],
         )
         self._enter(self._runner)  # refuses calls of submodules outside the model's calls
         self._enter(CallSlot(root, self._graph_call))
@@ -392,7 +393,7 @@ class _Session(AbstractContextManager[Snapshot]):
                 self._handles += [starts, done]
                 if entry is not None:
                     tables = (module._forward_pre_hooks, module._forward_hooks)
-                    _before_later_hooks(tables, entry[id(module)] | {starts.id, done.id})
+                    _before_later_hooks(tables, entry[id(module)], {starts.id, done.id})
 
     def _watch_module_inputs(self, pre_hook: int) -> None:
         """Have ``P:in``/``P:kwargs`` recorded when each call of the model's modules starts.
@@ -905,14 +906,20 @@ def names(
     return [key for key in snap if key not in unreached]
 
 
-def _before_later_hooks(tables: tuple[dict[int, Any], ...], earlier: set[int]) -> None:
-    """Move the hooks registered since a graph-mode block opened (those not in ``earlier``: the
-    hooks there were then, and ours) after ours, in each hook table.
+def _before_later_hooks(
+    tables: tuple[dict[int, Any], ...], entry: set[int], ours: set[int]
+) -> None:
+    """Move the hooks registered since a graph-mode block opened after ours, in each table.
 
     Graph mode installs the eager capture's hooks for each call it runs eagerly, where the
-    eager capture installs them when its block opens: hooks registered in the block run after
-    the capture's, so their values and ops are those of the caller, not the module.
+    eager capture installs them when its block opens (``entry``: the hooks there were then):
+    hooks registered in the block run after the capture's, so their values and ops are those
+    of the caller, not the module. A hook prepended in the block (``prepend=True``, before
+    every hook of the table) stays where it is, before the capture's, as there.
     """
     for table in tables:
-        for key in [k for k in table if k not in earlier]:
-            table[key] = table.pop(key)  # to the end
+        keys = list(table)
+        first = next((i for i, key in enumerate(keys) if key in entry), 0)
+        for key in keys[first:]:
+            if key not in entry and key not in ours:
+                table[key] = table.pop(key)  # to the end

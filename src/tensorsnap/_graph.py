@@ -405,6 +405,7 @@ class GraphRunner:
         produced: Callable[[int], list[str]],
         names: dict[int, str],
         modules: list[nn.Module],
+        wrappers: list[nn.Module],
     ) -> None:
         self.model = model
         self.session = session
@@ -421,6 +422,7 @@ class GraphRunner:
         self._thread = threading.get_ident()
         self._modules = names  # the model's modules' names, by id (the session's)
         self._unguarded = _Unguarded(modules)
+        self._wrappers = [m.__dict__ for m in wrappers]  # torch.compile wrappers in the model
 
     def __enter__(self) -> None:
         _graphmarks.watchers.append(self.watch)
@@ -455,10 +457,9 @@ class GraphRunner:
         not started when the refusal arrives, and runs through the eager capture instead, with
         nothing lost or counted twice.
         """
-        if torch.compiler.is_compiling():
+        if _graphmarks.tracing():
             # a user's torch.compile'd function calls the model: its trace stops here (a graph
-            # break), and the call runs as in eager code, compiled by us or captured eagerly.
-            # (Outside a trace this is also true while any thread compiles: the same call.)
+            # break), and the call runs as in eager code, compiled by us or captured eagerly
             return _untraced(self, args, kwargs)
         return self._counted(args, kwargs)
 
@@ -480,6 +481,11 @@ class GraphRunner:
             # another capture (or the user) has process-wide module hooks: dynamo would trace
             # them into the graph; this call runs eagerly, later ones may use the graph again
             self._note("process-wide module hooks other than graph mode's are registered")
+            return self._eager(args, kwargs)
+        if self._wrappers and any(chain.from_iterable(map(_HOOK_TABLES, self._wrappers))):
+            # dynamo traces through a torch.compile wrapper into the module it wraps, without
+            # the wrapper's own hooks: this call runs eagerly, later ones may use the graph
+            self._note("a torch.compile wrapper in the model has hooks of its own")
             return self._eager(args, kwargs)
         unguarded = self._unguarded.now()
         if unguarded != compiled.unguarded:

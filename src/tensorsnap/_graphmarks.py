@@ -35,6 +35,12 @@ def mark(module_id: int, output: Any) -> None:
 _TRACING = False
 
 
+# True only in code dynamo traces (False in eager code even while another thread compiles, where
+# torch.compiler.is_compiling() is True); torch < 2.3 has only is_compiling
+tracing: Callable[[], bool] = getattr(
+    torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling
+)
+
 # the open graph-mode blocks' checks of module calls that run in eager code (GraphRunner.watch)
 watchers: list[Callable[[nn.Module], None]] = []
 
@@ -42,7 +48,7 @@ watchers: list[Callable[[nn.Module], None]] = []
 def _mark_output(module: nn.Module, args: Any, output: Any) -> None:
     if _TRACING:
         mark(id(module), _markable(output))
-    elif watchers and not torch.compiler.is_compiling():
+    elif watchers and not tracing():
         for watch in tuple(watchers):
             watch(module)
 
