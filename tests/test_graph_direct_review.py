@@ -23,6 +23,12 @@ import pytest
 import torch
 import torch._dynamo
 import torch.nn.functional as F
+from _graphcheck import Context
+from _graphcheck import compare as _compare
+from _graphcheck import detached as _detached
+from _graphcheck import graph_is_eager as _graph_is_eager
+from _graphcheck import plain as _plain
+from _graphcheck import run as _run
 from conftest import assert_same, tiny_bert, tiny_gpt2, tiny_llama, token_ids
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -31,38 +37,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import tensorsnap
 from tensorsnap import TensorSnapWarning
 from tensorsnap._graph import _compiled
-
-Context = Callable[[], Any]
-
-
-def _run(
-    model: nn.Module, call: Callable[[], Any], graph: bool, context: Context | None = None
-) -> Any:
-    torch.manual_seed(7)  # train-mode dropout draws the same masks in every run
-    with (context or torch.no_grad)(), tensorsnap.capture(model, ops=True, graph=graph) as snap:
-        out = call()
-    return snap, out
-
-
-def _plain(call: Callable[[], Any], context: Context | None = None) -> Any:
-    torch.manual_seed(7)
-    with (context or torch.no_grad)():
-        return call()
-
-
-def _detached(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    if isinstance(value, (tuple, list)):
-        return type(value)(_detached(v) for v in value)
-    return value
-
-
-def _compare(graph: Any, eager: Any) -> None:
-    assert list(graph) == list(eager)
-    assert [tuple(r) for r in graph.records] == [tuple(r) for r in eager.records]
-    for key in eager:
-        assert_same(graph[key], eager[key], key)
 
 
 class _Dynamo:
@@ -78,24 +52,6 @@ class _Dynamo:
             return through(*args)
 
         self.compiled.fn = counted
-
-
-def _graph_is_eager(
-    model: nn.Module, call: Callable[[], Any], context: Context | None = None, blocks: int = 3
-) -> Any:
-    """Graph-mode blocks (the first ones check a new graph's keys and compile it) whose last
-    one must run the graph, compared with the eager capture and a plain run."""
-    eager, out_eager = _run(model, call, False, context)
-    out_plain = _plain(call, context)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", TensorSnapWarning)  # no call may run eagerly
-        for _ in range(blocks):
-            graph, out_graph = _run(model, call, True, context)
-    assert _compiled[model].eager is None
-    _compare(graph, eager)
-    assert_same(_detached(out_graph), _detached(out_eager))
-    assert_same(_detached(out_graph), _detached(out_plain))
-    return graph
 
 
 def _direct_is_eager(

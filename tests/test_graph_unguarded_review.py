@@ -21,44 +21,18 @@ from typing import Any
 import pytest
 import torch
 import torch._dynamo
+from _graphcheck import Context
+from _graphcheck import compare as _compare
+from _graphcheck import detached as _detached
+from _graphcheck import graph_is_eager as _graph_is_eager
+from _graphcheck import plain as _plain
+from _graphcheck import run as _run
 from conftest import assert_same, tiny_bert, tiny_gpt2, tiny_llama, token_ids
 from torch import nn
 
 import tensorsnap
 from tensorsnap import TensorSnapWarning
 from tensorsnap._graph import _compiled
-
-Context = Callable[[], Any]
-
-
-def _run(
-    model: nn.Module, call: Callable[[], Any], graph: bool, context: Context | None = None
-) -> Any:
-    torch.manual_seed(7)
-    with (context or torch.no_grad)(), tensorsnap.capture(model, ops=True, graph=graph) as snap:
-        out = call()
-    return snap, out
-
-
-def _plain(call: Callable[[], Any], context: Context | None = None) -> Any:
-    torch.manual_seed(7)
-    with (context or torch.no_grad)():
-        return call()
-
-
-def _detached(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    if isinstance(value, (tuple, list)):
-        return type(value)(_detached(v) for v in value)
-    return value
-
-
-def _compare(graph: Any, eager: Any) -> None:
-    assert list(graph) == list(eager)
-    assert [tuple(r) for r in graph.records] == [tuple(r) for r in eager.records]
-    for key in eager:
-        assert_same(graph[key], eager[key], key)
 
 
 def _quiet_run(model: nn.Module, call: Callable[[], Any], context: Context | None = None) -> Any:
@@ -83,23 +57,6 @@ def _same_as_eager(
         graph, out_graph = _quiet_run(model, call, context)
         _compare(graph, eager)
         assert_same(_detached(out_graph), _detached(out_plain))
-    return graph
-
-
-def _graph_is_eager(
-    model: nn.Module, call: Callable[[], Any], context: Context | None = None, blocks: int = 3
-) -> Any:
-    """Graph-mode blocks whose last one must run the graph, equal to the eager capture."""
-    eager, out_eager = _run(model, call, False, context)
-    out_plain = _plain(call, context)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", TensorSnapWarning)  # no call may run eagerly
-        for _ in range(blocks):
-            graph, out_graph = _run(model, call, True, context)
-    assert _compiled[model].eager is None
-    _compare(graph, eager)
-    assert_same(_detached(out_graph), _detached(out_eager))
-    assert_same(_detached(out_graph), _detached(out_plain))
     return graph
 
 
