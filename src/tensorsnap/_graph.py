@@ -234,9 +234,10 @@ class _Compiled:
     def drop_graphs(self, unguarded: tuple[Any, ...]) -> None:
         """Have dynamo make new graphs, for modules whose hooks or forward changed.
 
-        dynamo traces a module's own hooks into its graph but does not guard them
-        (``torch._dynamo.config.skip_nnmodule_hook_guards``), nor a module class's
-        ``forward``: a graph made before a hook was registered or removed would still run.
+        dynamo never guards a module class's ``forward``, and guards hooks only where
+        :func:`_hook_guards` has it do so: a graph made before would still run. Dropping the
+        graphs also lets a model sent eagerly by a hook's ops (``eager``) take the graph again
+        once the hook is gone, which dynamo's guards alone would not.
         """
         self.unguarded = unguarded
         self._direct.clear()
